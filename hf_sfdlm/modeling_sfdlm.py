@@ -1,0 +1,488 @@
+"""SFDLM: a U-Net of attention-free blocks `x + SSM(x) + FourierMLP(x)` that denoises token sequences.
+
+Layers, bottom up:
+  BidirectionalDiagonalSSM  S4D kernel K_n = C A^n B for the actual length, forward and reversed,
+                            applied as one zero-padded FFT convolution (local-to-mid range mixing)
+  DepthwiseConvMixer        the short centred convolution of the paper's reference code (option)
+  ComplexFourierMLP         rFFT over the sequence, MLP on [Re, Im], irFFT (global mixing; paper Eq. 8-10)
+  SFDLMBlock                X + gate * SSM(h) + gate * Fourier(h), h = adaLN(X, t) (paper Eq. 11)
+  SFDLMModel                embedding, noise-level embedding, U-Net with pooling and skips, final norm
+  SFDLMForDiffusionLM       tied head predicting p_hat(x_0 | x_t); `forward(labels=...)` returns the NELBO
+
+This file is "remote code": it imports only torch, transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_sfdlm import SFDLMConfig
+from .diffusion import DiscreteDiffusion, NoiseSchedule
+
+
+def _fft_precision(x: torch.Tensor):
+    """FFTs run in float32 even under bf16/fp16 autocast (cuFFT half precision is limited and lossy)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+class BidirectionalDiagonalSSM(nn.Module):
+    """Per-channel diagonal state-space model run in both directions (S4D-Lin initialisation).
+
+    For channel h: z_{n+1} = A z_n + B u_n, y_n = C z_n, with A diagonal complex. Unrolled, this is a
+    convolution with kernel K_n = Re(C dA^n dB) computed for any length in O(N L). A forward and a
+    reversed kernel (own C each, shared A and dt) make one two-sided kernel of length 2L - 1, applied by
+    an FFT of size 2L so the convolution is linear, not circular. D is the skip term.
+    """
+
+    def __init__(self, hidden_size: int, state_size: int, dt_min: float, dt_max: float):
+        super().__init__()
+        self.hidden_size, self.num_modes = hidden_size, state_size // 2
+        self.dt_min, self.dt_max = dt_min, dt_max
+        self.log_dt = nn.Parameter(torch.empty(hidden_size))
+        self.log_neg_a_real = nn.Parameter(torch.empty(hidden_size, self.num_modes))
+        self.a_imag = nn.Parameter(torch.empty(hidden_size, self.num_modes))
+        # (direction, channel, mode, [re, im]) for forward and backward output matrices C.
+        self.c = nn.Parameter(torch.empty(2, hidden_size, self.num_modes, 2))
+        self.d = nn.Parameter(torch.empty(hidden_size))
+
+    def reset_parameters(self) -> None:
+        log_dt = torch.rand(self.hidden_size) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+        init.copy_(self.log_dt, log_dt)
+        init.copy_(self.log_neg_a_real, torch.full((self.hidden_size, self.num_modes), math.log(0.5)))
+        init.copy_(self.a_imag, math.pi * torch.arange(self.num_modes).float().expand(self.hidden_size, -1))
+        init.normal_(self.c, std=0.5**0.5)
+        init.normal_(self.d, std=1.0)
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """(2, H, L) forward and backward kernels K_0..K_{L-1}."""
+        dt = self.log_dt.float().exp().unsqueeze(-1)  # (H, 1)
+        a = torch.complex(-self.log_neg_a_real.float().exp(), self.a_imag.float())  # (H, N)
+        dt_a = a * dt
+        c = torch.view_as_complex(self.c.float().contiguous()) * (dt_a.exp() - 1) / a  # C * dB, B = 1
+        powers = torch.exp(dt_a.unsqueeze(-1) * torch.arange(length, device=a.device))  # (H, N, L)
+        return 2 * torch.einsum("khn,hnl->khl", c, powers).real
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, L, H) -> (B, L, H)."""
+        length = u.shape[1]
+        with _fft_precision(u):
+            x = u.float().transpose(1, 2)  # (B, H, L)
+            k_fwd, k_bwd = self.kernel(length)
+            # Two-sided kernel on a circle of size 2L: lags 0..L-1 forward, -(L-1)..-1 backward.
+            two_sided = torch.cat([k_fwd, torch.zeros_like(k_fwd[:, :1]), k_bwd[:, 1:].flip(-1)], dim=-1)
+            two_sided[:, 0] += k_bwd[:, 0]
+            y = torch.fft.irfft(torch.fft.rfft(x, n=2 * length) * torch.fft.rfft(two_sided, n=2 * length),
+                                n=2 * length)[..., :length]
+            y = y + self.d.float().unsqueeze(-1) * x
+        return y.transpose(1, 2).to(u.dtype)
+
+
+class DepthwiseConvMixer(nn.Module):
+    """Centred depthwise convolution: the short-range fallback of the paper's reference implementation."""
+
+    def __init__(self, hidden_size: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, padding=kernel_size // 2, groups=hidden_size)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.conv(u.transpose(1, 2)).transpose(1, 2)
+
+
+class SequenceMixerBranch(nn.Module):
+    """The f_SSM branch: linear in, (SSM or convolution), GELU, linear out."""
+
+    def __init__(self, config: SFDLMConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.in_proj = nn.Linear(hidden, hidden)
+        if config.ssm_mode == "diagonal":
+            self.mixer = BidirectionalDiagonalSSM(hidden, config.ssm_state_size, config.ssm_dt_min, config.ssm_dt_max)
+        else:
+            self.mixer = DepthwiseConvMixer(hidden, config.conv_kernel_size)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.mixer(self.in_proj(h))))
+
+
+class ComplexFourierMLP(nn.Module):
+    """The f_Fourier branch (paper Eq. 8-10): rFFT along the sequence, an MLP on the concatenated
+    real and imaginary parts of each frequency, back to complex, irFFT to the original length."""
+
+    def __init__(self, config: SFDLMConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc_in = nn.Linear(2 * hidden, config.fourier_intermediate_size)
+        self.fc_out = nn.Linear(config.fourier_intermediate_size, 2 * hidden)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        length = h.shape[1]
+        with _fft_precision(h):
+            spectrum = torch.fft.rfft(h.float(), dim=1, norm="ortho")  # (B, L//2 + 1, H)
+        features = torch.cat([spectrum.real, spectrum.imag], dim=-1).to(h.dtype)
+        features = self.fc_out(F.gelu(self.fc_in(features)))
+        with _fft_precision(h):
+            real, imag = features.float().chunk(2, dim=-1)
+            out = torch.fft.irfft(torch.complex(real, imag), n=length, dim=1, norm="ortho")
+        return out.to(h.dtype)
+
+
+class AdaptiveLayerNorm(nn.Module):
+    """LayerNorm followed by a noise-conditioned shift and scale, plus `num_gates` gates (adaLN-Zero).
+
+    Without conditioning (`cond_size=None`) it is an affine LayerNorm and every gate is 1.
+    """
+
+    def __init__(self, hidden_size: int, cond_size: int | None, num_gates: int, eps: float):
+        super().__init__()
+        self.num_gates = num_gates
+        self.norm = nn.LayerNorm(hidden_size, eps=eps, elementwise_affine=cond_size is None)
+        self.modulation = nn.Linear(cond_size, (2 + num_gates) * hidden_size) if cond_size else None
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        h = self.norm(x)
+        if self.modulation is None:
+            return h, [1.0] * self.num_gates
+        shift, scale, *gates = self.modulation(cond).unsqueeze(1).chunk(2 + self.num_gates, dim=-1)
+        return h * (1 + scale) + shift, gates
+
+
+class SFDLMBlock(GradientCheckpointingLayer):
+    """X_out = X + gate_ssm * SSM(h) + gate_fourier * Fourier(h), with h = adaLN(X, t) (paper Eq. 11)."""
+
+    def __init__(self, config: SFDLMConfig):
+        super().__init__()
+        cond = config.hidden_size if config.time_conditioning else None
+        self.norm = AdaptiveLayerNorm(config.hidden_size, cond, num_gates=2, eps=config.layer_norm_eps)
+        self.ssm = SequenceMixerBranch(config)
+        self.fourier = ComplexFourierMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h, (gate_ssm, gate_fourier) = self.norm(x, cond)
+        return x + gate_ssm * self.dropout(self.ssm(h)) + gate_fourier * self.dropout(self.fourier(h))
+
+
+class DownPool(nn.Module):
+    """Shorten the sequence k-fold: stack k neighbours and project back to the width (SaShiMi)."""
+
+    def __init__(self, hidden_size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(hidden_size * factor, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        padded = -(-length // self.factor) * self.factor  # lengths the factor does not divide: zero-pad
+        x = F.pad(x, (0, 0, 0, padded - length))
+        return self.proj(x.reshape(batch, padded // self.factor, self.factor * hidden))
+
+
+class UpPool(nn.Module):
+    """Undo `DownPool`: project each position to k positions and crop to the original length."""
+
+    def __init__(self, hidden_size: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.proj = nn.Linear(hidden_size, hidden_size * factor)
+
+    def forward(self, x: torch.Tensor, length: int) -> torch.Tensor:
+        batch, short, hidden = x.shape
+        return self.proj(x).reshape(batch, short * self.factor, hidden)[:, :length]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of the noise level t in [0, 1] (scaled by 1000, as in DiT), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float().unsqueeze(-1) * freqs
+    embedding = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+@dataclass
+class SFDLMModelOutput(ModelOutput):
+    """Output of `SFDLMModel`.
+
+    Args:
+        last_hidden_state: (B, L, H) hidden states after the final norm; zeros at padded positions.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class SFDLMDiffusionLMOutput(ModelOutput):
+    """Output of `SFDLMForDiffusionLM`.
+
+    Args:
+        loss: NELBO (or CE) per scored token, in nats, when `labels` were given.
+        logits: (B, L, V) logits of p_hat(x_0 | x_t). For absorbing models the mask logit is -inf.
+        noisy_input_ids: the corrupted x_t the network saw (when `labels` were given).
+        timesteps: (B,) noise levels t of each row (when `labels` were given).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    noisy_input_ids: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+
+class SFDLMPreTrainedModel(PreTrainedModel):
+    config_class = SFDLMConfig
+    config: SFDLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SFDLMBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.normal_(module.weight, std=(1.0 / module.kernel_size[0]) ** 0.5)
+            init.zeros_(module.bias)
+        elif isinstance(module, BidirectionalDiagonalSSM):
+            module.reset_parameters()
+        if isinstance(module, AdaptiveLayerNorm) and module.modulation is not None:
+            # adaLN-Zero: every block starts as the identity, its gates open during training.
+            init.zeros_(module.modulation.weight)
+            init.zeros_(module.modulation.bias)
+
+
+class SFDLMModel(SFDLMPreTrainedModel):
+    """The SFDLM backbone: token ids (and noise levels) to hidden states. No attention anywhere."""
+
+    def __init__(self, config: SFDLMConfig):
+        super().__init__(config)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            if config.time_conditioning else None
+        )
+        *down_depths, bottleneck_depth = config.stage_depths
+        self.down_stages = nn.ModuleList(
+            nn.ModuleList(SFDLMBlock(config) for _ in range(depth)) for depth in down_depths
+        )
+        self.down_pools = nn.ModuleList(DownPool(hidden, f) for f in config.pool_factors)
+        self.bottleneck = nn.ModuleList(SFDLMBlock(config) for _ in range(bottleneck_depth))
+        self.up_pools = nn.ModuleList(UpPool(hidden, f) for f in config.pool_factors)
+        self.up_stages = nn.ModuleList(
+            nn.ModuleList(SFDLMBlock(config) for _ in range(depth)) for depth in down_depths
+        )
+        cond = hidden if config.time_conditioning else None
+        self.final_norm = AdaptiveLayerNorm(hidden, cond, num_gates=0, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Raise before any compute when ids, shapes or lengths are not what the model accepts."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
+                            f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"`input_ids` must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`="
+                             f"{self.config.max_position_embeddings}.")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
+                             f"`input_ids` shape {tuple(input_ids.shape)}.")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                timesteps: torch.Tensor | None = None, **kwargs) -> SFDLMModelOutput:
+        """
+        Args:
+            input_ids: (B, L) corrupted token ids x_t.
+            attention_mask: (B, L), 1 for real tokens, 0 for padding (left, right or anywhere). Padding
+                never changes the outputs at real positions: each row's real tokens are processed as a
+                sequence of their own length (rows of equal length share one pass).
+            timesteps: (B,) or scalar noise levels t in [0, 1]; required when `time_conditioning`.
+        """
+        self.check_inputs(input_ids, attention_mask)
+        cond = self._noise_condition(timesteps, input_ids.shape[0], input_ids.device)
+        if attention_mask is None or bool(attention_mask.all()):
+            return SFDLMModelOutput(last_hidden_state=self._backbone(input_ids, cond))
+        mask = attention_mask.bool()
+        lengths = mask.sum(-1)
+        hidden = torch.zeros(*input_ids.shape, self.config.hidden_size, device=input_ids.device,
+                             dtype=self.embed_tokens.weight.dtype)
+        for length in lengths.unique().tolist():
+            if length == 0:
+                continue
+            rows = (lengths == length).nonzero().squeeze(-1)
+            ids = input_ids[rows][mask[rows]].view(len(rows), length)
+            out = self._backbone(ids, None if cond is None else cond[rows])
+            row_hidden = hidden[rows]
+            row_hidden[mask[rows]] = out.reshape(-1, out.shape[-1]).to(hidden.dtype)
+            hidden[rows] = row_hidden
+        return SFDLMModelOutput(last_hidden_state=hidden)
+
+    def _noise_condition(self, timesteps, batch_size: int, device) -> torch.Tensor | None:
+        if self.time_embed is None:
+            return None
+        if timesteps is None:
+            raise ValueError("This model is noise-conditioned (`time_conditioning=True`): pass `timesteps` "
+                             "(the noise level t in [0, 1] of each row).")
+        t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch_size)
+        return self.time_embed(timestep_embedding(t, self.config.hidden_size).to(self.embed_tokens.weight.dtype))
+
+    def _backbone(self, input_ids: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        skips = []
+        for blocks, pool in zip(self.down_stages, self.down_pools):
+            for block in blocks:
+                x = block(x, cond)
+            skips.append(x)
+            x = pool(x)
+        for block in self.bottleneck:
+            x = block(x, cond)
+        for blocks, pool, skip in zip(reversed(self.up_stages), reversed(self.up_pools), reversed(skips)):
+            x = pool(x, skip.shape[1]) + skip
+            for block in blocks:
+                x = block(x, cond)
+        return self.final_norm(x, cond)[0]
+
+
+class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
+    """SFDLM with its output head: predicts p_hat(x_0 | x_t) and, given `labels`, returns the NELBO.
+
+    `AutoModel` and `AutoModelForMaskedLM` both resolve to this class (the convention of diffusion-LM
+    remote code such as Dream and LLaDA), so `AutoModel.from_pretrained(..., trust_remote_code=True)`
+    gives a model that can compute likelihoods and generate.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SFDLMConfig):
+        super().__init__(config)
+        self.model = SFDLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.diffusion = DiscreteDiffusion.from_config(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for already-corrupted ids x_t at noise levels t."""
+        hidden = self.model(noisy_input_ids, attention_mask=attention_mask, timesteps=timesteps).last_hidden_state
+        logits = self.lm_head(hidden)
+        if self.config.process == "absorbing":
+            logits[..., self.config.mask_token_id] = -math.inf
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, **kwargs) -> SFDLMDiffusionLMOutput:
+        """
+        Without `labels`: `input_ids` are corrupted ids x_t at noise levels `timesteps`; returns logits.
+
+        With `labels` (clean ids, -100 where a position is not scored): positions with a label are
+        corrupted at a random noise level (stratified over the batch), the rest (prompts, padding) stay
+        as given in `input_ids` and condition the prediction. `loss` is the NELBO (or CE) per scored
+        token in nats, so `Trainer` and a plain accelerate loop both work.
+        """
+        if labels is None:
+            return SFDLMDiffusionLMOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
+        self.model.check_inputs(input_ids, attention_mask)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
+        scored = labels != -100
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        x0 = torch.where(scored, labels, input_ids)
+        self.model.check_inputs(x0)
+        draw = self.diffusion.draw_noise(x0.shape[0], generator=generator, device=x0.device)
+        noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
+        logits = self.denoise(noisy, draw.t, attention_mask)
+        terms = self.diffusion.loss_terms(logits, x0, noisy, draw)
+        loss = (terms * scored).sum() / scored.sum().clamp_min(1)
+        return SFDLMDiffusionLMOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=draw.t)
+
+    @torch.no_grad()
+    def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, num_samples: int = 16,
+              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
+        """Each sequence's NELBO in nats (an upper bound on -log p(x)), by Monte Carlo over noise levels.
+
+        The `num_samples` draws of each row are stratified over [0, 1). In continuous time the uniform
+        process's t = 0 reconstruction term is computed exactly with one extra pass. Positions with
+        `labels == -100` (or padding) condition the prediction and are not scored.
+
+        Returns:
+            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples`.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        if self.config.objective != "elbo":
+            raise ValueError(f"`nelbo` needs a model trained with objective='elbo', got {self.config.objective!r}; "
+                             "a 'ce' model's loss is not a likelihood bound.")
+        self.model.check_inputs(input_ids, attention_mask)
+        scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+        batch = x0.shape[0]
+        continuous_uniform = self.config.num_timesteps is None and self.config.process == "uniform"
+        offset = torch.rand(batch, generator=generator, dtype=torch.float64)
+        samples = []
+        for k in range(num_samples):
+            u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
+            # No reconstruction atom: the continuous uniform t = 0 term is added exactly below.
+            draw = self.diffusion.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
+            noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
+            terms = self.diffusion.loss_terms(self.denoise(noisy, draw.t, attention_mask), x0, noisy, draw)
+            samples.append((terms.double() * scored).sum(-1))
+        samples = torch.stack(samples, dim=-1)
+        if continuous_uniform:
+            zeros = torch.zeros(batch, device=x0.device)
+            log_probs = self.denoise(x0, zeros, attention_mask).double().log_softmax(-1)
+            recon = -(log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)
+            samples = samples + recon.unsqueeze(-1)
+        return samples if return_samples else samples.mean(-1)
+
+
+__all__ = [
+    "SFDLMDiffusionLMOutput",
+    "SFDLMForDiffusionLM",
+    "SFDLMModel",
+    "SFDLMModelOutput",
+    "SFDLMPreTrainedModel",
+]
