@@ -215,4 +215,6 @@ class SFDLMConfig(PretrainedConfig):
         return total
 
 
+SFDLMConfig.register_for_auto_class()
+
 __all__ = ["SFDLMConfig"]

@@ -392,6 +392,17 @@ class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus an `auto_map` that sends both `AutoModel` and
+        `AutoModelForMaskedLM` to this class, so `trust_remote_code=True` loading finds it either way.
+        The remote-code files (this module and its relative imports) are copied next to the weights."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class in ("AutoModel", "AutoModelForMaskedLM"):
+            auto_map[auto_class] = f"modeling_sfdlm.{SFDLMForDiffusionLM.__name__}"
+        auto_map["AutoConfig"] = f"configuration_sfdlm.{SFDLMConfig.__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
@@ -478,6 +489,9 @@ class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
             samples = samples + recon.unsqueeze(-1)
         return samples if return_samples else samples.mean(-1)
 
+
+# `save_pretrained` copies the remote-code files and writes `auto_map` for registered classes.
+SFDLMForDiffusionLM.register_for_auto_class("AutoModel")
 
 __all__ = [
     "SFDLMDiffusionLMOutput",
