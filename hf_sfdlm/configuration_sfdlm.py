@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 PROCESSES = ("uniform", "absorbing")
 NOISE_SCHEDULES = ("linear", "cosine", "loglinear", "geometric")
-OBJECTIVES = ("elbo", "ce")
+OBJECTIVES = ("elbo", "ce", "score_entropy")
 SSM_MODES = ("diagonal", "conv")
 
 
@@ -68,6 +68,9 @@ class SFDLMConfig(PretrainedConfig):
         objective (`str`, defaults to `"elbo"`):
             `"elbo"`: the exact NELBO (discrete T or continuous time). `"ce"`: the paper's plain
             cross-entropy of the clean tokens at a random noise level (not a likelihood bound).
+            `"score_entropy"`: SEDD (arXiv 2310.16834): the head emits log-scores (ratios p_t(y) / p_t(x_t))
+            trained with the denoising score entropy, whose integral is the ELBO (`score_entropy.py`).
+            Continuous time only (`num_timesteps=None`); SEDD's schedules are `"loglinear"` and `"geometric"`.
         mask_token_id (`int`, *optional*):
             Id of the absorbing state. Required when `process="absorbing"`.
         pad_token_id (`int`, *optional*), bos_token_id (`int`, *optional*), eos_token_id (`int`, *optional*):
@@ -191,6 +194,8 @@ class SFDLMConfig(PretrainedConfig):
             fail(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}.")
         if self.objective not in OBJECTIVES:
             fail(f"`objective` must be one of {OBJECTIVES}, got {self.objective!r}.")
+        if self.objective == "score_entropy" and self.num_timesteps is not None:
+            fail(f"`objective='score_entropy'` is continuous-time: set `num_timesteps=None`, got {self.num_timesteps!r}.")
         if self.num_timesteps is not None:
             positive_int("num_timesteps")
         if not 0 <= self.linear_beta_min <= self.linear_beta_max or self.linear_beta_max <= 0:

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .score_entropy import ScoreEntropy
 
 
 def _fft_precision(x: torch.Tensor):
@@ -386,7 +387,9 @@ class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
         super().__init__(config)
         self.model = SFDLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.diffusion = DiscreteDiffusion.from_config(config)
+        # objective="score_entropy" (SEDD): the head emits log-scores and the loss is the score entropy.
+        diffusion_cls = ScoreEntropy if config.objective == "score_entropy" else DiscreteDiffusion
+        self.diffusion = diffusion_cls.from_config(config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -462,8 +465,8 @@ class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-        if self.config.objective != "elbo":
-            raise ValueError(f"`nelbo` needs a model trained with objective='elbo', got {self.config.objective!r}; "
+        if self.config.objective not in ("elbo", "score_entropy"):
+            raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
                              "a 'ce' model's loss is not a likelihood bound.")
         self.model.check_inputs(input_ids, attention_mask)
         scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
@@ -471,7 +474,8 @@ class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
             scored = scored & attention_mask.bool()
         x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
         batch = x0.shape[0]
-        continuous_uniform = self.config.num_timesteps is None and self.config.process == "uniform"
+        continuous_uniform = (self.config.num_timesteps is None and self.config.process == "uniform"
+                              and self.config.objective == "elbo")  # the SEDD ELBO has no t = 0 term
         offset = torch.rand(batch, generator=generator, dtype=torch.float64)
         samples = []
         for k in range(num_samples):
