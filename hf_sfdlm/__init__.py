@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .generation_sfdlm import SFDLMGenerationConfig, SFDLMGenerationOutput
 from .modeling_sfdlm import SFDLMDiffusionLMOutput, SFDLMForDiffusionLM, SFDLMModel, SFDLMPreTrainedModel
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "SFDLMConfig",
     "SFDLMDiffusionLMOutput",
     "SFDLMForDiffusionLM",
+    "SFDLMGenerationConfig",
+    "SFDLMGenerationOutput",
     "SFDLMModel",
     "SFDLMPreTrainedModel",
 ]

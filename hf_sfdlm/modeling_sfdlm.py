@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .generation_sfdlm import SFDLMGenerationMixin
 from .score_entropy import ScoreEntropy
 
 
@@ -373,7 +374,7 @@ class SFDLMModel(SFDLMPreTrainedModel):
         return self.final_norm(x, cond)[0]
 
 
-class SFDLMForDiffusionLM(SFDLMPreTrainedModel):
+class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
     """SFDLM with its output head: predicts p_hat(x_0 | x_t) and, given `labels`, returns the NELBO.
 
     `AutoModel` and `AutoModelForMaskedLM` both resolve to this class (the convention of diffusion-LM
