@@ -250,6 +250,8 @@ class DiscreteDiffusion:
         """
         log_probs = self._x0_log_probs(logits, x_t)
         nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # -log p_hat(x_0 | x_t)
+        if self.process == "absorbing":  # carry-over: unmasked positions are predicted exactly
+            nll = torch.where(x_t == self.mask_token_id, nll, torch.zeros_like(nll))
         if self.objective == "ce":
             return nll
         recon = draw.reconstruction.view(-1, 1)
@@ -268,7 +270,7 @@ class DiscreteDiffusion:
             return logits.log_softmax(-1)
         logits = logits.clone()
         logits[..., self.mask_token_id] = -math.inf
-        return logits.log_softmax(-1)  # carry-over handled by the callers (unmasked terms are 0)
+        return logits.log_softmax(-1)  # carry-over is applied by the callers (unmasked terms are 0)
 
     def _discrete_kl(self, log_probs, x0, x_t, s, t) -> torch.Tensor:
         alpha_s, alpha_t = self.schedule.alpha(s), self.schedule.alpha(t)

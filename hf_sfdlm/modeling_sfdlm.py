@@ -443,13 +443,20 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
         x0 = torch.where(scored, labels, input_ids)
-        self.model.check_inputs(x0)
+        self._check_clean_ids(x0, scored)
         draw = self.diffusion.draw_noise(x0.shape[0], generator=generator, device=x0.device)
         noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
         logits = self.denoise(noisy, draw.t, attention_mask)
         terms = self.diffusion.loss_terms(logits, x0, noisy, draw)
         loss = (terms * scored).sum() / scored.sum().clamp_min(1)
         return SFDLMDiffusionLMOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=draw.t)
+
+    def _check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
+        self.model.check_inputs(x0)
+        mask_id = self.config.mask_token_id
+        if self.config.process == "absorbing" and bool((x0[scored] == mask_id).any()):
+            raise ValueError(f"The clean tokens to score contain the mask token id {mask_id}; an absorbing "
+                             "model's data must not (set those labels to -100 to leave them unscored).")
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -474,6 +481,7 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
         x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+        self._check_clean_ids(x0, scored)
         batch = x0.shape[0]
         continuous_uniform = (self.config.num_timesteps is None and self.config.process == "uniform"
                               and self.config.objective == "elbo")  # the SEDD ELBO has no t = 0 term

@@ -1,0 +1,242 @@
+"""The diffusion maths against independent computations: Bayes' rule on explicit transition matrices,
+and the exact likelihood of the reverse chain enumerated over every state of a tiny problem."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from hf_sfdlm import DiscreteDiffusion, NoiseSchedule, SFDLMForDiffusionLM
+from hf_sfdlm.diffusion import NoiseDraw
+
+SCHEDULES = ["linear", "cosine", "loglinear", "geometric"]
+
+
+def make_diffusion(process, vocab_size=4, num_timesteps=None, schedule="loglinear"):
+    mask = vocab_size - 1 if process == "absorbing" else None
+    return DiscreteDiffusion(vocab_size, process, NoiseSchedule(schedule), num_timesteps, mask)
+
+
+def transition_matrix(diffusion, alpha):
+    """Q[i, j] = q(x_t = j | x_s = i) for a step whose signal level is `alpha`, built explicitly."""
+    prior = diffusion.prior(torch.float64)
+    return alpha * torch.eye(diffusion.vocab_size, dtype=torch.float64) + (1 - alpha) * prior.expand(diffusion.vocab_size, -1)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedules_start_clean_end_at_prior_and_decrease(name):
+    schedule = NoiseSchedule(name)
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    alpha = schedule.alpha(t)
+    assert alpha[0] == 1 and alpha[-1] == 0
+    assert (alpha[1:] <= alpha[:-1]).all()
+    # the closed-form derivative agrees with finite differences
+    mid = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    h = 1e-6
+    numeric = (schedule.alpha(mid + h) - schedule.alpha(mid - h)) / (2 * h)
+    torch.testing.assert_close(schedule.alpha_derivative(mid), numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("process", ["uniform", "absorbing"])
+def test_posterior_matches_bayes_rule_on_explicit_matrices(process):
+    diffusion = make_diffusion(process, vocab_size=5)
+    alpha_s, alpha_t = torch.tensor([0.7], dtype=torch.float64), torch.tensor([0.3], dtype=torch.float64)
+    step = transition_matrix(diffusion, alpha_t / alpha_s)
+    marginal_s = transition_matrix(diffusion, alpha_s)
+    marginal_t = transition_matrix(diffusion, alpha_t)
+    for x0, z in itertools.product(range(5), range(5)):
+        if marginal_t[x0, z] == 0 or x0 == diffusion.mask_token_id:
+            continue  # x_t impossible from this x_0, or a mask as clean token (rejected by the model)
+        expected = step[:, z] * marginal_s[x0] / marginal_t[x0, z]
+        got = diffusion.posterior_probs(torch.tensor([[x0]]), torch.tensor([[z]]), alpha_s, alpha_t)[0, 0]
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("process", ["uniform", "absorbing"])
+def test_reverse_step_is_the_posterior_mixture(process):
+    diffusion = make_diffusion(process, vocab_size=5)
+    alpha_s, alpha_t = torch.tensor([0.6], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
+    logits = torch.randn(1, 5, 5, dtype=torch.float64)
+    z = torch.arange(5).view(1, 5)
+    x0_probs = diffusion.x0_probs(logits, z)
+    got = diffusion.reverse_probs(x0_probs, z, alpha_s, alpha_t)
+    torch.testing.assert_close(got.sum(-1), torch.ones(1, 5, dtype=torch.float64))
+    marginal_t = transition_matrix(diffusion, alpha_t)
+    for position in range(5):
+        expected = torch.zeros(5, dtype=torch.float64)
+        for x0 in range(5):
+            if x0_probs[0, position, x0] > 0 and marginal_t[x0, z[0, position]] > 0:
+                posterior = diffusion.posterior_probs(torch.tensor([[x0]]), z[:, position:position + 1], alpha_s, alpha_t)
+                expected += x0_probs[0, position, x0] * posterior[0, 0]
+        torch.testing.assert_close(got[0, position], expected)
+
+
+def test_absorbing_closed_form_kl_matches_the_vocabulary_sum():
+    diffusion = make_diffusion("absorbing", vocab_size=6, num_timesteps=10)
+    x0 = torch.randint(0, 5, (3, 7))
+    x_t = diffusion.corrupt(x0, torch.full((3,), 0.4))
+    logits = torch.randn(3, 7, 6, dtype=torch.float64)
+    s, t = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.6, dtype=torch.float64)
+    closed = diffusion._discrete_kl(diffusion._x0_log_probs(logits, x_t), x0, x_t, s, t)
+    summed = diffusion.kl_to_reverse(diffusion.x0_probs(logits, x_t), x0, x_t,
+                                     diffusion.schedule.alpha(s), diffusion.schedule.alpha(t))
+    torch.testing.assert_close(closed, summed)
+
+
+def test_corruption_has_the_marginal_of_the_forward_process():
+    diffusion = make_diffusion("uniform", vocab_size=4)
+    x0 = torch.zeros(1, 200_000, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    x_t = diffusion.corrupt(x0, torch.tensor([0.4]), generator=generator)
+    frequencies = torch.bincount(x_t[0], minlength=4).double() / x_t.numel()
+    expected = torch.tensor([0.4 + 0.6 / 4, 0.15, 0.15, 0.15], dtype=torch.float64)
+    torch.testing.assert_close(frequencies, expected, atol=4e-3, rtol=0)
+
+
+def test_stratified_draws_cover_the_unit_interval_once_per_stratum():
+    diffusion = make_diffusion("absorbing", num_timesteps=None)
+    draw = diffusion.draw_noise(8, generator=torch.Generator().manual_seed(3))
+    strata = sorted((draw.t * 8).floor().long().tolist())
+    assert strata == list(range(8))
+    discrete = make_diffusion("uniform", num_timesteps=4).draw_noise(8, generator=torch.Generator().manual_seed(3))
+    assert sorted((discrete.t * 4).round().long().tolist()) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert torch.equal(discrete.reconstruction, discrete.t == 0.25)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact likelihood of the reverse chain of a tiny problem, by enumeration of every state.
+
+LENGTH = 2
+
+
+def all_states(vocab_size):
+    return torch.tensor(list(itertools.product(range(vocab_size), repeat=LENGTH)))
+
+
+def exact_reverse_nll(denoise, diffusion, x0, num_timesteps):
+    """-log p(x_0) of the T-step reverse chain started from the prior, summing over every path."""
+    states = all_states(diffusion.vocab_size)
+    prior = diffusion.prior(torch.float64)
+    distribution = prior[states].prod(-1)  # p(x_T) over joint states
+    for i in range(num_timesteps, 0, -1):
+        t = torch.full((len(states),), i / num_timesteps, dtype=torch.float64)
+        s = torch.full((len(states),), (i - 1) / num_timesteps, dtype=torch.float64)
+        x0_probs = diffusion.x0_probs(denoise(states, t), states)
+        step = diffusion.reverse_probs(x0_probs, states, diffusion.schedule.alpha(s), diffusion.schedule.alpha(t))
+        # transition[a, b] = prod over positions of p(x_s = states[b] | x_t = states[a])
+        transition = torch.ones(len(states), len(states), dtype=torch.float64)
+        for position in range(LENGTH):
+            transition = transition * step[:, position, :][:, states[:, position]]
+        distribution = distribution @ transition
+    index = [tuple(state) for state in states.tolist()].index(tuple(x0.tolist()))
+    return -math.log(distribution[index])
+
+
+def exact_expected_terms(denoise, diffusion, x0, t, s, reconstruction):
+    """E_{x_t ~ q(x_t | x_0)} of NELBO terms (weight 1) at each time in `t`, by enumerating x_t."""
+    states = all_states(diffusion.vocab_size)
+    alpha = diffusion.schedule.alpha(t).view(-1, 1, 1)
+    prior = diffusion.prior(torch.float64)
+    marginal = alpha * F.one_hot(x0, diffusion.vocab_size).double() + (1 - alpha) * prior  # (K, L, V)
+    weights = marginal[:, torch.arange(LENGTH), states].prod(-1)  # (K, S): q(x_t = state | x_0)
+    k, n = weights.shape
+    rows = states.repeat(k, 1)
+    draw = NoiseDraw(t=t.repeat_interleave(n), s=None if s is None else s.repeat_interleave(n),
+                     weight=torch.ones(k * n, dtype=torch.float64), reconstruction=reconstruction.repeat_interleave(n))
+    terms = diffusion.loss_terms(denoise(rows, draw.t), x0.expand(k * n, -1), rows, draw).sum(-1).view(k, n)
+    return (weights * torch.where(weights > 0, terms, torch.zeros_like(terms))).sum(-1)
+
+
+def exact_discrete_nelbo(denoise, diffusion, x0, num_timesteps):
+    steps = torch.arange(1, num_timesteps + 1, dtype=torch.float64)
+    terms = exact_expected_terms(denoise, diffusion, x0, steps / num_timesteps, (steps - 1) / num_timesteps, steps == 1)
+    return float(terms.sum())  # the prior term is zero: alpha(1) = 0
+
+
+def exact_continuous_nelbo(denoise, diffusion, x0, nodes=64):
+    """Gauss-Legendre quadrature of the enumerated integrand (the t = 0 term is 0 for these denoisers)."""
+    points, weights = np.polynomial.legendre.leggauss(nodes)
+    t = torch.tensor(0.5 * (points + 1), dtype=torch.float64)
+    integrand = exact_expected_terms(denoise, diffusion, x0, t, None, torch.zeros(nodes, dtype=torch.bool))
+    return float((0.5 * torch.tensor(weights) * integrand).sum())
+
+
+def random_model_denoiser(process, seed, time_conditioning=True):
+    vocab_size = 4  # 3 tokens + the mask for absorbing; 4 tokens for uniform
+    config = tiny_config(vocab_size=vocab_size, process=process, mask_token_id=3 if process == "absorbing" else None,
+                         stage_depths=[1], pool_factors=[], hidden_size=8, num_timesteps=3, noise_schedule="cosine",
+                         time_conditioning=time_conditioning)
+    torch.manual_seed(seed)
+    model = SFDLMForDiffusionLM(config).double().eval()
+    with torch.no_grad():  # leave adaLN-Zero's identity start: a random model should use every part
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+
+    cache = {}
+
+    def denoise(states, t):
+        key = (tuple(states.flatten().tolist()), None if not time_conditioning else tuple(t.tolist()))
+        if key not in cache:  # without noise conditioning the prediction does not depend on t
+            with torch.no_grad():
+                cache[key] = model.denoise(states, t).double()
+        return cache[key]
+
+    return model, denoise
+
+
+@pytest.mark.parametrize("process", ["uniform", "absorbing"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_discrete_nelbo_bounds_the_exact_nll_of_the_reverse_chain(process, seed):
+    model, denoise = random_model_denoiser(process, seed)
+    diffusion = model.diffusion
+    tokens = 3
+    for x0 in itertools.product(range(tokens), repeat=LENGTH):
+        x0 = torch.tensor(x0)
+        nll = exact_reverse_nll(denoise, diffusion, x0, 3)
+        nelbo = exact_discrete_nelbo(denoise, diffusion, x0, 3)
+        assert nll <= nelbo + 1e-9, (x0, nll, nelbo)
+        assert nll > 0
+
+
+@pytest.mark.parametrize("process", ["uniform", "absorbing"])
+def test_monte_carlo_nelbo_is_unbiased_for_the_exact_value(process):
+    model, denoise = random_model_denoiser(process, seed=2)
+    x0 = torch.tensor([1, 2])
+    exact = exact_discrete_nelbo(denoise, model.diffusion, x0, 3)
+    samples = model.nelbo(x0.view(1, -1).expand(4000, -1), num_samples=1,
+                          generator=torch.Generator().manual_seed(0), return_samples=True).flatten()
+    standard_error = samples.std().item() / math.sqrt(len(samples))
+    assert abs(samples.mean().item() - exact) < 4 * standard_error + 1e-9
+
+
+def test_continuous_nelbo_is_the_large_T_limit_absorbing():
+    # Without noise conditioning the integrand is smooth in t (a random model's sinusoidal time
+    # features would oscillate faster than either grid resolves).
+    model, denoise = random_model_denoiser("absorbing", seed=3, time_conditioning=False)
+    diffusion = model.diffusion
+    x0 = torch.tensor([0, 2])
+    discrete = exact_discrete_nelbo(denoise, diffusion, x0, 1000)
+    continuous = DiscreteDiffusion(4, "absorbing", diffusion.schedule, None, 3)
+    assert discrete == pytest.approx(exact_continuous_nelbo(denoise, continuous, x0), rel=5e-3)
+
+
+def test_continuous_nelbo_is_the_large_T_limit_uniform():
+    # A denoiser whose prediction sharpens onto its input as t -> 0 (as a trained model's does), so the
+    # continuous-time uniform NELBO is finite; its t = 0 reconstruction term is then exactly 0.
+    torch.manual_seed(4)
+    table = torch.randn(4, LENGTH, 4, dtype=torch.float64)
+    schedule = NoiseSchedule("cosine")
+
+    def denoise(states, t):
+        alpha = schedule.alpha(t).view(-1, 1, 1)
+        noise = table[states, torch.arange(LENGTH)].softmax(-1)
+        return (alpha * F.one_hot(states, 4).double() + (1 - alpha) * noise).log()
+
+    x0 = torch.tensor([1, 3])
+    discrete = exact_discrete_nelbo(denoise, DiscreteDiffusion(4, "uniform", schedule, 1000), x0, 1000)
+    continuous = DiscreteDiffusion(4, "uniform", schedule, None)
+    assert discrete == pytest.approx(exact_continuous_nelbo(denoise, continuous, x0), rel=5e-3)
