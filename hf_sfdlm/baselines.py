@@ -1,0 +1,308 @@
+"""Baselines measured against SFDLM under the same data, tokenizer and budget.
+
+* `TransformerDenoiserForDiffusionLM`: a randomly initialised `BertForMaskedLM`-style encoder (BERT
+  embeddings, bidirectional self-attention, MLM head tied to the embedding) trained and evaluated under
+  `hf_sfdlm.diffusion.DiscreteDiffusion`, with the same `denoise` / `forward(labels=...)` / `nelbo`
+  interface as `SFDLMForDiffusionLM`. With the absorbing process and the log-linear schedule in
+  continuous time it is MDLM (arXiv 2406.07524) with a BERT backbone.
+* `gpt2_config` / `matched_gpt2_config`: an autoregressive `GPT2LMHeadModel` whose parameter count
+  matches a target (e.g. an SFDLM model's).
+
+Importing this module registers `TransformerDenoiserConfig` with `AutoConfig` and the model with
+`AutoModel` / `AutoModelForMaskedLM`, so saved denoisers load with `AutoModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config,
+                          GPT2LMHeadModel)
+from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
+from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .modeling_sfdlm import timestep_embedding
+
+
+class TransformerDenoiserConfig(BertConfig):
+    r"""A BERT encoder configuration plus the diffusion fields of `SFDLMConfig`.
+
+    Args:
+        process (`str`, defaults to `"absorbing"`), num_timesteps (`int`, *optional*, defaults to `None`,
+        continuous time), noise_schedule (`str`, defaults to `"loglinear"`), linear_beta_min,
+        linear_beta_max, geometric_sigma_min, geometric_sigma_max, objective (`str`, defaults to `"elbo"`),
+        mask_token_id (`int`, *optional*):
+            As in `SFDLMConfig`; the defaults are MDLM's (absorbing, log-linear, continuous time).
+        time_conditioning (`bool`, defaults to `False`):
+            Add an MLP embedding of the noise level t to every input embedding. MDLM found the absorbing
+            process needs none (the share of masks tells the level); the uniform process wants it.
+        All other arguments are `BertConfig`'s (hidden_size, num_hidden_layers, num_attention_heads,
+        intermediate_size, max_position_embeddings, ...).
+    """
+
+    model_type = "sfdlm_transformer_denoiser"
+
+    def __init__(self, process: str = "absorbing", num_timesteps: int | None = None,
+                 noise_schedule: str = "loglinear", linear_beta_min: float = 0.1, linear_beta_max: float = 20.0,
+                 geometric_sigma_min: float = 1e-4, geometric_sigma_max: float = 20.0, objective: str = "elbo",
+                 mask_token_id: int | None = None, time_conditioning: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.process = process
+        self.num_timesteps = num_timesteps
+        self.noise_schedule = noise_schedule
+        self.linear_beta_min, self.linear_beta_max = linear_beta_min, linear_beta_max
+        self.geometric_sigma_min, self.geometric_sigma_max = geometric_sigma_min, geometric_sigma_max
+        self.objective = objective
+        self.mask_token_id = mask_token_id
+        self.time_conditioning = time_conditioning
+        self.is_decoder = False
+        if process not in PROCESSES:
+            raise ValueError(f"`process` must be one of {PROCESSES}, got {process!r}.")
+        if noise_schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}.")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}.")
+        if num_timesteps is not None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
+                                          or num_timesteps < 1):
+            raise ValueError(f"`num_timesteps` must be a positive integer or None, got {num_timesteps!r}.")
+        if process == "absorbing" and not (isinstance(mask_token_id, int) and 0 <= mask_token_id < self.vocab_size):
+            raise ValueError(f"`process='absorbing'` needs `mask_token_id` in [0, vocab_size={self.vocab_size}), "
+                             f"got {mask_token_id!r}.")
+
+
+@dataclass
+class TransformerDenoiserOutput(ModelOutput):
+    """As `SFDLMDiffusionLMOutput`: NELBO per scored token, logits of p_hat(x_0 | x_t), x_t and t."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    noisy_input_ids: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+
+class TransformerDenoiserForDiffusionLM(BertPreTrainedModel):
+    """A bidirectional Transformer (BERT) that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
+
+    Same interface as `SFDLMForDiffusionLM`: `denoise(noisy_ids, timesteps, attention_mask)`,
+    `forward(input_ids, attention_mask, labels, timesteps, generator)` and
+    `nelbo(input_ids, attention_mask, labels, num_samples, generator, return_samples)`; the estimator
+    is the same draw for draw (same stratification, corruption and loss terms).
+    """
+
+    config_class = TransformerDenoiserConfig
+    config: TransformerDenoiserConfig
+    _tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
+
+    def __init__(self, config: TransformerDenoiserConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        hidden = config.hidden_size
+        self.time_embed = (nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                           if config.time_conditioning else None)
+        self.diffusion = DiscreteDiffusion.from_config(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.cls.predictions.decoder = new_embeddings
+        self.cls.predictions.bias = new_embeddings.bias
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Raise before any compute when ids, shapes or lengths are not what the model accepts."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
+                            f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"`input_ids` must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`="
+                             f"{self.config.max_position_embeddings}.")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"Token id {low if low < 0 else high} is outside [0, vocab_size={self.config.vocab_size}).")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
+                             f"`input_ids` shape {tuple(input_ids.shape)}.")
+
+    def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for corrupted ids x_t at noise levels t."""
+        self.check_inputs(noisy_input_ids, attention_mask)
+        embeds = self.bert.embeddings.word_embeddings(noisy_input_ids)
+        if self.time_embed is not None:
+            if timesteps is None:
+                raise ValueError("This denoiser is noise-conditioned (`time_conditioning=True`): pass `timesteps`.")
+            t = torch.as_tensor(timesteps, device=embeds.device, dtype=torch.float32).reshape(-1)
+            t = t.expand(noisy_input_ids.shape[0])
+            embeds = embeds + self.time_embed(timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)).unsqueeze(1)
+        hidden = self.bert(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.cls(hidden)
+        if self.config.process == "absorbing":
+            logits[..., self.config.mask_token_id] = -math.inf
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, **kwargs) -> TransformerDenoiserOutput:
+        """Without `labels`: logits for corrupted `input_ids` at `timesteps`. With `labels` (clean ids,
+        -100 where not scored): corrupt the scored positions at a random level; `loss` is the NELBO per
+        scored token in nats (as `SFDLMForDiffusionLM.forward`)."""
+        if labels is None:
+            return TransformerDenoiserOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
+        self.check_inputs(input_ids, attention_mask)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
+        scored = labels != -100
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        x0 = torch.where(scored, labels, input_ids)
+        draw = self.diffusion.draw_noise(x0.shape[0], generator=generator, device=x0.device)
+        noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
+        logits = self.denoise(noisy, draw.t, attention_mask)
+        terms = self.diffusion.loss_terms(logits, x0, noisy, draw)
+        loss = (terms * scored).sum() / scored.sum().clamp_min(1)
+        return TransformerDenoiserOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=draw.t)
+
+    @torch.no_grad()
+    def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, num_samples: int = 16,
+              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
+        """Each sequence's NELBO in nats by stratified Monte Carlo over t, exactly as `SFDLMForDiffusionLM.nelbo`.
+
+        Returns (B,) means, or (B, num_samples) single-draw estimates if `return_samples`.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        if self.config.objective != "elbo":
+            raise ValueError(f"`nelbo` needs objective='elbo', got {self.config.objective!r}.")
+        self.check_inputs(input_ids, attention_mask)
+        scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+        batch = x0.shape[0]
+        offset = torch.rand(batch, generator=generator, dtype=torch.float64)
+        samples = []
+        for k in range(num_samples):
+            u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
+            draw = self.diffusion.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
+            noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
+            terms = self.diffusion.loss_terms(self.denoise(noisy, draw.t, attention_mask), x0, noisy, draw)
+            samples.append((terms.double() * scored).sum(-1))
+        samples = torch.stack(samples, dim=-1)
+        if self.config.num_timesteps is None and self.config.process == "uniform":
+            # The continuous uniform NELBO's t = 0 reconstruction term, computed exactly.
+            log_probs = self.denoise(x0, torch.zeros(batch, device=x0.device), attention_mask).double().log_softmax(-1)
+            samples = samples + (-(log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)).unsqueeze(-1)
+        return samples if return_samples else samples.mean(-1)
+
+
+# ---------------------------------------------------------------------------------------------- parameter matching
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Distinct trainable parameters (tied weights counted once); optionally without token embeddings."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}
+    total = sum(p.numel() for p in params.values())
+    if exclude_embeddings:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is not None and id(embeddings.weight) in params:
+            total -= embeddings.weight.numel()
+    return total
+
+
+def gpt2_config(vocab_size: int, hidden_size: int, num_layers: int, max_length: int, num_heads: int = 4,
+                intermediate_size: int | None = None, **kwargs) -> GPT2Config:
+    """A `GPT2Config` for the AR baseline; `max_length` positions plus one for the BOS token.
+
+    GPT-2's own special ids (50256) are dropped unless given, as the vocabulary may be smaller."""
+    kwargs.setdefault("bos_token_id", None)
+    kwargs.setdefault("eos_token_id", None)
+    return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+                      n_inner=intermediate_size, n_positions=max_length + 1, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0, tie_word_embeddings=True, **kwargs)
+
+
+def _parameters_on_meta(model_class, config) -> int:
+    with torch.device("meta"):
+        return count_parameters(model_class(config))
+
+
+def _match_depth_and_width(build, model_class, target_parameters: int, hidden_size: int, max_layers: int):
+    """The config `build(layers, mlp_width)` closest to `target_parameters`: for each depth the MLP width
+    is solved for (parameters are affine in it); among depths that match within 1%, the one whose MLP
+    width is closest to the usual 4 * hidden_size wins."""
+    if isinstance(target_parameters, bool) or not isinstance(target_parameters, int) or target_parameters <= 0:
+        raise ValueError(f"`target_parameters` must be a positive integer, got {target_parameters!r}.")
+    candidates = []
+    for layers in range(1, max_layers + 1):
+        p1 = _parameters_on_meta(model_class, build(layers, hidden_size))
+        p2 = _parameters_on_meta(model_class, build(layers, 2 * hidden_size))
+        width = round(hidden_size + (target_parameters - p1) * hidden_size / (p2 - p1))
+        width = min(max(width, max(1, hidden_size // 2)), 8 * hidden_size)
+        config = build(layers, width)
+        gap = abs(_parameters_on_meta(model_class, config) - target_parameters) / target_parameters
+        candidates.append((max(gap, 0.01), abs(width - 4 * hidden_size), config))
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def matched_gpt2_config(target_parameters: int, vocab_size: int, hidden_size: int, max_length: int,
+                        num_heads: int = 4, max_layers: int = 12, **kwargs) -> GPT2Config:
+    """The `GPT2Config` of width `hidden_size` whose parameter count is closest to `target_parameters`.
+
+    The width is kept (so token embeddings, which dominate small models over large vocabularies,
+    are equal) and the depth and MLP width are chosen to match the rest.
+    """
+    return _match_depth_and_width(
+        lambda layers, width: gpt2_config(vocab_size, hidden_size, layers, max_length, num_heads, width, **kwargs),
+        GPT2LMHeadModel, target_parameters, hidden_size, max_layers)
+
+
+def transformer_denoiser_config(vocab_size: int, hidden_size: int, num_layers: int, max_length: int,
+                                num_heads: int = 4, intermediate_size: int | None = None,
+                                **diffusion_kwargs) -> TransformerDenoiserConfig:
+    """A `TransformerDenoiserConfig` without dropout (as the SFDLM presets)."""
+    return TransformerDenoiserConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                                     num_attention_heads=num_heads, intermediate_size=intermediate_size or 4 * hidden_size,
+                                     max_position_embeddings=max_length, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, type_vocab_size=1,
+                                     tie_word_embeddings=True, **diffusion_kwargs)
+
+
+def matched_transformer_denoiser_config(target_parameters: int, vocab_size: int, hidden_size: int,
+                                        max_length: int, num_heads: int = 4, max_layers: int = 12,
+                                        **diffusion_kwargs) -> TransformerDenoiserConfig:
+    """The denoiser of width `hidden_size` closest to `target_parameters` (depth and MLP width)."""
+    return _match_depth_and_width(
+        lambda layers, width: transformer_denoiser_config(vocab_size, hidden_size, layers, max_length, num_heads,
+                                                          width, **diffusion_kwargs),
+        TransformerDenoiserForDiffusionLM, target_parameters, hidden_size, max_layers)
+
+
+AutoConfig.register(TransformerDenoiserConfig.model_type, TransformerDenoiserConfig, exist_ok=True)
+AutoModel.register(TransformerDenoiserConfig, TransformerDenoiserForDiffusionLM, exist_ok=True)
+AutoModelForMaskedLM.register(TransformerDenoiserConfig, TransformerDenoiserForDiffusionLM, exist_ok=True)
+
+__all__ = [
+    "TransformerDenoiserConfig",
+    "TransformerDenoiserForDiffusionLM",
+    "TransformerDenoiserOutput",
+    "count_parameters",
+    "gpt2_config",
+    "matched_gpt2_config",
+    "matched_transformer_denoiser_config",
+    "transformer_denoiser_config",
+]

@@ -1,0 +1,328 @@
+"""Tests for hf_sfdlm.evaluation, hf_sfdlm.baselines, the evaluate metric, the lm-eval adapter and `sfdlm eval`.
+
+The NELBO evaluation is checked against values derived independently of `diffusion.py`: a denoiser
+whose prediction p_hat is fixed (the same for every x_t and t) has a NELBO whose expectation is known.
+
+* Absorbing process, any schedule, discrete T or continuous time: with carry-over unmasking the
+  expected NELBO of a position is sum_i (alpha_{s_i} - alpha_{t_i}) (-log p_hat(x_0)) = -log p_hat(x_0)
+  (the weights telescope to alpha(0) - alpha(1) = 1): exactly -log p_hat(x_0) per position.
+* Uniform process: positions are independent under a fixed p_hat, so the expected NELBO is a sum of
+  per-position sums over steps of E_{x_t}[KL(q(x_s | x_t, x_0) || p(x_s | x_t))], enumerated below
+  with explicit V x V transition matrices and Bayes' rule in numpy (continuous time: its T -> inf limit).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, tiny_config
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from hf_sfdlm import NoiseSchedule, SFDLMForDiffusionLM
+from hf_sfdlm.baselines import (TransformerDenoiserForDiffusionLM, count_parameters, gpt2_config,
+                                matched_gpt2_config, matched_transformer_denoiser_config,
+                                transformer_denoiser_config)
+from hf_sfdlm.evaluation import (CompactVocabulary, PerplexityResult, count_bytes, count_words, distinct_n,
+                                 evaluate_perplexity, generative_perplexity, infilling_exact_match, make_blocks,
+                                 read_text, score_blocks, sequence_nll_samples, span_nll, tokenize_lines, unigram_entropy)
+
+V = 8
+GPT2_TOKENIZER = os.path.join(SHARED_DATA, "gpt2-tokenizer")
+HAND_TEXT = "hello world\nantidisestablishmentarianism rules\ncafé\n"
+
+
+def fixed_logits(seed: int = 3) -> torch.Tensor:
+    return torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def with_fixed_prediction(model, logits: torch.Tensor):
+    """Replace the network by a stub predicting the same p_hat(x_0) everywhere."""
+    def denoise(noisy_input_ids, timesteps=None, attention_mask=None):
+        out = logits.expand(*noisy_input_ids.shape, logits.shape[-1]).clone()
+        if model.config.process == "absorbing":
+            out[..., model.config.mask_token_id] = -math.inf
+        return out
+    model.denoise = denoise
+    return model
+
+
+def sfdlm_stub(process: str, num_timesteps, schedule: str, logits=None):
+    config = tiny_config(vocab_size=V, process=process, num_timesteps=num_timesteps, noise_schedule=schedule,
+                         mask_token_id=V - 1 if process == "absorbing" else None)
+    return with_fixed_prediction(SFDLMForDiffusionLM(config).eval(), fixed_logits() if logits is None else logits)
+
+
+def denoiser_stub(process: str, num_timesteps, schedule: str):
+    config = transformer_denoiser_config(V, 16, 1, 64, num_heads=2, process=process, num_timesteps=num_timesteps,
+                                         noise_schedule=schedule, mask_token_id=V - 1 if process == "absorbing" else None,
+                                         time_conditioning=process == "uniform")
+    return with_fixed_prediction(TransformerDenoiserForDiffusionLM(config).eval(), fixed_logits())
+
+
+def absorbing_reference(x0: torch.Tensor, logits: torch.Tensor) -> float:
+    log_p = logits.clone()
+    log_p[V - 1] = -math.inf
+    return float(-log_p.log_softmax(-1)[x0].sum())
+
+
+def uniform_reference_per_token(schedule: NoiseSchedule, num_timesteps: int, logits: torch.Tensor) -> np.ndarray:
+    """E[NELBO] of one position with clean token x0, for every x0 (V,), by enumeration."""
+    p_hat = torch.softmax(logits, -1).numpy()
+    u = np.full(V, 1.0 / V)
+    eye = np.eye(V)
+    times = np.arange(num_timesteps + 1) / num_timesteps
+    alphas = schedule.alpha(torch.tensor(times)).numpy()
+    out = np.zeros(V)
+    for x0 in range(V):
+        total = -math.log(p_hat[x0])  # step 1: reconstruction, x_t-independent under the stub
+        for i in range(2, num_timesteps + 1):
+            a_s, a_t = alphas[i - 1], alphas[i]
+            step = (a_t / a_s) * eye + (1 - a_t / a_s) * u[None, :]  # step[j, k] = q(x_t = k | x_s = j)
+            marg_s = a_s * eye + (1 - a_s) * u[None, :]  # marg_s[y, j] = q(x_s = j | x_0 = y)
+            marg_t = marg_s @ step  # q(x_t | x_0)
+            for k in range(V):  # x_t = k
+                post = step[:, k][None, :] * marg_s / marg_t[:, k][:, None]  # post[y, j] = q(x_s = j | x_t = k, y)
+                p = p_hat @ post
+                q = post[x0]
+                kl = float(np.sum(np.where(q > 0, q * (np.log(np.where(q > 0, q, 1)) - np.log(p)), 0.0)))
+                total += marg_t[x0, k] * kl
+        out[x0] = total
+    return out
+
+
+BLOCKS = [torch.tensor(row) for row in
+          [[0, 1, 2, 3, 4, 5], [6, 6, 0, 0, 1, 2], [3, 3, 3, 4, 5, 6], [2, 4, 6, 1, 3, 5]]]
+
+
+def check_within_stderr(model, reference: float, num_samples: int = 64, slack: float = 0.0):
+    totals, variances = score_blocks(model, BLOCKS * 4, batch_size=8, num_samples=num_samples, seed=11)
+    estimate, stderr = float(totals.sum()), float(variances.sum().sqrt())
+    assert stderr > 0
+    assert abs(estimate - reference) < 4 * stderr + slack, (estimate, reference, stderr)
+    return estimate, stderr
+
+
+# ---------------------------------------------------------------------------------------------- NELBO vs analytic
+@pytest.mark.parametrize("num_timesteps,schedule", [(None, "loglinear"), (None, "cosine"), (4, "linear"),
+                                                    (10, "loglinear")])
+@pytest.mark.parametrize("build", [sfdlm_stub, denoiser_stub], ids=["sfdlm", "transformer"])
+def test_absorbing_nelbo_of_fixed_prediction_is_its_cross_entropy(build, num_timesteps, schedule):
+    model = build("absorbing", num_timesteps, schedule)
+    reference = sum(absorbing_reference(b, fixed_logits()) for b in BLOCKS * 4)
+    estimate, stderr = check_within_stderr(model, reference)
+    assert stderr < 0.05 * reference  # the check has teeth: a 2x error (no carry-over at step 1) fails it
+
+
+@pytest.mark.parametrize("num_timesteps,schedule", [(4, "linear"), (10, "cosine"), (None, "loglinear")])
+def test_uniform_nelbo_of_fixed_prediction_matches_enumeration(num_timesteps, schedule):
+    model = sfdlm_stub("uniform", num_timesteps, schedule)
+    # Continuous time: compare with T = 1000 and allow the O(1/T) gap measured between T = 500 and 1000.
+    steps = num_timesteps or 1000
+    per_token = uniform_reference_per_token(model.noise_schedule, steps, fixed_logits())
+    slack = 0.0
+    if num_timesteps is None:
+        coarse = uniform_reference_per_token(model.noise_schedule, 500, fixed_logits())
+        slack = 2 * float(sum(abs(per_token - coarse)[b].sum() for b in BLOCKS * 4))
+    reference = float(sum(per_token[b.numpy()].sum() for b in BLOCKS * 4))
+    # A fixed p_hat ignores x_t, so the bound can be no better than its cross-entropy.
+    assert reference > -float(sum(torch.softmax(fixed_logits(), -1).log()[b].sum() for b in BLOCKS * 4))
+    check_within_stderr(model, reference, slack=slack)
+
+
+def test_transformer_denoiser_uses_the_same_estimator_as_sfdlm():
+    for process in ("absorbing", "uniform"):
+        a, b = sfdlm_stub(process, None, "loglinear"), denoiser_stub(process, None, "loglinear")
+        ids = torch.stack(BLOCKS)
+        sa = a.nelbo(ids, num_samples=5, generator=torch.Generator().manual_seed(4), return_samples=True)
+        sb = b.nelbo(ids, num_samples=5, generator=torch.Generator().manual_seed(4), return_samples=True)
+        torch.testing.assert_close(sa, sb)
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+def test_word_byte_token_counts_on_a_hand_made_example():
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    # hello| world|\n  ant|idis|establishment|arian|ism| rules|\n  c|af|é|\n
+    assert len(tokenize_lines(HAND_TEXT, tokenizer)) == 14
+    assert count_words(HAND_TEXT) == 5 + 3  # five words and three end-of-line tokens
+    assert count_words("a b\nc") == 3 + 2  # a last line without a newline still ends a sentence
+    assert count_bytes(HAND_TEXT) == 12 + 35 + 6  # "é" is two bytes
+    result = PerplexityResult(total_nll=28.0, total_nll_stderr=0.5, num_tokens=14, num_words=8, num_bytes=53,
+                              num_sequences=1, block_size=16, num_samples=4, tokenizer="gpt2", estimator="nelbo")
+    assert result.token_perplexity == pytest.approx(math.exp(2.0))
+    assert result.word_perplexity == pytest.approx(math.exp(3.5))
+    assert result.bits_per_byte == pytest.approx(28.0 / (53 * math.log(2)))
+    # One NLL, three normalisations: they must convert into each other.
+    assert result.token_perplexity ** (14 / 8) == pytest.approx(result.word_perplexity)
+    assert result.bits_per_byte * 53 == pytest.approx(result.bits_per_token * 14)
+    assert result.stderr("word_perplexity") == pytest.approx(math.exp(3.5) * 0.5 / 8)
+    record = result.to_dict()
+    assert record["tokenizer"] == "gpt2" and record["word_perplexity"] == pytest.approx(math.exp(3.5))
+
+
+def test_classic_word_counts_of_ptb_test():
+    path = os.path.join(SHARED_DATA, "ptb", "ptb.test.txt")
+    if not os.path.exists(path):
+        pytest.skip("shared PTB data not present")
+    assert count_words(read_text(path)) == 82430  # Mikolov's PTB test set, <eos> included
+
+
+def test_evaluate_perplexity_end_to_end_with_a_known_nelbo():
+    """The text path (tokenize, block, score, normalise) on a stub whose expected NELBO is known."""
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    full_ids = torch.tensor(tokenize_lines(HAND_TEXT, tokenizer))
+    # Keep hello| world|\n|ant|idis|establishment; the other six tokens of the text become "other".
+    vocabulary = CompactVocabulary.from_token_ids(full_ids[:6].tolist(), len(tokenizer))
+    assert vocabulary.size == V - 1
+    model = sfdlm_stub("absorbing", None, "loglinear")
+    result = evaluate_perplexity(model, tokenizer, HAND_TEXT * 8, block_size=8, num_samples=64, vocabulary=vocabulary,
+                                 tokenizer_name="gpt2")
+    compact = vocabulary.encode(full_ids.repeat(8))
+    n_other = int((compact == vocabulary.other_id).sum())
+    assert n_other == 8 * 6
+    reference = absorbing_reference(compact, fixed_logits()) + n_other * math.log(len(tokenizer) - (V - 2))
+    assert result.num_tokens == 112 and result.num_words == 64 and result.num_bytes == 8 * 53
+    assert result.estimator == "nelbo" and result.num_samples == 64 and result.num_sequences == 14
+    assert abs(result.total_nll - reference) < 4 * result.total_nll_stderr
+    assert result.word_perplexity == pytest.approx(math.exp(result.total_nll / 64))
+
+
+# ---------------------------------------------------------------------------------------------- autoregressive
+def tiny_gpt2(vocab_size: int = V, max_length: int = 16) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(gpt2_config(vocab_size, 16, 1, max_length, num_heads=2)).eval()
+
+
+def test_autoregressive_nll_is_exact_chain_rule():
+    model = tiny_gpt2()
+    blocks = make_blocks(list(range(7)) * 3, 8)  # blocks of 8, 8, 5
+    totals, variances = score_blocks(model, blocks, batch_size=2, bos_token_id=7)
+    assert torch.all(variances == 0)
+    for block, total in zip(blocks, totals):
+        reference = 0.0
+        context = [7]
+        for token in block.tolist():  # one prefix at a time: an independent path through the model
+            with torch.no_grad():
+                logits = model(torch.tensor([context])).logits[0, -1].double()
+            reference -= float(logits.log_softmax(-1)[token])
+            context.append(token)
+        assert float(total) == pytest.approx(reference, rel=1e-5)
+
+
+def test_compact_vocabulary_keeps_a_normalised_distribution():
+    full_size = 20
+    vocabulary = CompactVocabulary.from_token_ids([3, 5, 5, 9], full_size, always_keep=[0])
+    assert vocabulary.kept_ids == [0, 3, 5, 9] and vocabulary.other_id == 4
+    assert vocabulary.encode(torch.tensor([9, 1, 3])).tolist() == [3, 4, 1]
+    assert vocabulary.decode(torch.tensor([3, 4, 1]), other_token_id=19).tolist() == [9, 19, 3]
+    model = tiny_gpt2(vocab_size=vocabulary.size)
+    total = 0.0
+    for full in range(full_size):  # p(full id) summed over the whole tokenizer vocabulary must be 1
+        ids = torch.tensor([full])
+        nll = score_blocks(model, [vocabulary.encode(ids)], bos_token_id=0)[0][0] + vocabulary.penalty(ids)
+        total += math.exp(-float(nll))
+    assert total == pytest.approx(1.0, rel=1e-9)
+    with pytest.raises(ValueError, match="full_size"):
+        CompactVocabulary([1, 2], 0)
+    with pytest.raises(ValueError, match="Token ids"):
+        vocabulary.encode(torch.tensor([25]))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_read_text_sources_and_errors(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    path = tmp_path / "t.txt"
+    path.write_text("a b\nc\nd e f\n", encoding="utf-8")
+    assert read_text(path, max_lines=2) == "a b\nc\n"
+    assert read_text(DatasetDict(test=Dataset.from_dict({"text": ["x y", "z"]})), split="test") == "x y\nz\n"
+    with pytest.raises(ValueError, match="does not exist"):
+        read_text(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="max_lines"):
+        read_text(path, max_lines=0)
+    with pytest.raises(ValueError, match="split"):
+        read_text(DatasetDict(test=Dataset.from_dict({"text": ["x"]})), split="train")
+    with pytest.raises(TypeError, match="file path"):
+        read_text(42)
+    with pytest.raises(ValueError, match="block_size"):
+        make_blocks([1, 2], 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        score_blocks(sfdlm_stub("absorbing", None, "loglinear"), BLOCKS, num_samples=1)
+    with pytest.raises(TypeError, match="Cannot score"):
+        score_blocks(torch.nn.Linear(2, 2), BLOCKS)
+
+
+# ---------------------------------------------------------------------------------------------- generation quality
+def test_generation_diversity_metrics_on_hand_made_rows():
+    rows = torch.tensor([[1, 1, 1, 1], [1, 2, 3, 4]])
+    assert unigram_entropy(rows) == pytest.approx((0.0 + math.log(4)) / 2)
+    assert distinct_n(rows, 1) == pytest.approx(4 / 8)  # {1, 2, 3, 4} over 8 unigrams
+    assert distinct_n(rows, 2) == pytest.approx(4 / 6)  # (1,1) (1,2) (2,3) (3,4) over 6 bigrams
+    with pytest.raises(ValueError, match="n"):
+        distinct_n(rows, 0)
+
+
+def test_generative_perplexity_and_infilling_metrics():
+    judge = tiny_gpt2()
+    rows = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])
+    totals, _ = score_blocks(judge, list(rows), bos_token_id=0)
+    assert generative_perplexity(judge, rows, bos_token_id=0) == pytest.approx(math.exp(float(totals.sum()) / 8))
+    span = torch.tensor([[False, True, True, False], [False, False, True, False]])
+    predictions = torch.tensor([[1, 2, 3, 4], [4, 3, 0, 1]])
+    scores = infilling_exact_match(predictions, rows, span)
+    assert scores == {"exact_match": 0.5, "token_accuracy": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="Shapes"):
+        infilling_exact_match(predictions[:1], rows, span)
+    # NLL of the true span under the fixed-prediction absorbing stub: in expectation its cross-entropy.
+    model = sfdlm_stub("absorbing", None, "loglinear")
+    ids = torch.stack(BLOCKS * 4)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 2:4] = True
+    nll = span_nll(model, ids, mask, num_samples=64, generator=torch.Generator().manual_seed(0))
+    samples = sequence_nll_samples(model, ids, labels=torch.where(mask, ids, -100), num_samples=64,
+                                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(nll, samples.mean(-1))
+    stderr = float((samples.var(-1) / 64).sum().sqrt())
+    reference = sum(absorbing_reference(b[2:4], fixed_logits()) for b in BLOCKS * 4)
+    assert abs(float(nll.sum()) - reference) < 4 * stderr
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def test_matched_baselines_have_matched_parameter_counts():
+    sfdlm = SFDLMForDiffusionLM(tiny_config(vocab_size=200, hidden_size=32, fourier_intermediate_size=64))
+    target = count_parameters(sfdlm)
+    gpt2 = GPT2LMHeadModel(matched_gpt2_config(target, 200, 32, 64, num_heads=2))
+    bert = TransformerDenoiserForDiffusionLM(matched_transformer_denoiser_config(
+        target, 201, 32, 64, num_heads=2, mask_token_id=200))
+    for model in (gpt2, bert):
+        assert abs(count_parameters(model) - target) <= 0.02 * target
+    assert bert.get_output_embeddings().weight is bert.get_input_embeddings().weight  # tied, counted once
+
+
+def test_transformer_denoiser_trains_saves_and_loads(tmp_path):
+    from transformers import AutoModel
+
+    config = transformer_denoiser_config(V, 16, 1, 32, num_heads=2, mask_token_id=V - 1)
+    model = TransformerDenoiserForDiffusionLM(config)
+    ids = torch.randint(0, V - 1, (4, 12))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):  # learn a single repeated batch: the NELBO must fall
+        loss = model(ids, labels=ids, generator=torch.Generator().manual_seed(len(losses))).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is TransformerDenoiserForDiffusionLM
+    model.eval()
+    g = torch.Generator
+    torch.testing.assert_close(model.nelbo(ids, generator=g().manual_seed(1)), loaded.nelbo(ids, generator=g().manual_seed(1)))
+    with pytest.raises(ValueError, match="outside"):
+        model.denoise(torch.tensor([[V]]))
+    with pytest.raises(ValueError, match="mask_token_id"):
+        transformer_denoiser_config(V, 16, 1, 32, num_heads=2)
