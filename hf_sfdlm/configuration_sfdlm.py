@@ -47,6 +47,9 @@ class SFDLMConfig(PretrainedConfig):
             Dropout on each block's branch outputs.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of the layer norms.
+        use_ssm (`bool`, defaults to `True`), use_fourier_mlp (`bool`, defaults to `True`):
+            Keep the SSM branch / the complex Fourier MLP branch of every block. Setting one to `False` is the
+            paper's ablation (a block without that branch); at least one must stay.
         time_conditioning (`bool`, defaults to `True`):
             Condition every block on the noise level `t` through adaLN (shift, scale, gate), as in DiT/MDLM.
             Without it the denoiser sees only the corrupted tokens.
@@ -100,6 +103,8 @@ class SFDLMConfig(PretrainedConfig):
         fourier_intermediate_size: int = 256,
         dropout: float = 0.0,
         layer_norm_eps: float = 1e-5,
+        use_ssm: bool = True,
+        use_fourier_mlp: bool = True,
         time_conditioning: bool = True,
         process: str = "uniform",
         num_timesteps: int | None = 1000,
@@ -130,6 +135,8 @@ class SFDLMConfig(PretrainedConfig):
         self.fourier_intermediate_size = fourier_intermediate_size
         self.dropout = dropout
         self.layer_norm_eps = layer_norm_eps
+        self.use_ssm = use_ssm
+        self.use_fourier_mlp = use_fourier_mlp
         self.time_conditioning = time_conditioning
         self.process = process
         self.num_timesteps = num_timesteps
@@ -178,6 +185,8 @@ class SFDLMConfig(PretrainedConfig):
         if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.pool_factors):
             fail(f"`pool_factors` must be integers >= 1 (pooling that cannot be undone otherwise), "
                  f"got {self.pool_factors!r}.")
+        if not (self.use_ssm or self.use_fourier_mlp):
+            fail("a block needs at least one branch: `use_ssm` and `use_fourier_mlp` cannot both be False.")
         if self.ssm_mode not in SSM_MODES:
             fail(f"`ssm_mode` must be one of {SSM_MODES}, got {self.ssm_mode!r}.")
         if self.ssm_state_size % 2:

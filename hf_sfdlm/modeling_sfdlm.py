@@ -165,13 +165,19 @@ class SFDLMBlock(GradientCheckpointingLayer):
         super().__init__()
         cond = config.hidden_size if config.time_conditioning else None
         self.norm = AdaptiveLayerNorm(config.hidden_size, cond, num_gates=2, eps=config.layer_norm_eps)
-        self.ssm = SequenceMixerBranch(config)
-        self.fourier = ComplexFourierMLP(config)
+        # Ablations (`use_ssm` / `use_fourier_mlp` False) drop a branch entirely.
+        self.ssm = SequenceMixerBranch(config) if getattr(config, "use_ssm", True) else None
+        self.fourier = ComplexFourierMLP(config) if getattr(config, "use_fourier_mlp", True) else None
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h, (gate_ssm, gate_fourier) = self.norm(x, cond)
-        return x + gate_ssm * self.dropout(self.ssm(h)) + gate_fourier * self.dropout(self.fourier(h))
+        out = x
+        if self.ssm is not None:
+            out = out + gate_ssm * self.dropout(self.ssm(h))
+        if self.fourier is not None:
+            out = out + gate_fourier * self.dropout(self.fourier(h))
+        return out
 
 
 class DownPool(nn.Module):

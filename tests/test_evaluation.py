@@ -326,3 +326,17 @@ def test_transformer_denoiser_trains_saves_and_loads(tmp_path):
         model.denoise(torch.tensor([[V]]))
     with pytest.raises(ValueError, match="mask_token_id"):
         transformer_denoiser_config(V, 16, 1, 32, num_heads=2)
+
+
+def test_ablation_switches_drop_a_branch():
+    full = SFDLMForDiffusionLM(tiny_config())
+    for field, branch in (("use_ssm", "ssm"), ("use_fourier_mlp", "fourier")):
+        ablated = SFDLMForDiffusionLM(tiny_config(**{field: False}))
+        block = ablated.model.bottleneck[0]
+        assert getattr(block, branch) is None
+        removed = sum(p.numel() for p in getattr(full.model.bottleneck[0], branch).parameters())
+        assert count_parameters(full) - count_parameters(ablated) == removed * 3  # down, bottleneck, up blocks
+        ids = torch.randint(0, 32, (2, 10))
+        assert torch.isfinite(ablated(ids, labels=ids).loss)
+    with pytest.raises(ValueError, match="at least one branch"):
+        tiny_config(use_ssm=False, use_fourier_mlp=False)
