@@ -1,0 +1,39 @@
+"""`sfdlm push`: upload a saved model or LoRA adapter folder to the Hugging Face Hub in one commit."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push", help="Upload a model or adapter folder (weights, config, remote code, tokenizer, card) to the Hub.",
+        description="Upload a saved SFDLM model or LoRA adapter folder to the Hub in one commit. A model card is "
+                    "written into the folder first if it has none. --dry-run lists the files without any network.",
+    )
+    parser.add_argument("--model", required=True, help="Folder written by save_pretrained / save_adapter.")
+    parser.add_argument("--repo-id", required=True, help="Target repository, 'org/name'.")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--revision", default=None, help="Branch to commit to (created if needed).")
+    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`).")
+    parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push.")
+    parser.add_argument("--no-card", action="store_true", help="Do not write a model card if the folder lacks one.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Check everything and print the files that would be uploaded; no network.")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..hub import push_model
+
+    result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
+                        create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
+                        write_card=not args.no_card, license=args.license, dry_run=args.dry_run)
+    if args.dry_run:
+        for operation in result:
+            print(operation.path_in_repo)
+    else:
+        print(getattr(result, "pr_url", None) or getattr(result, "commit_url", result))
+    return 0

@@ -1,0 +1,270 @@
+"""Hub: the exact commit a push would send (the Hub cannot be reached here), and a real pull by repo id
+from a Hub-layout cache in a process that cannot import hf_sfdlm."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import OfflineModeIsEnabled
+
+from hf_sfdlm import SFDLMForDiffusionLM
+from hf_sfdlm.cli import main as cli_main
+from hf_sfdlm.hub import commit_operations, load_pretrained, push_model
+from hf_sfdlm.lora import apply_lora, save_adapter
+from hf_sfdlm.model_card import validate_model_card
+from hf_sfdlm.synthetic import word_level_tokenizer
+
+REMOTE_CODE = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingApi(HfApi):
+    """`HfApi` whose three network calls are recorded instead of sent."""
+
+    def __init__(self):
+        super().__init__(token="hf_not_a_real_token")
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def create_commit(self, repo_id, **kwargs):
+        self.calls.append(("create_commit", repo_id, kwargs))
+        return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
+                          commit_description="", oid="0" * 40,
+                          pr_url=f"https://huggingface.co/{repo_id}/discussions/1" if kwargs.get("create_pr") else None)
+
+
+def save_model(folder: Path, seed: int = 0, with_tokenizer: bool = True) -> SFDLMForDiffusionLM:
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer()
+    model = SFDLMForDiffusionLM(tiny_config(vocab_size=len(tokenizer), process="absorbing",
+                                            mask_token_id=tokenizer.mask_token_id))
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_push_sends_exactly_the_model_files_in_one_commit(tmp_path):
+    folder = tmp_path / "model"
+    save_model(folder)
+    saved = {p.name for p in folder.iterdir()}
+    assert REMOTE_CODE | {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= saved
+    # Training leftovers that must not be uploaded.
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out").write_bytes(b"x")
+    (folder / ".DS_Store").write_bytes(b"x")
+
+    api = RecordingApi()
+    info = push_model(folder, "org/tiny-sfdlm", private=True, revision="v1", create_pr=True, api=api)
+
+    assert info.pr_url == "https://huggingface.co/org/tiny-sfdlm/discussions/1"
+    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "create_commit"]
+    assert api.calls[0][1:] == ("org/tiny-sfdlm", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert api.calls[1][1:] == ("org/tiny-sfdlm", {"branch": "v1", "repo_type": "model", "exist_ok": True})
+    _, repo_id, commit = api.calls[2]
+    assert repo_id == "org/tiny-sfdlm"
+    assert {k: v for k, v in commit.items() if k != "operations"} == {
+        "repo_type": "model", "revision": "v1", "create_pr": True, "commit_message": "Upload SFDLM model with hf_sfdlm"}
+    operations = commit["operations"]
+    assert [op.path_in_repo for op in operations] == sorted(saved | {"README.md"})
+    for op in operations:  # each operation uploads the file's bytes (checked by its sha256)
+        assert op.path_or_fileobj == str(folder / op.path_in_repo)
+        assert op.upload_info.sha256 == hashlib.sha256((folder / op.path_in_repo).read_bytes()).digest()
+    validate_model_card(folder)  # the card written on push
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == \
+        "modeling_sfdlm.SFDLMForDiffusionLM"
+
+
+def test_push_keeps_an_existing_card_and_pushes_adapters_the_same_way(tmp_path):
+    base = save_model(tmp_path / "model", with_tokenizer=False)
+    adapter_dir = tmp_path / "adapter"
+    save_adapter(apply_lora(base, r=2), adapter_dir)
+    api = RecordingApi()
+    push_model(adapter_dir, "org/tiny-sfdlm-lora", api=api, base_model="org/tiny-sfdlm")
+    operations = api.calls[-1][2]["operations"]
+    assert [op.path_in_repo for op in operations] == ["README.md", "adapter_config.json",
+                                                      "adapter_model.safetensors", "sfdlm_adapter.json"]
+    assert api.calls[-1][2]["revision"] is None and [c[0] for c in api.calls] == ["create_repo", "create_commit"]
+    card = (adapter_dir / "README.md").read_text()
+    assert "library_name: peft" in card  # PEFT's placeholder card was replaced by ours
+    push_model(adapter_dir, "org/tiny-sfdlm-lora", api=api)
+    assert (adapter_dir / "README.md").read_text() == card  # a valid SFDLM card is kept as it is
+
+
+def test_without_a_stub_the_push_stops_at_the_network(tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    save_model(folder, with_tokenizer=False)
+    operations = push_model(folder, "org/tiny-sfdlm", dry_run=True)
+    assert [op.path_in_repo for op in operations] == [op.path_in_repo for op in commit_operations(folder)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineModeIsEnabled):
+        push_model(folder, "org/tiny-sfdlm")
+
+
+def test_push_cli_dry_run_lists_the_files(tmp_path, capsys):
+    folder = tmp_path / "model"
+    save_model(folder)
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == sorted(p.name for p in folder.iterdir())
+    assert "README.md" in listed
+
+
+@pytest.mark.parametrize("repo_id", ["org/na me", "a/b/c", "org/name--x", "org/.hidden", "", "org/name.git"])
+def test_invalid_repo_ids_are_refused_before_anything_happens(tmp_path, repo_id):
+    folder = tmp_path / "model"
+    save_model(folder, with_tokenizer=False)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        push_model(folder, repo_id, api=api)
+    assert api.calls == [] and not (folder / "README.md").exists()
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        load_pretrained(repo_id)
+
+
+def test_bad_folders_and_revisions_are_refused(tmp_path):
+    folder = tmp_path / "model"
+    save_model(folder, with_tokenizer=False)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="revision"):
+        push_model(folder, "org/x", revision="my branch", api=api)
+    with pytest.raises(TypeError, match="create_pr"):
+        push_model(folder, "org/x", create_pr="yes", api=api)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "model.safetensors").write_bytes(b"")
+    for call in (lambda: push_model(empty, "org/x", api=api), lambda: load_pretrained(empty)):
+        with pytest.raises(ValueError, match="has no config.json"):
+            call()
+    with pytest.raises(ValueError, match="does not exist"):
+        push_model(tmp_path / "nowhere", "org/x", api=api)
+    config = json.loads((folder / "config.json").read_text())
+    del config["auto_map"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no auto_map"):
+        push_model(folder, "org/x", api=api)
+    assert api.calls == []
+
+
+# ------------------------------------------------------------------------------------------ pull
+def populate_hub_cache(cache: Path, repo_id: str, folder: Path, branch: str = "main") -> str:
+    """Lay `folder` out as huggingface_hub's cache does after a download: content-addressed blobs,
+    a snapshot per commit of symlinks to them, and a ref naming the commit. Returns the commit hash."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    commit = hashlib.sha1(b"".join(hashlib.sha256(p.read_bytes()).digest() for p in files)).hexdigest()
+    for path in files:
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, blob)
+        link = repo / "snapshots" / commit / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / branch).write_text(commit)
+    return commit
+
+
+PULL_SCRIPT = textwrap.dedent("""
+    import site, sys
+    sys.path.extend(site.getsitepackages())  # third-party packages, without .pth hooks such as editable installs
+    try:
+        import hf_sfdlm
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"hf_sfdlm is importable from {hf_sfdlm.__file__}")
+    import json, os, torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    inputs = json.load(open("inputs.json"))
+    ids, t = torch.tensor(inputs["ids"]), torch.tensor(inputs["t"])
+    model = AutoModel.from_pretrained("org/tiny-sfdlm", trust_remote_code=True).eval()
+    masked_lm = AutoModelForMaskedLM.from_pretrained("org/tiny-sfdlm", trust_remote_code=True, revision=inputs["commit"])
+    config = AutoConfig.from_pretrained("org/tiny-sfdlm", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("org/tiny-sfdlm")
+    adapted = PeftModel.from_pretrained(AutoModel.from_pretrained("org/tiny-sfdlm", trust_remote_code=True),
+                                        "org/tiny-sfdlm-lora").eval()
+    with torch.no_grad():
+        out = {"class": type(model).__module__ + "." + type(model).__name__,
+               "same_class": type(masked_lm) is type(model), "config_class": type(config).__name__,
+               "mask_token": tokenizer.mask_token,
+               "logits": model(input_ids=ids, timesteps=t).logits.tolist(),
+               "adapted_logits": adapted(input_ids=ids, timesteps=t).logits.tolist()}
+    json.dump(out, open("outputs.json", "w"))
+""")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and peft: ~10-20 s on 2 busy cores
+def test_pull_by_repo_id_from_a_hub_cache_in_a_process_without_hf_sfdlm(tmp_path):
+    model_dir, adapter_dir, cache, work = (tmp_path / name for name in ("model", "adapter", "hub", "work"))
+    model = save_model(model_dir)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # open the adaLN gates so the adapter matters
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(model_dir)
+    peft_model = apply_lora(model, r=2, target_modules="all-linear")
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    peft_model.peft_config["default"].base_model_name_or_path = "org/tiny-sfdlm"
+    save_adapter(peft_model, adapter_dir)
+    commit = populate_hub_cache(cache, "org/tiny-sfdlm", model_dir)
+    populate_hub_cache(cache, "org/tiny-sfdlm-lora", adapter_dir)
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids[ids == model.config.mask_token_id] = 5
+    t = torch.tensor([0.3, 0.8])
+    work.mkdir()
+    (work / "inputs.json").write_text(json.dumps({"ids": ids.tolist(), "t": t.tolist(), "commit": commit}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"),
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", PULL_SCRIPT], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((work / "outputs.json").read_text())
+
+    assert out["class"].startswith("transformers_modules.") and out["class"].endswith(".SFDLMForDiffusionLM")
+    assert out["same_class"] and out["config_class"] == "SFDLMConfig" and out["mask_token"] == "[MASK]"
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids, timesteps=t).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids, timesteps=t).logits
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(out["logits"]), plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(out["adapted_logits"]), adapted, rtol=0, atol=1e-5)
+
+    # In-process, by repo id: the library helper resolves the adapter repo onto its base.
+    loaded = load_pretrained("org/tiny-sfdlm-lora", cache_dir=cache).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, timesteps=t).logits, adapted, rtol=0, atol=1e-5)
