@@ -772,6 +772,8 @@ class SFDLMGenerationMixin:
             stable_for = torch.zeros(rows, dtype=torch.long, device=device)
             block_done = torch.zeros(rows, dtype=torch.bool, device=device)
             for k in range(num_steps, 0, -1):
+                if self.diffusion.process == "absorbing":  # a block without masks has nothing left to do
+                    block_done |= ~(in_block & (canvas == plan.mask_id)).any(-1)
                 update = in_block & ~(finished | block_done).unsqueeze(-1)
                 if not update.any():
                     break

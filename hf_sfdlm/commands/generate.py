@@ -1,0 +1,136 @@
+"""`sfdlm generate` and `sfdlm infill`: sample from a saved SFDLM model with a live view of the canvas.
+
+    sfdlm generate --model PATH_OR_HUB_ID --prompt "the small dog" --steps 32 [--sampler confidence]
+    sfdlm infill --model PATH_OR_HUB_ID --text "the [MASK] dog sees a [MASK] ball ."
+
+Both load the model and its tokenizer from the same place, build an `SFDLMGenerationConfig` from the flags
+(unset flags keep the checkpoint's `generation_config.json`), and stream every draft to a
+`CanvasStreamer`: redrawn in place with a progress meter on a terminal, final text only elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    """Add the `generate` and `infill` subcommands."""
+    from ..generation_sfdlm import CONFIDENCE_MEASURES, SAMPLERS
+
+    generate = subparsers.add_parser(
+        "generate", help="continue a prompt by iterative denoising",
+        description="Generate text after a prompt (or unconditionally) by iterative denoising.")
+    generate.add_argument("--prompt", default="", help="text to continue (empty: unconditional)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    generate.set_defaults(func=run_generate)
+
+    infill = subparsers.add_parser(
+        "infill", help="fill the [MASK]s of a text",
+        description="Fill every mask placeholder of a text; the rest of the text stays fixed.")
+    infill.add_argument("--text", required=True, help='text with placeholders, e.g. "The [MASK] sat on the [MASK]."')
+    infill.add_argument("--mask-string", default=None,
+                        help="placeholder in --text (default: the tokenizer's mask token, else [MASK])")
+    infill.add_argument("--max-new-tokens", type=int, default=0, help="tokens to append after the text (default 0)")
+    infill.set_defaults(func=run_infill)
+
+    for parser in (generate, infill):
+        parser.add_argument("--model", required=True, help="local directory or Hub id of an SFDLM checkpoint")
+        parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --model)")
+        parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
+        parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
+                            help="default: ancestral (absorbing models) or uniform (uniform models)")
+        parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+        parser.add_argument("--top-k", type=int, default=None)
+        parser.add_argument("--top-p", type=float, default=None)
+        parser.add_argument("--confidence-measure", choices=CONFIDENCE_MEASURES, default=None)
+        parser.add_argument("--confidence-threshold", type=float, default=None, help="for --sampler threshold")
+        parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size")
+        parser.add_argument("--num-return-sequences", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        parser.add_argument("--no-live", action="store_true", help="print only the final text")
+        parser.add_argument("--sleep", type=float, default=None, help="pause after each draft (seconds)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..modeling_sfdlm import SFDLMForDiffusionLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SFDLMForDiffusionLM.from_pretrained(args.model).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    return model, tokenizer
+
+
+def _generation_config(args: argparse.Namespace, model, **extra):
+    from ..generation_sfdlm import SFDLMGenerationConfig
+
+    flags = dict(steps=args.steps, sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, confidence_measure=args.confidence_measure,
+                 confidence_threshold=args.confidence_threshold, block_length=args.block_length,
+                 num_return_sequences=args.num_return_sequences, max_new_tokens=args.max_new_tokens, **extra)
+    config = SFDLMGenerationConfig(**{name: value for name, value in flags.items() if value is not None})
+    steps = config.steps or getattr(model.generation_config, "steps", None) or \
+        SFDLMGenerationConfig._get_default_generation_params()["steps"]
+    return config, steps
+
+
+def _run(args: argparse.Namespace, model, tokenizer, input_ids, **extra) -> int:
+    import torch
+
+    from ..streaming import CanvasStreamer
+
+    config, steps = _generation_config(args, model, **extra)
+    streamer = CanvasStreamer(tokenizer, total_steps=steps, live=False if args.no_live else None, sleep=args.sleep)
+    generator = torch.Generator().manual_seed(args.seed)
+    model.generate(input_ids, generation_config=config, streamer=streamer, generator=generator)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`sfdlm generate`."""
+    import torch
+
+    model, tokenizer = _load(args)
+    ids = tokenizer(args.prompt)["input_ids"] if args.prompt else []
+    input_ids = torch.tensor([ids], device=model.device) if ids else None
+    return _run(args, model, tokenizer, input_ids)
+
+
+def encode_with_masks(tokenizer, text: str, mask_string: str, mask_token_id: int) -> list[int]:
+    """Token ids of `text` with every `mask_string` replaced by one `mask_token_id`: the pieces between the
+    placeholders are encoded on their own, so the placeholder needs no spaces around it."""
+    pieces = text.split(mask_string)
+    ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        last = index == len(pieces) - 1
+        piece = piece if last else piece.rstrip()  # the space before a mask belongs to the filled token
+        if piece.strip():
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if not last:
+            ids.append(mask_token_id)
+    return ids
+
+
+def run_infill(args: argparse.Namespace) -> int:
+    """`sfdlm infill`."""
+    import torch
+
+    model, tokenizer = _load(args)
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise SystemExit("sfdlm infill: neither the model nor its tokenizer defines a mask token, so the "
+                         "placeholders cannot be filled (a uniform model needs `mask_token_id` in its config "
+                         "or a tokenizer with a mask token).")
+    mask_string = args.mask_string or getattr(tokenizer, "mask_token", None) or "[MASK]"
+    if mask_string not in args.text:
+        raise SystemExit(f"sfdlm infill: --text contains no {mask_string!r} placeholder to fill.")
+    ids = encode_with_masks(tokenizer, args.text, mask_string, mask_id)
+    input_ids = torch.tensor([ids], device=model.device)
+    return _run(args, model, tokenizer, input_ids, mask_token_id=mask_id)
