@@ -20,7 +20,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .model_card import CARD_FILE, is_sfdlm_card, write_model_card
+from .model_card import CARD_FILE, is_repo_id, is_sfdlm_card, validate_model_card, write_model_card
 
 # Never uploaded: training state, logs and caches that may sit next to the final weights.
 DEFAULT_IGNORE_PATTERNS = (
@@ -96,6 +96,29 @@ def check_model_folder(model_dir: str | os.PathLike) -> str:
     return kind
 
 
+def _adapter_base_repo(adapter_dir: str | os.PathLike, base_model: str | None) -> str:
+    """The Hub repo id of an adapter's base: `base_model` if given (then also written into
+    adapter_config.json, so `load_pretrained` and `AutoPeftModel` find the base from the Hub), else the
+    adapter's `base_model_name_or_path`, which must then be a repo id rather than a local folder."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    recorded = config.get("base_model_name_or_path")
+    chosen = base_model or recorded
+    if not chosen or not is_repo_id(chosen):
+        raise ValueError(f"The adapter's base model {chosen!r} is not a Hub repo id, so nobody could load the "
+                         "pushed adapter: name the base's repo with base_model='org/name' (`--base-model`).")
+    if chosen != recorded:
+        config["base_model_name_or_path"] = chosen
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return chosen
+
+
+def _card_is_current(path: Path, base_model: str | None) -> bool:
+    if not is_sfdlm_card(path):
+        return False
+    return base_model is None or validate_model_card(path).data.base_model == base_model
+
+
 def commit_operations(model_dir: str | os.PathLike, allow_patterns: Sequence[str] | None = None,
                       ignore_patterns: Sequence[str] | None = None) -> list[CommitOperationAdd]:
     """The exact `CommitOperationAdd`s `push_model` sends: every file of the folder (recursively, sorted),
@@ -124,6 +147,8 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
         repo_id: `"org/name"` (or `"name"` for your own namespace); created if it does not exist.
         private: visibility of a newly created repo (ignored when it exists).
         revision: branch to commit to (created from the default branch if needed); None: default branch.
+        card_kwargs: for `write_model_card` (`license`, `datasets`, ...). For an adapter, `base_model` names
+            the base's Hub repo (required when adapter_config.json records a local folder).
         create_pr: open a pull request with the commit instead of committing to the branch.
         api: an `HfApi` to use (defaults to `HfApi(token=token)`).
         dry_run: stop before the first request and return the commit operations.
@@ -139,7 +164,9 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
     if private is not None and not isinstance(private, bool):
         raise TypeError(f"`private` must be a bool or None, got {private!r}.")
     kind = check_model_folder(model_dir)
-    if write_card and not is_sfdlm_card(Path(model_dir) / CARD_FILE):
+    if kind == "adapter":
+        card_kwargs["base_model"] = _adapter_base_repo(model_dir, card_kwargs.get("base_model"))
+    if write_card and not _card_is_current(Path(model_dir) / CARD_FILE, card_kwargs.get("base_model")):
         write_model_card(model_dir, repo_id=repo_id, **card_kwargs)
     operations = commit_operations(model_dir, allow_patterns, ignore_patterns)
     if dry_run:

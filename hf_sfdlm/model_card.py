@@ -110,8 +110,9 @@ def describe(model=None, folder: str | os.PathLike | None = None) -> dict:
                 "adapter": None}
         if peft_config:
             adapter = peft_config[getattr(model, "active_adapter", "default")]
-            info["adapter"] = {**adapter.to_dict(), "trainable_parameters":
-                               sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            # Counted by name: an EMA copy of a PEFT model has every parameter frozen.
+            info["adapter"] = {**adapter.to_dict(), "trainable_parameters": sum(
+                p.numel() for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n)}
             info["num_parameters"] = sum(p.numel() for n, p in base.named_parameters() if ".lora_" not in n)
         return info
     if folder is None:
@@ -214,6 +215,17 @@ def _eval_rows(results: list[EvalResult]) -> list[dict]:
             for r in results]
 
 
+def is_repo_id(name) -> bool:
+    """Whether `name` is a valid Hub repo id (huggingface_hub's validator) rather than, e.g., a local path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return isinstance(name, str) and bool(name) and not os.path.isabs(name) and not name.startswith(".")
+
+
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -245,8 +257,10 @@ def render_model_card(model=None, *, folder: str | os.PathLike | None = None,
     info = describe(model, folder)
     adapter = info["adapter"]
     base_model = base_model or training_info.get("base_model") or (adapter or {}).get("base_model_name_or_path")
-    if adapter and not base_model:
-        raise ValueError("An adapter's card needs the base model it adapts: pass `base_model` (a repo id).")
+    if base_model and not is_repo_id(base_model):
+        # A local folder is no Hub metadata: say it in the text, leave it out of the YAML.
+        training_info.setdefault("base_model", base_model)
+        base_model = None
     name = repo_id or training_info.get("repo_id")
     if name is None:
         name = Path(folder).resolve().name if folder is not None else "sfdlm-model"
@@ -295,6 +309,67 @@ def write_model_card(output_dir: str | os.PathLike, model=None,
     return path
 
 
+# ------------------------------------------------------------------------------------------ training runs
+def eval_results_from_metrics(metrics: Mapping[str, float], dataset_name: str, *, split: str = "validation",
+                              tokenizer_name: str | None = None, dataset_type: str | None = None) -> list[EvalResult]:
+    """Card entries for the held-out metrics a `DiffusionTrainer.evaluate` returns (`eval/nelbo`, nats per
+    scored token, and `eval/perplexity` = exp(NELBO), both upper bounds); other keys are ignored."""
+    unit = f"token-level, {tokenizer_name} tokens" if tokenizer_name else "token-level"
+    results = []
+    if metrics.get("eval/nelbo") is not None:
+        results.append(eval_result("nelbo", float(metrics["eval/nelbo"]), dataset_name, split=split,
+                                   dataset_type=dataset_type, metric_name=f"NELBO, nats/token ({unit})"))
+    if metrics.get("eval/perplexity") is not None:
+        results.append(eval_result("perplexity", float(metrics["eval/perplexity"]), dataset_name, split=split,
+                                   dataset_type=dataset_type,
+                                   metric_name=f"Perplexity upper bound exp(NELBO) ({unit})"))
+    return results
+
+
+class ModelCardCallback:
+    """A `hf_sfdlm.training.TrainerCallback` that writes the model card into every folder the trainer saves
+    (the final model and `best/`), with the latest held-out metrics as the model-index.
+
+    Args:
+        dataset_name: what the held-out metrics were measured on (shown in the card and the model-index).
+        training_info: static facts about the run (data, method, base model, ...); the step count, tokens
+            seen and the main optimisation settings are added from the trainer at each save.
+        extra_files: `{file name: callable(model) -> str}` written next to the card (e.g. adapter metadata).
+        card_kwargs: passed to `write_model_card` (`repo_id`, `license`, `base_model`, `datasets`, ...).
+    """
+
+    def __init__(self, dataset_name: str, training_info: Mapping | None = None, tokenizer_name: str | None = None,
+                 extra_files: Mapping | None = None, **card_kwargs):
+        self.dataset_name = dataset_name
+        self.training_info = dict(training_info or {})
+        self.tokenizer_name = tokenizer_name
+        self.extra_files = dict(extra_files or {})
+        self.card_kwargs = card_kwargs
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, step: int, loss: float) -> None: ...
+
+    def on_evaluate(self, trainer, metrics: Mapping[str, float]) -> None:
+        self.metrics = dict(metrics)
+
+    def on_train_end(self, trainer, result) -> None: ...
+
+    def on_save(self, trainer, directory: Path) -> None:
+        args = trainer.args
+        info = {**self.training_info, "optimizer_steps": trainer.state.step, "tokens_seen": trainer.state.tokens,
+                "batch_size_sequences": args.batch_size, "learning_rate": args.learning_rate,
+                "lr_schedule": f"{args.lr_scheduler}, {args.warmup_steps} warm-up steps",
+                "mixed_precision": args.mixed_precision,
+                "weights_saved": f"EMA, decay {args.ema_decay}" if args.ema_decay else "final (no EMA)"}
+        model = trainer.eval_model()
+        for name, make in self.extra_files.items():
+            (Path(directory) / name).write_text(make(model), encoding="utf-8")
+        results = eval_results_from_metrics(self.metrics, self.dataset_name, tokenizer_name=self.tokenizer_name)
+        write_model_card(directory, model, eval_results=results, training_info=info, **self.card_kwargs)
+
+
 # ------------------------------------------------------------------------------------------ checking
 def check_card_data(data: ModelCardData) -> None:
     """Raise `ValueError` listing every problem of an SFDLM card's metadata (local checks only)."""
@@ -304,8 +379,9 @@ def check_card_data(data: ModelCardData) -> None:
     tags = getattr(data, "tags", None) or []
     if "sfdlm" not in tags:
         problems.append("tags lack 'sfdlm'")
-    if "peft" in tags and not getattr(data, "base_model", None):
-        problems.append("an adapter card needs `base_model`")
+    base = getattr(data, "base_model", None)
+    if base is not None and not all(isinstance(b, str) and is_repo_id(b) for b in _as_list(base)):
+        problems.append(f"base_model {base!r} is not a Hub repo id")
     try:
         as_eval_results(getattr(data, "eval_results", None) or [])
     except (TypeError, ValueError) as error:
@@ -337,11 +413,13 @@ def is_sfdlm_card(path: str | os.PathLike) -> bool:
 
 
 __all__ = [
+    "ModelCardCallback",
     "TEMPLATE_PATH",
     "as_eval_results",
     "check_card_data",
     "describe",
     "eval_result",
+    "eval_results_from_metrics",
     "is_sfdlm_card",
     "render_model_card",
     "validate_model_card",

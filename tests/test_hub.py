@@ -113,6 +113,19 @@ def test_push_keeps_an_existing_card_and_pushes_adapters_the_same_way(tmp_path):
     assert "library_name: peft" in card  # PEFT's placeholder card was replaced by ours
     push_model(adapter_dir, "org/tiny-sfdlm-lora", api=api)
     assert (adapter_dir / "README.md").read_text() == card  # a valid SFDLM card is kept as it is
+    # The base is recorded as a Hub repo id so that the pushed adapter can find it.
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-sfdlm"
+
+
+def test_an_adapter_whose_base_is_a_local_folder_needs_the_base_repo_id(tmp_path):
+    base = save_model(tmp_path / "model", with_tokenizer=False)
+    base.name_or_path = str(tmp_path / "model")
+    adapter_dir = tmp_path / "adapter"
+    save_adapter(apply_lora(base, r=2), adapter_dir)
+    api = RecordingApi()
+    with pytest.raises(ValueError, match="not a Hub repo id.*--base-model"):
+        push_model(adapter_dir, "org/tiny-sfdlm-lora", api=api)
+    assert api.calls == []
 
 
 def test_without_a_stub_the_push_stops_at_the_network(tmp_path, monkeypatch):

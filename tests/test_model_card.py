@@ -118,9 +118,17 @@ def test_bad_card_inputs_are_refused(tmp_path):
         write_model_card(tmp_path, SFDLMForDiffusionLM(tiny_config()), license="Apache 2")
     with pytest.raises(ValueError, match="does not exist"):
         write_model_card(tmp_path / "missing", SFDLMForDiffusionLM(tiny_config()))
+    (tmp_path / "README.md").write_text("---\nlicense: mit\nlibrary_name: peft\npipeline_tag: text-generation\n"
+                                        "tags: [sfdlm]\nbase_model: /home/me/model\n---\n")
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        validate_model_card(tmp_path)
+
+
+def test_a_local_base_is_named_in_the_text_not_the_metadata(tmp_path):
     peft_model = apply_lora(SFDLMForDiffusionLM(tiny_config()), r=2)
-    with pytest.raises(ValueError, match="base model"):
-        write_model_card(tmp_path, peft_model)
+    card = validate_model_card(write_model_card(tmp_path, peft_model, base_model=str(tmp_path / "base")))
+    assert card.data.base_model is None and f"| base model | {tmp_path / 'base'} |" in card.text
+    assert "BASE-MODEL-REPO-ID" in card.text
 
 
 def test_validation_rejects_cards_that_are_not_sfdlm_or_malformed(tmp_path):

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`).")
     parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push.")
+    parser.add_argument("--base-model", default=None,
+                        help="Adapters: Hub repo id of the base model (required if the adapter records a local path).")
     parser.add_argument("--no-card", action="store_true", help="Do not write a model card if the folder lacks one.")
     parser.add_argument("--dry-run", action="store_true",
                         help="Check everything and print the files that would be uploaded; no network.")
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
                         create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
-                        write_card=not args.no_card, license=args.license, dry_run=args.dry_run)
+                        write_card=not args.no_card, license=args.license, dry_run=args.dry_run,
+                        **({"base_model": args.base_model} if args.base_model else {}))
     if args.dry_run:
         for operation in result:
             print(operation.path_in_repo)
