@@ -1,5 +1,7 @@
 """LoRA through PEFT: what trains, save/reload/merge give the same logits, and wrong adapters are refused."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -181,3 +183,94 @@ def test_an_adapter_for_a_different_base_is_refused(tmp_path):
 def test_save_adapter_needs_a_known_base(tmp_path):
     with pytest.raises(ValueError, match="apply_lora"):
         save_adapter(get_peft_model(pretrained_like(), LoraConfig(target_modules=["fc_in"])), tmp_path)
+
+
+# ------------------------------------------------------------------------------ the fine-tuning entry point
+def sft_files(tmp_path):
+    """A pretrained-like tiny base saved with its tokenizer, and SFT records from the synthetic grammar."""
+    from hf_sfdlm.synthetic import SyntheticGrammar, word_level_tokenizer
+
+    tokenizer = word_level_tokenizer()
+    model = pretrained_like(vocab_size=len(tokenizer), process="absorbing", mask_token_id=tokenizer.mask_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    lines = []
+    for sentence in SyntheticGrammar().sample_sentences(40, 0):
+        words = sentence.split()
+        half = len(words) // 2
+        lines.append(json.dumps({"prompt": " ".join(words[:half]), "response": " ".join(words[half:])}))
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return base, data
+
+
+def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
+    from hf_sfdlm.cli import main as cli_main
+    from hf_sfdlm.model_card import validate_model_card
+    from hf_sfdlm.training import read_metrics
+
+    base, data = sft_files(tmp_path)
+    base_bytes = (base / "model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    common = ["finetune", "--model", str(base), "--data", str(data), "--output-dir", str(out), "--lora-r", "4",
+              "--block-size", "32", "--base-model-id", "org/tiny-sfdlm", "training.batch_size=4",
+              "training.eval_every=2", "training.checkpoint_every=2", "training.progress_bar=false",
+              "training.log_with=[jsonl]", "training.learning_rate=0.01"]
+    assert cli_main(common + ["--max-steps", "2"]) == 0
+    assert cli_main(common + ["--max-steps", "4", "--resume", "--merge"]) == 0
+    assert (base / "model.safetensors").read_bytes() == base_bytes  # the base is never written to
+
+    metrics = read_metrics(out / "logs" / "metrics.jsonl")
+    evals = [m for m in metrics if "eval/nelbo" in m]
+    assert [m["step"] for m in evals] == [2, 4]  # one consistent run across the resume
+    card = validate_model_card(out)
+    assert card.data.base_model == "org/tiny-sfdlm" and card.data.library_name == "peft"
+    measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert measured["nelbo"] == evals[-1]["eval/nelbo"] and measured["perplexity"] == evals[-1]["eval/perplexity"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    fresh = AutoModel.from_pretrained(base, trust_remote_code=True)
+    adapted = load_adapter(AutoModel.from_pretrained(base, trust_remote_code=True), out)
+    merged = AutoModel.from_pretrained(out / "merged", trust_remote_code=True)
+    validate_model_card(out / "merged")
+    assert not torch.allclose(fixed_logits(adapted), fixed_logits(fresh), atol=1e-5)  # the adapter learned
+    torch.testing.assert_close(fixed_logits(merged), fixed_logits(adapted), rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_refuses_bad_input_before_training(tmp_path):
+    from hf_sfdlm.cli import main as cli_main
+
+    base, data = sft_files(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        cli_main(["finetune", "--model", str(base), "--data", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="q_proj"):
+        cli_main(["finetune", "--model", str(base), "--data", str(data), "--target-modules", "q_proj,v_proj",
+                  "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        cli_main(["finetune", "--model", "org/bad name", "--data", str(data)])
+    with pytest.raises(ValueError, match="training.key=value"):
+        cli_main(["finetune", "--model", str(base), "--data", str(data), "max_steps=3"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        cli_main(["finetune", "--model", str(empty), "--data", str(data), "--output-dir", str(tmp_path / "o")])
+
+
+def test_finetune_on_plain_text_adapts_with_the_pretraining_objective(tmp_path):
+    from hf_sfdlm.cli import main as cli_main
+    from hf_sfdlm.model_card import validate_model_card
+    from hf_sfdlm.synthetic import SyntheticGrammar
+
+    base, _ = sft_files(tmp_path)
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(SyntheticGrammar().sample_sentences(60, 1)) + "\n")
+    out = tmp_path / "out"
+    assert cli_main(["finetune", "--model", str(base), "--data", str(text), "--output-dir", str(out),
+                     "--max-steps", "2", "--block-size", "16", "--target-modules", "all-linear", "--train-ssm",
+                     "training.batch_size=4", "training.progress_bar=false", "training.log_with=[]"]) == 0
+    card = validate_model_card(out)
+    assert "LoRA domain adaptation" in card.text and "| Trained in full (modules_to_save) | mixer |" in card.text
+    assert {r.metric_type for r in card.data.eval_results} == {"nelbo", "perplexity"}
+    assert card.data.base_model is None  # a local base is named in the text only
