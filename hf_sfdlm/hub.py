@@ -22,10 +22,12 @@ from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .model_card import CARD_FILE, is_repo_id, is_sfdlm_card, validate_model_card, write_model_card
 
-# Never uploaded: training state, logs and caches that may sit next to the final weights.
+# Never uploaded: training state, logs and caches that may sit next to the final weights in a run's output
+# folder, and the other models a run saves there (`best/`, `merged/`: push those folders on their own).
 DEFAULT_IGNORE_PATTERNS = (
     ".*", "*/.*", "__pycache__/*", "*.pyc", "*.lock", "checkpoint*/*", "checkpoints/*", "runs/*", "logs/*",
     "optimizer*", "scheduler*", "rng_state*", "training_state*", "trainer_state*", "*.log",
+    "best/*", "merged/*", "data/*", "tokenizer/*",
 )
 
 

@@ -49,6 +49,8 @@ class RecordingApi(HfApi):
         self.calls.append(("create_branch", repo_id, kwargs))
 
     def create_commit(self, repo_id, **kwargs):
+        for operation in kwargs["operations"]:
+            operation.upload_info.sha256  # read the bytes now, as the real upload would (temp dirs vanish)
         self.calls.append(("create_commit", repo_id, kwargs))
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="",
                           commit_description="", oid="0" * 40,
@@ -77,6 +79,8 @@ def test_push_sends_exactly_the_model_files_in_one_commit(tmp_path):
     (folder / "runs").mkdir()
     (folder / "runs" / "events.out").write_bytes(b"x")
     (folder / ".DS_Store").write_bytes(b"x")
+    (folder / "best").mkdir()
+    (folder / "best" / "model.safetensors").write_bytes(b"x")
 
     api = RecordingApi()
     info = push_model(folder, "org/tiny-sfdlm", private=True, revision="v1", create_pr=True, api=api)
@@ -97,6 +101,30 @@ def test_push_sends_exactly_the_model_files_in_one_commit(tmp_path):
     validate_model_card(folder)  # the card written on push
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == \
         "modeling_sfdlm.SFDLMForDiffusionLM"
+
+
+def test_model_push_to_hub_sends_weights_config_and_remote_code(tmp_path, monkeypatch):
+    """transformers' own `model.push_to_hub`, up to the network: one commit with the safetensors weights,
+    config.json with auto_map, the remote-code files and the generation config (and transformers' generic
+    card when the repo has none; `push_model` sends ours and the tokenizer)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    model = save_model(tmp_path / "reference", with_tokenizer=False)
+    api = RecordingApi()
+
+    def no_card_on_the_hub(*args, **kwargs):
+        raise EntryNotFoundError("no README.md")
+
+    monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: api)
+    monkeypatch.setattr("transformers.utils.hub.ModelCard.load", no_card_on_the_hub)
+    model.push_to_hub("org/tiny-sfdlm", private=True, revision="v1", create_pr=True)
+    assert [call[0] for call in api.calls] == ["create_repo", "create_branch", "create_commit"]
+    operations = {op.path_in_repo: op for op in api.calls[-1][2]["operations"]}
+    saved = {p.name for p in (tmp_path / "reference").iterdir()}
+    assert set(operations) == saved | {"README.md"}
+    assert REMOTE_CODE | {"config.json", "model.safetensors", "generation_config.json"} <= set(operations)
+    config_sha = hashlib.sha256((tmp_path / "reference" / "config.json").read_bytes()).digest()
+    assert operations["config.json"].upload_info.sha256 == config_sha  # the config with its auto_map
 
 
 def test_push_keeps_an_existing_card_and_pushes_adapters_the_same_way(tmp_path):
