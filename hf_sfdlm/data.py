@@ -1,0 +1,435 @@
+"""Training data for diffusion language models: corpora, tokenizers, blocks and batches.
+
+One pipeline, built on `datasets`, from a source name to batches the model can read:
+
+    load_text_dataset   local text / JSON lines / CSV / Parquet files or folders, Hub dataset names, streaming,
+                        or the embedded synthetic grammar corpus; checked before anything expensive runs
+    split_heldout       an existing validation split, or a held-out slice of the training split
+    tokenize_dataset    batched `map` (cached on disk for file-backed datasets), then either packing into
+                        fixed-length blocks with EOS separators or one padded example per document
+    DiffusionCollator   batches with `attention_mask` and `labels` (-100 at padding: never corrupted, never scored)
+
+and the tokenizer side:
+
+    load_tokenizer          any `AutoTokenizer`, the synthetic corpus's word-level tokenizer, or a byte-level BPE
+                            trained on the corpus (`train_bpe_tokenizer`, also behind `sfdlm train-tokenizer`)
+    prepare_tokenizer       adds mask and pad (and EOS) tokens when missing
+    align_model_with_tokenizer  resizes a model's embeddings to the tokenizer and syncs its special-token ids
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SYNTHETIC = "synthetic"
+# File extensions that `datasets` reads with a packaged builder, and the builder's name.
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".tokens": "text", ".raw": "text", ".json": "json",
+                 ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+DEFAULT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "mask_token": "[MASK]", "eos_token": "[EOS]"}
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes blocks of token ids.
+
+    Args:
+        dataset: `"synthetic"` (the embedded grammar corpus of `hf_sfdlm.synthetic`), a local file or folder
+            (`.txt`/`.tokens`/`.raw` one example per line, `.json`/`.jsonl`, `.csv`, `.parquet`), or a Hub
+            dataset name such as `"Salesforce/wikitext"`.
+        dataset_config: configuration name of a Hub dataset (e.g. `"wikitext-2-raw-v1"`).
+        text_column: column holding the text.
+        train_split: split to train on.
+        validation_split: existing split to evaluate on; `None` holds out part of the training split.
+        validation_fraction: fraction of the training examples held out when there is no validation split.
+        validation_size: number of examples held out instead of a fraction (required when streaming: the
+            first `validation_size` examples of the stream are held out, the rest are trained on).
+        block_size: length of every training sequence (packing) or the longest one (no packing).
+        packing: concatenate documents (EOS between them) and cut fixed-length blocks; otherwise one example
+            per document (longer ones split into `block_size` pieces), padded per batch with an attention mask.
+        add_eos: append the EOS token after every document. `None`: yes, except for the synthetic corpus, whose
+            `"."` already ends every sentence, so its token stream is exactly the grammar's word stream.
+        streaming: read the source lazily (corpora larger than memory; C4-style Hub datasets).
+        shuffle_buffer: shuffle buffer of a streamed dataset.
+        num_proc: processes for tokenisation (`None`: one).
+        synthetic_sentences: sentences of the synthetic corpus (training + held out).
+        synthetic_seed: seed of the synthetic corpus.
+        cache_dir: `datasets` cache folder (`None`: the `datasets` default).
+    """
+
+    dataset: str = SYNTHETIC
+    dataset_config: str | None = None
+    text_column: str = "text"
+    train_split: str = "train"
+    validation_split: str | None = None
+    validation_fraction: float = 0.05
+    validation_size: int | None = None
+    block_size: int = 64
+    packing: bool = True
+    add_eos: bool | None = None
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
+    num_proc: int | None = None
+    synthetic_sentences: int = 20_000
+    synthetic_seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ValueError(f"`data.dataset` must be 'synthetic', a file/folder path or a Hub name, got {self.dataset!r}.")
+        for name in ("block_size", "shuffle_buffer", "synthetic_sentences"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`data.{name}` must be a positive integer, got {value!r}.")
+        if self.block_size < 2:
+            raise ValueError(f"`data.block_size` must be at least 2, got {self.block_size}.")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"`data.validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        if self.validation_size is not None and (not isinstance(self.validation_size, int) or self.validation_size < 1):
+            raise ValueError(f"`data.validation_size` must be a positive integer or None, got {self.validation_size!r}.")
+        if self.streaming and self.validation_split is None and self.validation_size is None:
+            raise ValueError("A streamed dataset has no length to take a fraction of: set `data.validation_split` "
+                             "or `data.validation_size` (examples held out from the head of the stream).")
+        if self.streaming and self.dataset == SYNTHETIC:
+            raise ValueError("The synthetic corpus is generated in memory-sized files; `data.streaming` must be false.")
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.dataset == SYNTHETIC
+
+    @property
+    def separate_documents(self) -> bool:
+        """Whether an EOS token follows each document (see `add_eos`)."""
+        return (not self.is_synthetic) if self.add_eos is None else bool(self.add_eos)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown `data` option(s) {unknown}; expected some of {sorted(known)}.")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def synthetic_corpus_path(config: DataConfig, directory: str | os.PathLike) -> Path:
+    """Write (once) and return the synthetic grammar corpus for `config` under `directory`."""
+    from .synthetic import write_corpus
+
+    path = Path(directory) / f"synthetic-seed{config.synthetic_seed}-n{config.synthetic_sentences}.txt"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        write_corpus(tmp, num_sentences=config.synthetic_sentences, seed=config.synthetic_seed)
+        os.replace(tmp, path)  # a concurrent or interrupted writer never leaves a partial corpus behind
+    return path
+
+
+def _looks_like_path(name: str) -> bool:
+    """Local paths exist, start like a path, nest deeper than `org/name` or end in a data-file extension."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or Path(name).suffix.lower() in FILE_BUILDERS)
+
+
+def _check_local_files(path: Path) -> list[Path]:
+    """The data files under `path`; raises when there are none or all are empty."""
+    if not path.exists():
+        raise FileNotFoundError(f"Data file or folder {str(path)!r} does not exist.")
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and p.suffix.lower() in FILE_BUILDERS)
+    if not files:
+        raise ValueError(f"Data folder {str(path)!r} holds no readable data file "
+                         f"(expected extensions {sorted(FILE_BUILDERS)}).")
+    if path.is_file() and path.suffix.lower() not in FILE_BUILDERS:
+        raise ValueError(f"Cannot tell the format of data file {str(path)!r}: expected one of the extensions "
+                         f"{sorted(FILE_BUILDERS)}.")
+    if not any(_has_content(f) for f in files):
+        raise ValueError(f"Data {str(path)!r} is empty (no non-blank text in {len(files)} file(s)).")
+    return files
+
+
+def _has_content(path: Path, chunk: int = 1 << 16) -> bool:
+    """Whether a file holds anything but whitespace (reads only as far as the first non-blank byte)."""
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def load_text_dataset(config: DataConfig, work_dir: str | os.PathLike | None = None):
+    """Load the raw text of `config` as a `DatasetDict` (or `IterableDatasetDict` when streaming).
+
+    The result has a `"train"` split and, when the source has one, the validation split under
+    `"validation"`. `work_dir` receives the synthetic corpus. Raises before any heavy work when a
+    local file is missing or empty, or when `text_column` does not exist.
+    """
+    import datasets
+
+    if config.is_synthetic:
+        path = synthetic_corpus_path(config, work_dir or Path.cwd())
+        raw = datasets.load_dataset("text", data_files={"train": str(path)}, cache_dir=config.cache_dir)
+    elif _looks_like_path(config.dataset):
+        path = Path(config.dataset).expanduser()
+        files = _check_local_files(path)
+        builders = {FILE_BUILDERS[f.suffix.lower()] for f in files}
+        if len(builders) > 1:
+            raise ValueError(f"Data folder {str(path)!r} mixes formats {sorted(builders)}; keep one format per folder.")
+        raw = datasets.load_dataset(builders.pop(), data_files={config.train_split: [str(f) for f in files]},
+                                    streaming=config.streaming, cache_dir=config.cache_dir)
+    else:
+        try:
+            raw = datasets.load_dataset(config.dataset, config.dataset_config, streaming=config.streaming,
+                                        cache_dir=config.cache_dir)
+        except Exception as error:  # offline, misspelt name, gated dataset...: say which source failed
+            raise ValueError(f"Could not load dataset {config.dataset!r} (config {config.dataset_config!r}) "
+                             f"from the Hub or the local cache: {error}") from error
+    train_name = config.train_split if not config.is_synthetic else "train"
+    if train_name not in raw:
+        raise ValueError(f"Dataset {config.dataset!r} has no split {train_name!r}; available: {sorted(raw)}.")
+    if config.validation_split is not None and config.validation_split not in raw:
+        raise ValueError(f"Dataset {config.dataset!r} has no split {config.validation_split!r} "
+                         f"(`data.validation_split`); available: {sorted(raw)}.")
+    result = {"train": raw[train_name]}
+    if config.validation_split is not None:
+        result["validation"] = raw[config.validation_split]
+    for name, split in result.items():
+        _check_text_column(split, config, name)
+    return (datasets.IterableDatasetDict if config.streaming else datasets.DatasetDict)(result)
+
+
+def _check_text_column(split, config: DataConfig, split_name: str) -> None:
+    columns = split.column_names
+    if columns is None:  # a stream whose features are unknown until read: look at the first example
+        first = next(iter(split), None)
+        if first is None:
+            raise ValueError(f"Split {split_name!r} of {config.dataset!r} is empty.")
+        columns = list(first)
+    if config.text_column not in columns:
+        raise ValueError(f"Dataset {config.dataset!r} (split {split_name!r}) has no column "
+                         f"{config.text_column!r} (`data.text_column`); its columns are {columns}.")
+    if not config.streaming and len(split) == 0:
+        raise ValueError(f"Split {split_name!r} of {config.dataset!r} is empty.")
+
+
+def split_heldout(raw, config: DataConfig, seed: int = 0):
+    """Return `(train, validation)` raw splits: the source's own validation split, or a held-out part of
+    the training split (a seeded random `validation_fraction`/`validation_size`, or the head of a stream)."""
+    if "validation" in raw:
+        return raw["train"], raw["validation"]
+    train = raw["train"]
+    if config.streaming:
+        return train.skip(config.validation_size), train.take(config.validation_size)
+    size = config.validation_size or max(1, round(config.validation_fraction * len(train)))
+    if size >= len(train):
+        raise ValueError(f"Cannot hold out {size} of {len(train)} examples of {config.dataset!r}: "
+                         "lower `data.validation_size`/`validation_fraction` or provide more data.")
+    if config.is_synthetic:  # a contiguous tail keeps the held-out text a stretch of the same stream
+        return train.select(range(len(train) - size)), train.select(range(len(train) - size, len(train)))
+    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+def tokenize_dataset(dataset, tokenizer, config: DataConfig, desc: str = "Tokenizing"):
+    """Token ids of each document, then packed blocks (`config.packing`) or padded-later documents.
+
+    Packed examples all have exactly `block_size` tokens (the remainder of each `map` batch is dropped);
+    unpacked examples have at most `block_size`. Blank documents are dropped. For file-backed datasets
+    both `map`s are cached on disk by `datasets` (fingerprinted on the tokenizer and the settings).
+    """
+    eos_id = tokenizer.eos_token_id
+    if config.separate_documents and eos_id is None:
+        raise ValueError("`data.add_eos` needs a tokenizer with an EOS token; call `prepare_tokenizer` first.")
+    add_eos = config.separate_documents
+    column = config.text_column
+    block = config.block_size
+    streaming = config.streaming
+    map_kwargs = {} if streaming else {"num_proc": config.num_proc, "desc": desc}
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        texts = [text for text in batch[column] if isinstance(text, str) and text.strip()]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [doc + [eos_id] if add_eos else doc for doc in ids if doc]}
+
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(stream) // block * block
+        return {"input_ids": [stream[i:i + block] for i in range(0, usable, block)]}
+
+    def split_long(batch: dict[str, list]) -> dict[str, list]:
+        return {"input_ids": [doc[i:i + block] for doc in batch["input_ids"] for i in range(0, len(doc), block)]}
+
+    columns = dataset.column_names
+    if columns is None:  # a stream with unknown features: read them off the first example
+        columns = list(next(iter(dataset), {}))
+    ids = dataset.map(encode, batched=True, remove_columns=columns, **map_kwargs)
+    shaped = ids.map(pack if config.packing else split_long, batched=True,
+                     **({} if streaming else {"num_proc": config.num_proc,
+                                                 "desc": "Packing" if config.packing else "Splitting"}))
+    if not streaming and len(shaped) == 0:
+        raise ValueError(f"{config.dataset!r} yields no {'block' if config.packing else 'example'} of "
+                         f"{block} tokens: the text is shorter than `data.block_size`={block}.")
+    return shaped
+
+
+def build_datasets(config: DataConfig, tokenizer, seed: int = 0, work_dir: str | os.PathLike | None = None):
+    """`(train, validation)` tokenised datasets for `config` (see `load_text_dataset`, `tokenize_dataset`)."""
+    raw = load_text_dataset(config, work_dir)
+    train_raw, eval_raw = split_heldout(raw, config, seed=seed)
+    train = tokenize_dataset(train_raw, tokenizer, config, desc="Tokenizing train")
+    evaluation = tokenize_dataset(eval_raw, tokenizer, config, desc="Tokenizing validation")
+    if config.streaming:
+        train = train.shuffle(seed=seed, buffer_size=config.shuffle_buffer)
+    return train, evaluation
+
+
+@dataclass
+class DiffusionCollator:
+    """Pad token-id lists into a batch for `SFDLMForDiffusionLM.forward`.
+
+    Returns `input_ids`, `attention_mask` (0 at padding) and `labels` (the ids, -100 at padding, so padding
+    is never corrupted nor scored). Packed blocks have no padding, so the mask is all ones. Padding is on
+    the right and uses `pad_token_id`; `pad_to_multiple_of` rounds the padded length up.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("Cannot collate an empty list of examples.")
+        lengths = [len(example["input_ids"]) for example in examples]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths)):
+            input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+def prepare_tokenizer(tokenizer, special_tokens: dict[str, str] | None = None) -> int:
+    """Add the special tokens a diffusion LM needs when the tokenizer lacks them; return how many were added.
+
+    The mask token is the absorbing state, the pad token fills unpacked batches and the EOS token separates
+    packed documents (a tokenizer with a SEP but no EOS token, such as BERT's, uses SEP as EOS).
+    """
+    wanted = dict(DEFAULT_SPECIAL_TOKENS, **(special_tokens or {}))
+    if tokenizer.eos_token is None and getattr(tokenizer, "sep_token", None) is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    missing = {name: token for name, token in wanted.items() if getattr(tokenizer, name, None) is None}
+    return tokenizer.add_special_tokens(missing) if missing else 0
+
+
+def align_model_with_tokenizer(model, tokenizer) -> None:
+    """Make `model` read every id of `tokenizer`: resize its embeddings when the tokenizer is larger and copy
+    the tokenizer's mask/pad/EOS/BOS ids into its config. An SFDLM's diffusion process (whose uniform prior
+    and absorbing state depend on them) is rebuilt to match."""
+    config = model.config
+    if len(tokenizer) > config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if hasattr(model, "diffusion"):
+        from .diffusion import DiscreteDiffusion
+
+        model.diffusion = DiscreteDiffusion.from_config(config)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
+                        special_tokens: dict[str, str] | None = None):
+    """Train a byte-level BPE tokenizer (GPT-2 style, `tokenizers`) and wrap it as `PreTrainedTokenizerFast`.
+
+    `texts` is any iterable of strings (streamed once). The special tokens (default `[PAD]`, `[MASK]`,
+    `[EOS]`) get the first ids. Byte-level BPE never maps text to an unknown token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"`vocab_size` must be a positive integer, got {vocab_size!r}.")
+    specials = dict(DEFAULT_SPECIAL_TOKENS, **(special_tokens or {}))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"`vocab_size`={vocab_size} is too small for byte-level BPE: it needs at least "
+                         f"{len(alphabet) + len(specials)} ids (256 bytes + {len(specials)} special tokens).")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(specials.values()), initial_alphabet=alphabet,
+                                  show_progress=False)
+    seen = _count_texts(texts)
+    backend.train_from_iterator(seen, trainer=trainer)
+    if seen.count == 0:
+        raise ValueError("Cannot train a tokenizer on an empty corpus (no non-blank text).")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **specials)
+
+
+class _count_texts:
+    """Iterate non-blank strings and count them (to tell an empty corpus apart after training)."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.count = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if isinstance(text, str) and text.strip():
+                self.count += 1
+                yield text
+
+
+def load_tokenizer(name_or_path: str | None, data: DataConfig, raw_train=None, vocab_size: int = 4096,
+                   save_dir: str | os.PathLike | None = None):
+    """The tokenizer of a run, with mask/pad/EOS tokens ensured (see `prepare_tokenizer`).
+
+    `name_or_path`: an `AutoTokenizer` name or folder; `None` picks the synthetic corpus's word-level
+    tokenizer for `dataset="synthetic"` and otherwise trains a byte-level BPE of `vocab_size` on `raw_train`
+    (the raw training split, whose `text_column` is read once), saved under `save_dir` and reused from there.
+    """
+    from transformers import AutoTokenizer
+
+    if name_or_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    elif data.is_synthetic:
+        from .synthetic import word_level_tokenizer
+
+        tokenizer = word_level_tokenizer()
+    elif save_dir is not None and (Path(save_dir) / "tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(save_dir)
+    else:
+        if raw_train is None:
+            raise ValueError("Training a tokenizer needs the raw training split (`raw_train`).")
+        tokenizer = train_bpe_tokenizer((row[data.text_column] for row in raw_train), vocab_size=vocab_size)
+        if save_dir is not None:
+            tokenizer.save_pretrained(save_dir)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+__all__ = [
+    "DataConfig",
+    "DiffusionCollator",
+    "SYNTHETIC",
+    "align_model_with_tokenizer",
+    "build_datasets",
+    "load_text_dataset",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "split_heldout",
+    "synthetic_corpus_path",
+    "tokenize_dataset",
+    "train_bpe_tokenizer",
+]
