@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
 from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .generation_sfdlm import SFDLMGenerationMixin
 from .modeling_sfdlm import timestep_embedding
 
 
@@ -85,13 +86,14 @@ class TransformerDenoiserOutput(ModelOutput):
     timesteps: torch.Tensor | None = None
 
 
-class TransformerDenoiserForDiffusionLM(BertPreTrainedModel):
+class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedModel):
     """A bidirectional Transformer (BERT) that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
 
     Same interface as `SFDLMForDiffusionLM`: `denoise(noisy_ids, timesteps, attention_mask)`,
     `forward(input_ids, attention_mask, labels, timesteps, generator)` and
     `nelbo(input_ids, attention_mask, labels, num_samples, generator, return_samples)`; the estimator
-    is the same draw for draw (same stratification, corruption and loss terms).
+    is the same draw for draw (same stratification, corruption and loss terms). `generate` is SFDLM's
+    (iterative denoising with the same samplers), so generation quality compares like with like.
     """
 
     config_class = TransformerDenoiserConfig

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -128,10 +129,18 @@ class CompactVocabulary:
         self._to_full = torch.tensor(kept, dtype=torch.long)
 
     @classmethod
-    def from_token_ids(cls, token_ids: Iterable[int], full_size: int, always_keep: Iterable[int] = ()) -> "CompactVocabulary":
-        """Keep every id occurring in `token_ids` (e.g. the training split) and `always_keep`, sorted."""
-        kept = sorted(set(int(i) for i in token_ids) | set(int(i) for i in always_keep))
-        return cls(kept, full_size)
+    def from_token_ids(cls, token_ids: Iterable[int], full_size: int, always_keep: Iterable[int] = (),
+                       max_kept: int | None = None) -> "CompactVocabulary":
+        """Keep the ids occurring in `token_ids` (e.g. the training split), or only the `max_kept` most
+        frequent of them (ties: smaller id first), plus `always_keep`; sorted by id."""
+        counts = Counter(int(i) for i in token_ids)
+        always = set(int(i) for i in always_keep)
+        if max_kept is not None:
+            if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 1:
+                raise ValueError(f"`max_kept` must be a positive integer or None, got {max_kept!r}.")
+            ranked = sorted((i for i in counts if i not in always), key=lambda i: (-counts[i], i))
+            counts = {i: counts[i] for i in ranked[:max(0, max_kept - len(always))]}
+        return cls(sorted(set(counts) | always), full_size)
 
     @property
     def size(self) -> int:
@@ -388,6 +397,27 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
     )
 
 
+def load_model(path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load a saved model for evaluation: SFDLM, the Transformer denoiser, or any transformers causal LM.
+
+    Diffusion models resolve through `AutoModel` (the hf_sfdlm classes are registered locally);
+    other configurations are loaded with `AutoModelForCausalLM`. Returns the model in eval mode.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
+    config = AutoConfig.from_pretrained(path)
+    diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
+    loader = AutoModel if config.model_type in diffusion_types else AutoModelForCausalLM
+    model = loader.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------- generation quality
 def _as_rows(sequences) -> list[list[int]]:
     if isinstance(sequences, torch.Tensor):
@@ -485,6 +515,7 @@ __all__ = [
     "infilling_exact_match",
     "is_autoregressive_model",
     "is_diffusion_model",
+    "load_model",
     "make_blocks",
     "read_text",
     "score_blocks",

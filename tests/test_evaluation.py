@@ -217,6 +217,8 @@ def test_compact_vocabulary_keeps_a_normalised_distribution():
     assert vocabulary.kept_ids == [0, 3, 5, 9] and vocabulary.other_id == 4
     assert vocabulary.encode(torch.tensor([9, 1, 3])).tolist() == [3, 4, 1]
     assert vocabulary.decode(torch.tensor([3, 4, 1]), other_token_id=19).tolist() == [9, 19, 3]
+    top = CompactVocabulary.from_token_ids([3, 5, 5, 9, 9, 9, 7], full_size, always_keep=[0], max_kept=3)
+    assert top.kept_ids == [0, 5, 9]  # the two most frequent ids and the one always kept
     model = tiny_gpt2(vocab_size=vocabulary.size)
     total = 0.0
     for full in range(full_size):  # p(full id) summed over the whole tokenizer vocabulary must be 1
@@ -340,3 +342,105 @@ def test_ablation_switches_drop_a_branch():
         assert torch.isfinite(ablated(ids, labels=ids).loss)
     with pytest.raises(ValueError, match="at least one branch"):
         tiny_config(use_ssm=False, use_fourier_mlp=False)
+
+
+# ---------------------------------------------------------------------------------------------- integrations
+@pytest.fixture(scope="module")
+def saved_word_model(tmp_path_factory):
+    """A tiny absorbing SFDLM over the synthetic grammar's word-level tokenizer, saved with its tokenizer."""
+    from hf_sfdlm.synthetic import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer()
+    config = tiny_config(vocab_size=len(tokenizer), process="absorbing", mask_token_id=tokenizer.mask_token_id)
+    torch.manual_seed(0)
+    model = SFDLMForDiffusionLM(config).eval()
+    path = tmp_path_factory.mktemp("word_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("[")][:12]
+    return path, model, tokenizer, words
+
+
+def test_evaluate_metric_loads_offline_from_its_folder(saved_word_model):
+    import evaluate
+
+    from hf_sfdlm.metrics import SFDLM_PERPLEXITY_PATH
+
+    path, model, tokenizer, words = saved_word_model
+    texts = [" ".join(words[:6]), " ".join(words[6:10])]
+    metric = evaluate.load(SFDLM_PERPLEXITY_PATH)
+    scores = metric.compute(predictions=texts, model_id=str(path), block_size=8, num_samples=4)
+    # The same numbers as the library call on the same text and seed.
+    direct = evaluate_perplexity(model, tokenizer, "".join(t + "\n" for t in texts), block_size=8, num_samples=4)
+    assert scores["total_nll"] == pytest.approx(direct.total_nll)
+    assert scores["num_words"] == 10 + 2 and scores["num_tokens"] == 10 and scores["estimator"] == "nelbo"
+    assert scores["word_perplexity"] == pytest.approx(math.exp(scores["total_nll"] / 12))
+    with pytest.raises(ValueError, match="model_id"):
+        metric.compute(predictions=texts)
+
+
+def test_lm_eval_adapter_runs_a_local_task_offline(saved_word_model, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    import json
+
+    from lm_eval.tasks import TaskManager
+
+    from hf_sfdlm.lm_eval_adapter import SFDLMEvalHarnessLM
+
+    path, model, tokenizer, words = saved_word_model
+    rows = [{"question": " ".join(words[i:i + 3]), "choices": [words[i + 3], words[i + 4]], "answer": 0,
+             "target": words[i + 3]} for i in range(3)]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (tmp_path / "mc.yaml").write_text(
+        "task: tiny_sfdlm_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\ntarget_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n")
+    (tmp_path / "gen.yaml").write_text(
+        "task: tiny_sfdlm_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{target}}'\ngeneration_kwargs:\n  until: ['[EOS]']\n  max_gen_toks: 2\n"
+        "metric_list:\n  - metric: exact_match\n")
+    lm = SFDLMEvalHarnessLM(pretrained=str(path), num_samples=4, batch_size=4, max_length=32)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["tiny_sfdlm_mc", "tiny_sfdlm_gen"],
+                                      task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                      bootstrap_iters=0, log_samples=True)
+    assert 0.0 <= results["results"]["tiny_sfdlm_mc"]["acc,none"] <= 1.0
+    assert "exact_match,none" in results["results"]["tiny_sfdlm_gen"]
+    # The loglikelihoods the harness saw are the adapter's conditional NELBOs.
+    sample = results["samples"]["tiny_sfdlm_mc"][0]
+    context, continuation = sample["arguments"][0]
+    ids = tokenizer(context + continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    labels = ids.clone()
+    labels[:, :n_context] = -100
+    expected = -float(model.nelbo(ids, labels=labels, num_samples=4, generator=torch.Generator().manual_seed(0)))
+    assert sample["resps"][0][0][0] == pytest.approx(expected)
+    rolling = lm.loglikelihood_rolling([type("R", (), {"args": (" ".join(words[:5]),)})()])
+    assert rolling[0] < 0
+
+
+def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
+    import json
+
+    from hf_sfdlm.cli import main
+
+    path, model, tokenizer, words = saved_word_model
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(" ".join(words[:7]) + "\n" + " ".join(words[7:10]) + "\n")
+    out = tmp_path / "result.json"
+    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--num-samples", "4",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "word perplexity" in printed and "NELBO upper bound, 4 t samples" in printed
+    record = json.loads(out.read_text())
+    direct = evaluate_perplexity(model, tokenizer, text_file.read_text(), block_size=8, num_samples=4)
+    assert record["total_nll"] == pytest.approx(direct.total_nll) and record["num_words"] == 12
+    # An autoregressive model goes through the same command, exactly.
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2 = GPT2LMHeadModel(gpt2_config(len(tokenizer), 16, 1, 16, num_heads=2, bos_token_id=tokenizer.eos_token_id))
+    gpt2.save_pretrained(gpt2_dir)
+    tokenizer.save_pretrained(gpt2_dir)
+    assert main(["eval", str(gpt2_dir), "--text-file", str(text_file), "--block-size", "8", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["estimator"] == "exact" and record["total_nll_stderr"] == 0.0

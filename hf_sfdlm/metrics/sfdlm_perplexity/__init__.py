@@ -1,0 +1,1 @@
+"""The `sfdlm_perplexity` evaluate metric (load it with `evaluate.load` on this folder)."""
