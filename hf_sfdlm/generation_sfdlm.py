@@ -12,6 +12,8 @@ Samplers are small classes in the `SAMPLERS` registry, keyed by name:
     "confidence"  absorbing: unmask the most confident positions, a per-row budget that follows the
                   noise schedule (MaskGIT / LLaDA low-confidence / Dream's max-prob, margin and entropy)
     "threshold"   absorbing: also unmask every position whose confidence passes a threshold (Fast-dLLM)
+    "tweedie"     score models (SEDD, objective="score_entropy"): Tweedie tau-leaping, both processes
+    "euler"       score models: SEDD's Euler step, both processes
 
 To add one, subclass `Sampler`, give it a `name` and the `processes` it supports, implement
 `__call__(step: SamplingStep) -> new canvas`, and decorate it with `@register_sampler`. A `SamplingStep`
@@ -320,7 +322,7 @@ class SamplingStep:
     def categorical(self, probs: torch.Tensor, positions: torch.BoolTensor) -> torch.LongTensor:
         """(N,) ids drawn from the rows of `probs` (N, V) (inverse CDF with each row's generator).
         Zero-probability ids are never drawn, also when the rows do not sum to one exactly."""
-        cdf = probs.to(torch.float64 if probs.shape[-1] <= 4096 else probs.dtype).cumsum(-1)
+        cdf = probs.cumsum(-1)
         target = self.uniform(positions).to(cdf.dtype) * cdf[:, -1]
         ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
         # rounding can land u * total on the flat tail of zero-probability ids: take the last possible id
@@ -480,6 +482,57 @@ class ThresholdSampler(ConfidenceSampler):
         return masked & (super().select(step, masked, conf) | sure | first)
 
 
+class _ScoreSampler(Sampler):
+    """Base of SEDD's samplers for score models (`objective="score_entropy"`, `score_entropy.py`): the
+    network's raw outputs parameterise log-scores, every updatable position moves independently
+    (tau-leaping), and the fixed positions condition the scores (SEDD's `proj_fun` is the update mask).
+    The maths is `ScoreEntropy.<method>`; temperature, top-k/top-p and logits processors act on logits of
+    p_hat(x_0 | x_t), which a score model has not, so they are refused (processors are not applied)."""
+
+    parameterizations = ("score",)
+    method: ClassVar[str] = ""
+
+    def __init__(self, config: SFDLMGenerationConfig):
+        super().__init__(config)
+        if config.temperature != 1 or config.top_k or config.top_p < 1:
+            raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model as is: it needs "
+                             f"temperature=1, top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
+                             f"{config.top_p}.")
+
+    def __call__(self, step: SamplingStep) -> torch.LongTensor:
+        absorbing = step.diffusion.process == "absorbing"
+        positions = step.masked() if absorbing else step.update_mask
+        if not positions.any():
+            return step.canvas
+        rows = step.rows(positions)
+        x_t = step.canvas[positions].unsqueeze(1)
+        transition = getattr(step.diffusion, self.method)
+        probs = transition(step.raw_logits(positions).unsqueeze(1), x_t, step.t[rows], step.s[rows]).squeeze(1)
+        if not absorbing and step.config.mask_token_id is not None:
+            probs[:, step.config.mask_token_id] = 0  # a uniform model never writes the mask token
+        new = step.canvas.clone()
+        new[positions] = step.categorical(probs, positions)
+        return new
+
+
+@register_sampler
+class TweedieSampler(_ScoreSampler):
+    """SEDD's Tweedie tau-leaping (`analytic` predictor): per position, x_s ~ [exp(-(sigma_bar_t -
+    sigma_bar_s) Q) s_theta]_y q(x_t | y), exact per position for exact scores; at s = 0 it is SEDD's
+    final noise removal."""
+
+    name = "tweedie"
+    method = "tweedie_probs"
+
+
+@register_sampler
+class EulerSampler(_ScoreSampler):
+    """SEDD's Euler predictor: per position, jump to y with probability (t - s) sigma(t) Q(y -> x_t) s_theta_y."""
+
+    name = "euler"
+    method = "euler_probs"
+
+
 def _default_sampler(process: str, parameterization: str) -> str:
     """"ancestral" (absorbing) or "uniform" (uniform) for x_0 models; for others the first registered
     sampler that fits (e.g. SEDD's samplers for score models)."""
@@ -517,8 +570,10 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 class SFDLMGenerationMixin:
     """`generate` for SFDLM models (iterative denoising), in place of transformers' `GenerationMixin`.
 
-    The model class provides `config`, `diffusion` (a `DiscreteDiffusion`), `denoise(ids, timesteps,
-    attention_mask)` returning logits of p_hat(x_0 | x_t), and `model.check_inputs`.
+    The model class provides `config` (`vocab_size`, `mask_token_id`, `max_position_embeddings`, optionally
+    `time_conditioning`), `diffusion` (a `DiscreteDiffusion`: `process`, `schedule`, `mask_token_id`,
+    `x0_probs`, `reverse_probs`) and `denoise(ids, timesteps, attention_mask)` returning (B, L, V) logits of
+    p_hat(x_0 | x_t), independent for each row. Put it first among the bases so its `generate` wins.
     """
 
     generation_config_class = SFDLMGenerationConfig
@@ -751,9 +806,12 @@ class SFDLMGenerationMixin:
             if stale.any():
                 which = stale.nonzero().squeeze(-1)
                 fresh = denoise(step_canvas[which], t[which], which)
-                if cache["logits"] is None:
-                    cache["logits"] = torch.zeros(rows, *fresh.shape[1:], dtype=fresh.dtype, device=device)
-                cache["logits"][which] = fresh
+                if len(which) == rows:
+                    cache["logits"] = fresh
+                else:
+                    if cache["logits"] is None:
+                        cache["logits"] = torch.zeros(rows, *fresh.shape[1:], dtype=fresh.dtype, device=device)
+                    cache["logits"][which] = fresh
                 cache["canvas"][which] = step_canvas[which]
                 cache["t"][which.cpu()] = t[which].cpu()
             logits = cache["logits"]
@@ -871,6 +929,8 @@ __all__ = [
     "Sampler",
     "SamplingStep",
     "ThresholdSampler",
+    "TweedieSampler",
+    "EulerSampler",
     "UniformSampler",
     "confidence",
     "filter_logits",
