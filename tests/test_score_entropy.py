@@ -553,3 +553,69 @@ def test_infilling_samples_the_conditional_and_keeps_the_context(graph, step):
     samples = run_sampler(se, truth, step, steps=64, batch=batch, seed=13, fixed=fixed, start=start)
     assert (samples[:, 1] == 2).all()
     assert chi_square_pvalue(samples, conditional, se.vocab_size) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- generate()
+def score_stub_model(graph: str, p0_fn, length: int, noised=None, schedule: str = "loglinear"):
+    """An SFDLM score model whose `denoise` returns the exact head outputs of a known distribution, so
+    `generate` runs the samplers through the generation mixin (fixed positions, per-row generators)."""
+    extra = dict(mask_token_id=REAL) if graph == "absorbing" else {}
+    config = tiny_config(vocab_size=REAL + bool(extra), objective="score_entropy", process=graph,
+                         noise_schedule=schedule, **extra)
+    model = SFDLMForDiffusionLM(config).eval()
+    truth = Truth(model.diffusion, p0_fn(model.diffusion), length, noised)
+
+    def denoise(ids, timesteps=None, attention_mask=None):
+        out = torch.empty(*ids.shape, model.diffusion.vocab_size)
+        for t in timesteps.unique().tolist():
+            rows = timesteps == t
+            out[rows] = truth.outputs(t)[index_of(ids[rows], model.diffusion.vocab_size)].float()
+        return out
+
+    model.denoise = denoise
+    return model, truth
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("sampler", ["tweedie", "euler"])
+def test_generate_with_sedd_samplers_draws_the_data_distribution(graph, sampler):
+    model, truth = score_stub_model(graph, lambda se: random_data(se, 3, seed=14), 3)
+    out = model.generate(None, max_new_tokens=3, num_return_sequences=1500, steps=64, sampler=sampler,
+                         generator=torch.Generator().manual_seed(15))
+    assert chi_square_pvalue(out, truth.p0, model.diffusion.vocab_size) > 1e-3
+
+
+@pytest.mark.parametrize("graph,sampler", [("absorbing", "euler"), ("uniform", "tweedie")])
+def test_generate_infills_and_continues_prompts_from_the_conditional(graph, sampler):
+    """Absorbing: infill [MASK, 2, MASK]; uniform: continue the prompt [2] by two tokens. The stub's scores
+    are those of the data conditioned on the fixed token, as a model trained with it unscored learns."""
+    fixed_at = 1 if graph == "absorbing" else 0
+
+    def conditional(se):
+        states = all_states(se.vocab_size, 3)
+        p = random_data(se, 3, seed=16) * (states[:, fixed_at] == 2)
+        return p / p.sum()
+
+    noised = [i != fixed_at for i in range(3)]
+    model, truth = score_stub_model(graph, conditional, 3, noised=noised)
+    if graph == "absorbing":
+        prompt, new = torch.tensor([[REAL, 2, REAL]]), 0
+    else:
+        prompt, new = torch.tensor([[2]]), 2
+    out = model.generate(prompt, max_new_tokens=new, num_return_sequences=1500, steps=64, sampler=sampler,
+                         generator=torch.Generator().manual_seed(17))
+    assert (out[:, fixed_at] == 2).all()
+    assert chi_square_pvalue(out, truth.p0, model.diffusion.vocab_size) > 1e-3
+
+
+def test_generate_refuses_mismatched_samplers_and_logit_filters():
+    model, _ = score_stub_model("absorbing", lambda se: random_data(se, 2), 2)
+    out = model.generate(None, max_new_tokens=2, steps=4, generator=torch.Generator().manual_seed(0))
+    assert (out != REAL).all()  # the default sampler for a score model is a SEDD one and leaves no mask
+    with pytest.raises(ValueError, match="score"):
+        model.generate(None, max_new_tokens=2, steps=4, sampler="ancestral")
+    with pytest.raises(ValueError, match="temperature=1"):
+        model.generate(None, max_new_tokens=2, steps=4, sampler="tweedie", temperature=0.7)
+    x0_model = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)).eval()
+    with pytest.raises(ValueError, match="x0"):
+        x0_model.generate(None, max_new_tokens=2, steps=4, sampler="euler")
