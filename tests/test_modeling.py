@@ -230,8 +230,8 @@ def test_a_few_hundred_steps_lower_the_nelbo_markedly(process):
     length = 32
     blocks = ids[: len(ids) // length * length].view(-1, length)
     train, held_out = blocks[:-64], blocks[-64:]
-    config = SFDLMConfig(vocab_size=len(tokenizer), hidden_size=64, stage_depths=[1, 1], pool_factors=[2],
-                         ssm_state_size=8, fourier_intermediate_size=128, process=process,
+    config = SFDLMConfig(vocab_size=len(tokenizer), hidden_size=32, stage_depths=[1, 1], pool_factors=[2],
+                         ssm_state_size=8, fourier_intermediate_size=64, process=process,
                          mask_token_id=tokenizer.mask_token_id if process == "absorbing" else None,
                          num_timesteps=None, noise_schedule="loglinear")
     model = SFDLMForDiffusionLM(config)
@@ -245,8 +245,8 @@ def test_a_few_hundred_steps_lower_the_nelbo_markedly(process):
 
     before = held_out_nelbo()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(300):
-        batch = train[torch.randint(0, len(train), (32,), generator=generator)]
+    for step in range(250):
+        batch = train[torch.randint(0, len(train), (16,), generator=generator)]
         loss = model(batch, labels=batch, generator=generator).loss
         optimizer.zero_grad()
         loss.backward()
