@@ -306,6 +306,26 @@ def test_text_after_the_first_generated_eos_is_padding_and_ends_the_row():
     assert sum(model.stub_calls) == int(blocks.num_forward_passes.sum())
 
 
+def test_logits_processors_and_filters_shape_p_hat():
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    seen = []
+
+    def ban_zero(canvas, logits):
+        seen.append((tuple(canvas.shape), tuple(logits.shape)))
+        logits[..., 0] = -math.inf
+        return logits
+
+    model = stub_model("absorbing", ABSORBING_P, mask=7)
+    out = model.generate(None, max_new_tokens=32, num_return_sequences=8, steps=4,
+                         logits_processor=LogitsProcessorList([ban_zero]), generator=torch.Generator().manual_seed(0))
+    assert not bool((out == 0).any()) and seen[0] == ((8, 32), (8, 32, 8))
+    top1 = model.generate(None, max_new_tokens=16, steps=4, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert bool((top1 == 0).all())  # top-k = 1 keeps only the most probable clean token
+    plain = model.generate(torch.tensor([[1, 2]]), generation_config=GenerationConfig(max_new_tokens=3))
+    assert plain.shape == (1, 5)  # a plain GenerationConfig's shared fields carry over
+
+
 def test_semi_autoregressive_blocks_finish_left_to_right():
     model = stub_model("absorbing", ABSORBING_P, mask=7)
     out = model.generate(torch.tensor([[1, 2]]), max_new_tokens=6, steps=6, block_length=2,
