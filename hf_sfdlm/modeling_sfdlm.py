@@ -55,6 +55,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         # (direction, channel, mode, [re, im]) for forward and backward output matrices C.
         self.c = nn.Parameter(torch.empty(2, hidden_size, self.num_modes, 2))
         self.d = nn.Parameter(torch.empty(hidden_size))
+        self._spectrum_cache: tuple | None = None  # (key, spectrum) reused while no gradient is needed
 
     def reset_parameters(self) -> None:
         log_dt = torch.rand(self.hidden_size) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
@@ -73,17 +74,31 @@ class BidirectionalDiagonalSSM(nn.Module):
         powers = torch.exp(dt_a.unsqueeze(-1) * torch.arange(length, device=a.device))  # (H, N, L)
         return 2 * torch.einsum("khn,hnl->khl", c, powers).real
 
+    def kernel_spectrum(self, length: int) -> torch.Tensor:
+        """rFFT (size 2L) of the two-sided kernel: lags 0..L-1 forward, -(L-1)..-1 backward.
+
+        Without autograd (sampling, evaluation) the spectrum is cached per length until a parameter
+        changes, so the many denoising steps of `generate` compute it once.
+        """
+        parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c)
+        key = (length, self.log_dt.device, tuple((id(p), p._version) for p in parameters))
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._spectrum_cache is not None and self._spectrum_cache[0] == key:
+            return self._spectrum_cache[1]
+        k_fwd, k_bwd = self.kernel(length)
+        two_sided = torch.cat([k_fwd, torch.zeros_like(k_fwd[:, :1]), k_bwd[:, 1:].flip(-1)], dim=-1)
+        two_sided[:, 0] += k_bwd[:, 0]
+        spectrum = torch.fft.rfft(two_sided, n=2 * length)
+        self._spectrum_cache = (key, spectrum) if cacheable else None
+        return spectrum
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H)."""
         length = u.shape[1]
         with _fft_precision(u):
             x = u.float().transpose(1, 2)  # (B, H, L)
-            k_fwd, k_bwd = self.kernel(length)
-            # Two-sided kernel on a circle of size 2L: lags 0..L-1 forward, -(L-1)..-1 backward.
-            two_sided = torch.cat([k_fwd, torch.zeros_like(k_fwd[:, :1]), k_bwd[:, 1:].flip(-1)], dim=-1)
-            two_sided[:, 0] += k_bwd[:, 0]
-            y = torch.fft.irfft(torch.fft.rfft(x, n=2 * length) * torch.fft.rfft(two_sided, n=2 * length),
-                                n=2 * length)[..., :length]
+            spectrum = self.kernel_spectrum(length)
+            y = torch.fft.irfft(torch.fft.rfft(x, n=2 * length) * spectrum, n=2 * length)[..., :length]
             y = y + self.d.float().unsqueeze(-1) * x
         return y.transpose(1, 2).to(u.dtype)
 

@@ -257,3 +257,18 @@ def test_a_few_hundred_steps_lower_the_nelbo_markedly(process):
     assert before > math.log(len(tokenizer)) - 0.5
     assert after < 0.75 * before, (before, after)
     assert after > grammar.entropy_rate() * 0.9  # a bound, never below the source entropy (with MC slack)
+
+
+def test_cached_kernel_spectrum_follows_parameter_updates():
+    ssm = BidirectionalDiagonalSSM(hidden_size=3, state_size=4, dt_min=0.01, dt_max=0.5)
+    ssm.reset_parameters()
+    u = torch.randn(1, 9, 3)
+    with torch.no_grad():
+        first = ssm(u)
+        assert ssm._spectrum_cache is not None
+        torch.testing.assert_close(ssm(u), first)
+        ssm.c.mul_(2.0)  # an in-place update, as an optimizer step makes
+        updated = ssm(u)
+    assert not torch.allclose(updated, first)
+    with torch.enable_grad():
+        torch.testing.assert_close(ssm(u), updated)  # the autograd path recomputes, same numbers
