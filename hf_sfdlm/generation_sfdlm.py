@@ -486,7 +486,9 @@ class _ScoreSampler(Sampler):
     """Base of SEDD's samplers for score models (`objective="score_entropy"`, `score_entropy.py`): the
     network's raw outputs parameterise log-scores, every updatable position moves independently
     (tau-leaping), and the fixed positions condition the scores (SEDD's `proj_fun` is the update mask).
-    The maths is `ScoreEntropy.<method>`; temperature, top-k/top-p and logits processors act on logits of
+    The maths is `ScoreEntropy.<method>`. Temperature 0 (greedy): the last step takes each position's most
+    probable token (for the uniform process, Duo's greedy tail), and an absorbing position that unmasks
+    earlier takes its most probable token (as the ancestral sampler's greedy mode). Other temperatures, top-k/top-p and logits processors act on logits of
     p_hat(x_0 | x_t), which a score model has not, so they are refused (processors are not applied)."""
 
     parameterizations = ("score",)
@@ -494,9 +496,9 @@ class _ScoreSampler(Sampler):
 
     def __init__(self, config: SFDLMGenerationConfig):
         super().__init__(config)
-        if config.temperature != 1 or config.top_k or config.top_p < 1:
+        if config.temperature not in (0, 1) or config.top_k or config.top_p < 1:
             raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model as is: it needs "
-                             f"temperature=1, top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
+                             f"temperature 1 (or 0), top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
                              f"{config.top_p}.")
 
     def __call__(self, step: SamplingStep) -> torch.LongTensor:
@@ -511,7 +513,12 @@ class _ScoreSampler(Sampler):
         if not absorbing and step.config.mask_token_id is not None:
             probs[:, step.config.mask_token_id] = 0  # a uniform model never writes the mask token
         new = step.canvas.clone()
-        new[positions] = step.categorical(probs, positions)
+        drawn = step.categorical(probs, positions)
+        if step.greedy and step.is_last:
+            drawn = probs.argmax(-1)
+        elif step.greedy and absorbing:  # an unmasking position takes the most probable token
+            drawn = torch.where(drawn != x_t.squeeze(1), probs.scatter(-1, x_t, 0.0).argmax(-1), drawn)
+        new[positions] = drawn
         return new
 
 
