@@ -35,14 +35,15 @@ is linear in the exact posterior marginal p(x_0^i | x_t):
   s_y = sum_v p(x_0^i = v | x_t) q(y | v) / q(x_t^i | v)
 
   absorbing (masked x_t^i):  s_y = alpha / (1 - alpha) * p(x_0^i = y | x_t), so each determines the other,
-  uniform:                   s_y = (alpha p_y + c W) ... an affine bijection for 0 < alpha < 1 (c = (1 - alpha)/V),
+  uniform:                   s_y = alpha p_y / c + c W, W = sum_v p_v / q(x_t^i | v), c = (1 - alpha) / V:
+                             an affine bijection for 0 < alpha < 1 (at alpha = 0 every score is 1),
 
 and the inverse is Tweedie's formula to t = 0: x0_probs_from_log_scores(s) = tweedie_probs(s, t -> 0).
 A learned score need not be exactly consistent: for the absorbing graph the inverse is normalised
 (sum_y s^_y = 1 exactly for true scores); for the uniform graph it always sums to 1 but leaves the
 simplex when the scores are outside the image of the map (never for exact scores).
 
-ELBO (SEDD Thm. 3.6): -log p_theta(x_0) <= int_0^1 E_{x_t ~ q(.|x_0)} sum_i DSE_i dt, where
+ELBO (SEDD's likelihood bound): -log p_theta(x_0) <= int_0^1 E_{x_t ~ q(.|x_0)} sum_i DSE_i dt, where
 
   DSE_i = sigma(t) sum_{y != x_t^i} Q(y -> x_t^i) [s_y - r_y log s_y + r_y log r_y - r_y],
   r_y = q(y | x_0^i) / q(x_t^i | x_0^i),
