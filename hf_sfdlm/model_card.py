@@ -216,14 +216,15 @@ def _eval_rows(results: list[EvalResult]) -> list[dict]:
 
 
 def is_repo_id(name) -> bool:
-    """Whether `name` is a valid Hub repo id (huggingface_hub's validator) rather than, e.g., a local path."""
+    """Whether `name` is a valid Hub repo id (huggingface_hub's validator) and not a local folder (which,
+    as for `from_pretrained`, takes precedence: `"base"` next to you is a folder, not a repo)."""
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(name)
     except ValueError:
         return False
-    return isinstance(name, str) and bool(name) and not os.path.isabs(name) and not name.startswith(".")
+    return isinstance(name, str) and bool(name) and not os.path.isabs(name) and not os.path.isdir(name)
 
 
 def _as_list(value) -> list:
@@ -366,8 +367,11 @@ class ModelCardCallback:
         model = trainer.eval_model()
         for name, make in self.extra_files.items():
             (Path(directory) / name).write_text(make(model), encoding="utf-8")
-        results = eval_results_from_metrics(self.metrics, self.dataset_name, tokenizer_name=self.tokenizer_name)
-        write_model_card(directory, model, eval_results=results, training_info=info, **self.card_kwargs)
+        tokenizer_name = self.tokenizer_name or getattr(trainer.tokenizer, "name_or_path", None) or None
+        results = eval_results_from_metrics(self.metrics, self.dataset_name, tokenizer_name=tokenizer_name)
+        # `directory` is a temporary folder: name the card after the run's output folder unless told otherwise.
+        card_kwargs = {"repo_id": Path(args.output_dir).resolve().name, **self.card_kwargs}
+        write_model_card(directory, model, eval_results=results, training_info=info, **card_kwargs)
 
 
 # ------------------------------------------------------------------------------------------ checking

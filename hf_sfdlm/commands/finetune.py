@@ -182,7 +182,7 @@ def run_finetune(args: argparse.Namespace):
     train, evaluation, collator = build_datasets(args, kind, tokenizer, config.seed)
     fingerprint = peft_model.sfdlm_base_fingerprint
 
-    base_id = args.base_model_id or (args.model if is_repo_id(args.model) and not os.path.isdir(args.model) else None)
+    base_id = args.base_model_id or (args.model if is_repo_id(args.model) else None)
     data_name = Path(args.data).name
     method = "LoRA instruction tuning (prompt conditions, response scored)" if kind == "sft" else \
         "LoRA domain adaptation (diffusion NELBO on packed text)"

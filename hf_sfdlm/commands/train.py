@@ -55,11 +55,29 @@ def config_from_args(args: argparse.Namespace):
     return config
 
 
+def warn_if_mpi_launch_without_mpi() -> bool:
+    """`accelerate launch --cpu --num_processes N` (N > 1) without MPI starts ONE process; it sets MASTER_ADDR
+    for the processes it did not start. Say so, with the launch that works (returns whether it warned)."""
+    import os
+
+    env = os.environ
+    launched_alone = (env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env
+                      and not any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_SIZE")))
+    if launched_alone:
+        print("WARNING: `accelerate launch --cpu --num_processes N` needs MPI (mpirun) to start N processes; without "
+              "it this is a single process (same global batch, so the same result, only slower). For N CPU "
+              "processes with gloo use `accelerate launch --multi_gpu --num_processes N` on a machine without "
+              "GPUs, `--config_file training/accelerate_configs/cpu.yaml`, or `torchrun --nproc_per_node N`.",
+              file=sys.stderr)
+    return launched_alone
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import run_training
 
+    warn_if_mpi_launch_without_mpi()
     config = config_from_args(args)
-    result, trainer = run_training(config, resume=args.resume)
+    result, trainer = run_training(config, resume=args.resume, callbacks=[model_card_callback(config)])
     if trainer.accelerator.is_main_process:
         report = entropy_report(config, result)
         print_report(report)
@@ -67,6 +85,23 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 0:
             print_samples(config, args.num_samples, args.sample_steps)
     return 0
+
+
+def model_card_callback(config):
+    """Writes a model card (with the latest held-out NELBO) into every folder the run saves."""
+    from ..model_card import ModelCardCallback
+
+    data = config.data
+    if data.is_synthetic:
+        name = f"hf_sfdlm synthetic grammar corpus ({data.synthetic_sentences} sentences, seed {data.synthetic_seed})"
+        tokenizer = "word-level (hf_sfdlm.synthetic.word_level_tokenizer)"
+    else:
+        name = data.dataset if data.dataset_config is None else f"{data.dataset} ({data.dataset_config})"
+        tokenizer = config.tokenizer or f"byte-level BPE trained on the data ({config.tokenizer_vocab_size} tokens)"
+    info = {"method": "pretraining from scratch (diffusion NELBO)", "block_size": data.block_size,
+            "packing": data.packing}
+    return ModelCardCallback(name, training_info=info, tokenizer_name=tokenizer,
+                             datasets=None if data.is_synthetic else [data.dataset])
 
 
 def entropy_report(config, result) -> dict:
