@@ -96,7 +96,8 @@ def test_trust_remote_code_loads_where_the_package_cannot_be_imported(saved_mode
     result = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=300,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(work / "hf")})
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(work / "logits.pt"), expected, rtol=0, atol=0)
+    # another process may use another thread count: equal up to float32 reduction order
+    torch.testing.assert_close(torch.load(work / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_corrupt_weights_fail_loudly(saved_model):
