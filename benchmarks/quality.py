@@ -6,6 +6,8 @@ one token budget and one optimiser recipe:
     sfdlm-uniform     SFDLM, uniform process (the paper's), linear schedule, continuous-time NELBO
     sfdlm-absorbing   SFDLM, absorbing process, log-linear schedule, continuous time (MDLM's objective)
     mdlm-transformer  a BERT encoder under the same absorbing objective (MDLM), matched parameters
+    sedd-absorbing    SFDLM trained as SEDD: log-scores, score entropy, absorbing graph, log-linear schedule
+    sedd-uniform      SFDLM trained as SEDD: uniform graph, geometric schedule (Tweedie/Euler samplers)
     gpt2-ar           GPT2LMHeadModel, exact likelihood, matched parameters
 
 and the paper's ablations of sfdlm-uniform on PTB (no Fourier MLP, no SSM, cosine schedule,
@@ -68,6 +70,10 @@ MAIN_RUNS = {
     "sfdlm-uniform": dict(kind="sfdlm", process="uniform", noise_schedule="linear", num_timesteps=None),
     "sfdlm-absorbing": dict(kind="sfdlm", process="absorbing", noise_schedule="loglinear", num_timesteps=None),
     "mdlm-transformer": dict(kind="transformer", process="absorbing", noise_schedule="loglinear", num_timesteps=None),
+    "sedd-absorbing": dict(kind="sfdlm", process="absorbing", noise_schedule="loglinear", num_timesteps=None,
+                           objective="score_entropy"),
+    "sedd-uniform": dict(kind="sfdlm", process="uniform", noise_schedule="geometric", num_timesteps=None,
+                         objective="score_entropy"),
     "gpt2-ar": dict(kind="ar"),
 }
 ABLATIONS = {  # of sfdlm-uniform, on PTB
@@ -165,6 +171,8 @@ def generation_quality(model, judge, vocab: CompactVocabulary, preset: dict, bos
     """Unconditional samples (float64) against sampler and steps, judged by the AR model (float64)."""
     rows = []
     samplers = ["ancestral", "confidence"] if model.config.process == "absorbing" else ["uniform", "ancestral"]
+    if getattr(model.config, "objective", None) == "score_entropy":  # SEDD: log-scores, not logits of p_hat
+        samplers = ["tweedie", "euler"]
     model = model.double()
     for sampler in samplers:
         for steps in preset["gen_steps"]:
@@ -216,6 +224,7 @@ def infilling(model, kind: str, blocks: torch.Tensor, preset: dict, bos_id: int,
     else:
         masked = blocks.masked_fill(mask, model.config.mask_token_id)
         sampler = "confidence" if model.config.process == "absorbing" else "uniform"
+        sampler = "tweedie" if getattr(model.config, "objective", None) == "score_entropy" else sampler
         predictions = model.generate(masked, steps=span, sampler=sampler, temperature=0.0, generator=generator)
         nll = span_nll(model, blocks, mask, num_samples=preset["eval_samples"], generator=generator)
     scores = infilling_exact_match(predictions.cpu(), blocks, mask)
@@ -316,7 +325,7 @@ def main(argv=None) -> int:
             blocks = torch.stack([b for b in make_blocks(vocab.encode(torch.tensor(tokenize_lines(test_text, tokenizer))).tolist(),
                                                          preset["block_size"]) if len(b) == preset["block_size"]])
             blocks = blocks[:preset["infill_rows"]]
-            for name in ("sfdlm-uniform", "sfdlm-absorbing", "mdlm-transformer"):
+            for name in ("sfdlm-uniform", "sfdlm-absorbing", "mdlm-transformer", "sedd-absorbing", "sedd-uniform"):
                 log(f"generation quality: {name}")
                 for row in generation_quality(models[name], judge, vocab, preset, ctx["bos_id"], args.seed):
                     report["generation"].append({"model": name, "dataset": dataset, **row})
