@@ -98,11 +98,14 @@ class TrainingConfig:
         progress_bar: show a tqdm bar on the main process.
         num_workers: DataLoader workers.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        cpu_threads: torch intra-op threads when training on CPU (`None`: torch's default, one per core). Small
+            models gain little from more threads, and on a shared machine OpenMP threads that wait for each
+            other can make a step several times slower than one thread does.
     """
 
     output_dir: str = "outputs/sfdlm-tiny"
     seed: int = 0
-    max_steps: int = 1200
+    max_steps: int = 500
     batch_size: int = 32
     gradient_accumulation_steps: int = 1
     learning_rate: float = 3e-3
@@ -116,11 +119,11 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     ema_decay: float | None = 0.99
-    eval_every: int = 400
+    eval_every: int = 250
     eval_num_samples: int = 4
     eval_max_sequences: int | None = 128
     save_best: bool = True
-    checkpoint_every: int = 400
+    checkpoint_every: int = 250
     keep_checkpoints: int = 2
     checkpoint_checksums: bool = True
     log_every: int = 20
@@ -128,8 +131,19 @@ class TrainingConfig:
     progress_bar: bool = True
     num_workers: int = 0
     gradient_checkpointing: bool = False
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
+        # YAML 1.1 reads `3e-4` (no dot) as a string: accept it as the number it obviously is.
+        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "min_lr_ratio",
+                     "max_grad_norm", "ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"`training.{name}` must be a number, got {value!r}.") from None
+
         def positive_int(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -153,6 +167,8 @@ class TrainingConfig:
             raise ValueError(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm!r}.")
         if self.eval_max_sequences is not None:
             positive_int("eval_max_sequences")
+        if self.cpu_threads is not None:
+            positive_int("cpu_threads")
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise ValueError(f"`training.min_lr_ratio` must be in [0, 1), got {self.min_lr_ratio!r}.")
         from transformers.trainer_utils import SchedulerType
@@ -175,7 +191,7 @@ class TrainConfig:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 4096
     data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
+    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(cpu_threads=1))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -209,7 +225,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if not all(path):
         raise ValueError(f"Override {item!r} has an empty key part.")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return path, value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -217,7 +239,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     parsed as YAML: `training.max_steps=100`, `model.stage_depths=[1,1]`, `training.ema_decay=null`)."""
     import yaml
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = TrainConfig().to_dict()  # overrides of the built-in preset keep its other keys
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -455,6 +477,8 @@ class DiffusionTrainer:
         )
         acc = self.accelerator
         self._check_world(acc)
+        if args.cpu_threads is not None and acc.device.type == "cpu":
+            torch.set_num_threads(args.cpu_threads)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         if data_collator is None and pad_id is None:
             raise ValueError("The default collator pads with the tokenizer's pad token: pass a tokenizer with "
@@ -590,6 +614,7 @@ class DiffusionTrainer:
                                     fingerprint=self.fingerprint, checksums=args.checkpoint_checksums)
         if acc.is_main_process:
             manager.remove_temporary()
+            self._remove_unfinished_saves()
         acc.wait_for_everyone()
         from accelerate.utils import set_seed
 
@@ -758,13 +783,16 @@ class DiffusionTrainer:
 
     def save_model(self, directory: str | os.PathLike) -> Path:
         """`save_pretrained` the evaluation weights (EMA if any), the tokenizer and the generation config
-        into `directory`: written to a temporary folder first, then moved in file by file (each file appears
-        complete). Callbacks' `on_save` run before the move. Every process must call this."""
+        into `directory`. Everything is written to a temporary folder first (callbacks' `on_save` add their
+        files there), then published: a dedicated folder such as `best/` is swapped in by renames, the run's
+        own output folder (which also holds checkpoints and logs) file by file, weights last, so that no file
+        is ever seen half-written. Every process must call this."""
         acc = self.accelerator
         directory = Path(directory)
         model = self.eval_model()
         acc.wait_for_everyone()
         if acc.is_main_process:
+            directory.parent.mkdir(parents=True, exist_ok=True)
             tmp = directory.parent / f".tmp-save-{directory.name or 'model'}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
@@ -772,15 +800,33 @@ class DiffusionTrainer:
                 self.tokenizer.save_pretrained(tmp)
             for callback in self.callbacks:
                 callback.on_save(self, tmp)
-            directory.mkdir(parents=True, exist_ok=True)
-            for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):  # weights last
-                target = directory / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(item, target)
-            tmp.rmdir()
+            if directory.resolve() == self.output_dir.resolve():
+                directory.mkdir(parents=True, exist_ok=True)
+                for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
+                    target = directory / item.name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    os.replace(item, target)
+                tmp.rmdir()
+            else:
+                old = directory.parent / f".tmp-save-{directory.name}-old-{os.getpid()}"
+                if directory.exists():
+                    os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return directory
+
+    def _remove_unfinished_saves(self) -> None:
+        """Clean up after model saves interrupted by a crash (main process, before training)."""
+        if not self.output_dir.is_dir():
+            return
+        best = self.output_dir / "best"
+        previous = sorted(self.output_dir.glob(".tmp-save-best-old-*"))
+        if previous and not best.exists():  # killed between the two renames: the old best is complete
+            os.replace(previous[0], best)
+        for path in self.output_dir.glob(".tmp-save-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

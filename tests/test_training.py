@@ -1,0 +1,407 @@
+"""Training (hf_sfdlm.training, hf_sfdlm.checkpointing, hf_sfdlm.ema): presets, input checks, the loop,
+checkpoints, kill-and-resume, two processes, and the embedded default job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hf_sfdlm.checkpointing import CheckpointError, CheckpointManager
+from hf_sfdlm.data import DataConfig
+from hf_sfdlm.ema import create_ema, ema_decay
+from hf_sfdlm.synthetic import SyntheticGrammar
+from hf_sfdlm.training import (
+    DiffusionTrainer,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingConfig,
+    load_config,
+    prepare_pipeline,
+    read_metrics,
+    run_training,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# A model that trains a step in milliseconds; the data is the synthetic corpus, word-level tokenizer.
+TEST_MODEL = dict(process="absorbing", hidden_size=32, stage_depths=[1, 1], pool_factors=[2], ssm_state_size=4,
+                  fourier_intermediate_size=64, num_timesteps=None, noise_schedule="loglinear")
+
+
+def make_config(out, model=None, data=None, **training) -> TrainConfig:
+    values = dict(output_dir=str(out), max_steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=5,
+                  eval_every=10, eval_max_sequences=16, eval_num_samples=2, checkpoint_every=10, log_every=1,
+                  log_with=["jsonl"], progress_bar=False, ema_decay=0.9)
+    values.update(training)
+    data_values = dict(block_size=16, synthetic_sentences=400)
+    data_values.update(data or {})
+    return TrainConfig(model=dict(TEST_MODEL, **(model or {})), data=DataConfig(**data_values),
+                       training=TrainingConfig(**values))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each run builds its own `Accelerator`; accelerate keeps one process-wide state whose mixed precision
+    cannot change, so start every test from a blank one (and leave one behind for other test files)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded CPU maths: deterministic and comparable with the subprocesses of these tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _losses(out) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(Path(out) / "logs" / "metrics.jsonl") if "train/loss" in r}
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+# ============================================================================================== configuration
+def test_tiny_preset_file_matches_the_built_in_defaults():
+    assert load_config(REPO / "training" / "configs" / "tiny.yaml") == TrainConfig()
+    assert load_config(None) == TrainConfig()
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_gpu_presets_are_valid(preset):
+    from hf_sfdlm import SFDLMConfig
+
+    config = load_config(REPO / "training" / "configs" / f"{preset}.yaml")
+    assert config.training.mixed_precision == "bf16" and config.tokenizer == "gpt2"
+    SFDLMConfig(vocab_size=50259, mask_token_id=50257, **config.model)  # the model section validates
+    assert config.data.block_size <= SFDLMConfig().max_position_embeddings
+
+
+def test_accelerate_configs_declare_the_fsdp_wrap_unit():
+    from hf_sfdlm.modeling_sfdlm import SFDLMBlock
+
+    fsdp = yaml.safe_load((REPO / "training" / "accelerate_configs" / "fsdp.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP"
+    assert fsdp["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == SFDLMBlock.__name__
+    cpu = yaml.safe_load((REPO / "training" / "accelerate_configs" / "cpu.yaml").read_text())
+    assert cpu["num_processes"] == 2 and not cpu["use_cpu"]  # torchrun launcher; gloo without CUDA
+
+
+def test_overrides_and_unknown_keys():
+    config = load_config(None, ["training.max_steps=7", "model.stage_depths=[1,1,1]", "model.pool_factors=[2,2]",
+                                "data.dataset=my.txt", "training.ema_decay=null"])
+    assert config.training.max_steps == 7 and config.model["stage_depths"] == [1, 1, 1]
+    assert config.model["process"] == "absorbing"  # the preset's other model keys survive an override
+    assert config.data.dataset == "my.txt" and config.training.ema_decay is None
+    with pytest.raises(ValueError, match="max_stepz"):
+        load_config(None, ["training.max_stepz=7"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["max_steps"])
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        TrainingConfig(batch_size=6, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainingConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        TrainingConfig(lr_scheduler="triangle")
+
+
+# ============================================================================================== bad input
+def test_block_size_beyond_the_model_is_refused_before_training(tmp_path):
+    config = make_config(tmp_path, model={"max_position_embeddings": 8})
+    with pytest.raises(ValueError, match="block_size`=16 exceeds .*max_position_embeddings`=8"):
+        prepare_pipeline(config)
+
+
+def test_tokenizer_larger_than_vocab_size_is_refused(tmp_path):
+    config = make_config(tmp_path, model={"vocab_size": 100})
+    with pytest.raises(ValueError, match=r"tokenizer has 233 tokens but the model's `vocab_size` is 100"):
+        prepare_pipeline(config)
+
+
+def test_missing_empty_and_columnless_data_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.txt"):
+        prepare_pipeline(make_config(tmp_path, data={"dataset": str(tmp_path / "absent.txt")}))
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        prepare_pipeline(make_config(tmp_path, data={"dataset": str(tmp_path / "empty.txt")}))
+    (tmp_path / "d.jsonl").write_text('{"content": "a dog ."}\n')
+    with pytest.raises(ValueError, match="no column 'text'"):
+        prepare_pipeline(make_config(tmp_path, data={"dataset": str(tmp_path / "d.jsonl")}))
+
+
+def test_training_set_smaller_than_a_batch_is_refused(tmp_path):
+    pipeline = prepare_pipeline(make_config(tmp_path))
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
+        DiffusionTrainer(pipeline.model, make_config(tmp_path, batch_size=4096).training,
+                         pipeline.train_dataset.select(range(10)), tokenizer=pipeline.tokenizer)
+
+
+# ============================================================================================== the loop
+def test_nonfinite_loss_stops_with_the_step_and_leaves_weights_finite(tmp_path, one_thread):
+    pipeline = prepare_pipeline(make_config(tmp_path))
+
+    def poisoned(model, batch):
+        loss = model(**batch).loss
+        return loss * float("nan") if trainer.state.step == 2 else loss  # the third step
+
+    trainer = DiffusionTrainer(pipeline.model, make_config(tmp_path).training, pipeline.train_dataset,
+                               tokenizer=pipeline.tokenizer, compute_loss=poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        trainer.train()
+    assert trainer.state.step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, one_thread):
+    """With a loss that has no noise, 2 micro-batches of 4 give the same update as one batch of 8."""
+    weights = []
+    for accumulation in (1, 2):
+        out = tmp_path / f"ga{accumulation}"
+        config = make_config(out, max_steps=3, gradient_accumulation_steps=accumulation, eval_every=0,
+                             checkpoint_every=0, ema_decay=None)
+        pipeline = prepare_pipeline(config)
+
+        def clean_loss(model, batch):  # cross-entropy of the clean tokens at t = 0.5, no corruption
+            logits = model.denoise(batch["input_ids"], torch.full((batch["input_ids"].shape[0],), 0.5))
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten())
+
+        trainer = DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset,
+                                   tokenizer=pipeline.tokenizer, compute_loss=clean_loss)
+        trainer.train()
+        weights.append({k: v.clone() for k, v in trainer.eval_model().state_dict().items()})
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, one_thread):
+    result, trainer = run_training(make_config(tmp_path, max_steps=4, mixed_precision="bf16", eval_every=4,
+                                               checkpoint_every=0))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert math.isfinite(result.train_loss) and math.isfinite(result.eval_nelbo)
+
+
+def test_ema_matches_an_independent_recursion():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = create_ema(model, decay=0.95)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update_parameters(model)  # the first update copies
+    for n in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update_parameters(model)
+        d = min(0.95, (1 + n) / (10 + n))
+        assert ema_decay(0.95, n) == d
+        expected = {k: d * expected[k] + (1 - d) * v for k, v in model.state_dict().items()}
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-6)
+
+
+def test_run_saves_ema_weights_tokenizer_logs_and_best(tmp_path, one_thread):
+    from transformers import AutoTokenizer
+
+    from hf_sfdlm import SFDLMForDiffusionLM
+
+    config = make_config(tmp_path, max_steps=20, log_with=["jsonl", "tensorboard"])
+    result, trainer = run_training(config)
+    saved = SFDLMForDiffusionLM.from_pretrained(tmp_path)
+    for name, value in trainer.ema.module.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value)
+    raw = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert any(not torch.equal(raw[k], v) for k, v in trainer.ema.module.state_dict().items())
+    assert AutoTokenizer.from_pretrained(tmp_path).mask_token_id == saved.config.mask_token_id
+    assert (tmp_path / "generation_config.json").exists() and (tmp_path / "best" / "model.safetensors").exists()
+    records = read_metrics(tmp_path / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 21))
+    evals = [r for r in records if "eval/nelbo" in r]
+    assert [r["step"] for r in evals] == [10, 20] and result.eval_nelbo == evals[-1]["eval/nelbo"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "logs").rglob("*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-20"]
+
+
+# ============================================================================================== checkpoints
+def _manager_with_checkpoints(tmp_path, steps=(5, 10)):
+    """Real accelerate checkpoints of a tiny run (no subprocess)."""
+    config = make_config(tmp_path, max_steps=max(steps), checkpoint_every=5, eval_every=0, keep_checkpoints=5)
+    result, trainer = run_training(config)
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=5, fingerprint=trainer.fingerprint)
+    return manager, trainer
+
+
+def test_checkpoint_verification_skips_truncated_incomplete_and_foreign(tmp_path, one_thread, caplog):
+    manager, trainer = _manager_with_checkpoints(tmp_path)
+    step10 = tmp_path / "checkpoints" / "step-10"
+    assert manager.verify(step10).step == 10
+    (tmp_path / "checkpoints" / ".tmp-step-15").mkdir()  # a save in progress is never listed
+    assert [p.name for p in manager.checkpoint_dirs()] == ["step-10", "step-5"]
+
+    weights = step10 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match=r"step-10 is truncated.*model.safetensors"):
+        manager.verify(step10)
+    best, rejected = manager.latest()
+    assert best.step == 5 and "step-10" in str(rejected[0])
+
+    with caplog.at_level("WARNING"):
+        loaded = manager.load_latest(trainer.accelerator)
+    assert loaded.step == 5 and trainer.state.step == 5
+    assert "step-10" in caplog.text and "truncated" in caplog.text
+
+    (step10 / "complete.json").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        manager.verify(step10)
+    foreign = CheckpointManager(manager.root, fingerprint={**manager.fingerprint, "batch_size": 64})
+    with pytest.raises(CheckpointError, match="batch_size is 8 in the checkpoint but 64 in this run"):
+        foreign.verify(tmp_path / "checkpoints" / "step-5")
+    with pytest.raises(CheckpointError, match="No usable checkpoint"):
+        foreign.load_latest(trainer.accelerator)
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(tmp_path, one_thread):
+    manager, _ = _manager_with_checkpoints(tmp_path, steps=(5,))
+    weights = tmp_path / "checkpoints" / "step-5" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        manager.verify(weights.parent)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, one_thread):
+    run_training(make_config(tmp_path, max_steps=20, checkpoint_every=5, eval_every=0, keep_checkpoints=2))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-15", "step-20"]
+
+
+DRIVER = """
+import json, sys, time
+import torch
+torch.set_num_threads(1)
+from hf_sfdlm.training import TrainConfig, TrainerCallback, run_training
+
+class Slow(TrainerCallback):  # leaves time to kill the run mid-way; changes no number
+    def on_step_end(self, trainer, step, loss):
+        time.sleep(float(sys.argv[2]))
+
+run_training(TrainConfig.from_dict(json.loads(open(sys.argv[1]).read())), resume=True, callbacks=[Slow()])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path, one_thread, caplog):
+    steps = 40
+    killed = make_config(tmp_path / "killed", max_steps=steps, checkpoint_every=10, keep_checkpoints=2)
+    config_file = tmp_path / "killed.json"
+    config_file.write_text(json.dumps(killed.to_dict()))
+    process = subprocess.Popen([sys.executable, "-c", DRIVER, str(config_file), "0.05"], env=_subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "killed" / "checkpoints" / "step-20" / "complete.json"
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never wrote its step-20 checkpoint"
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))  # a random moment: mid-step, mid-evaluation or mid-save
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    reached = max(_losses(tmp_path / "killed"))
+    assert 20 <= reached < steps, f"killed at step {reached}"
+
+    # Damage the newest complete checkpoint: resume must name it, skip it and use the one before.
+    checkpoints = CheckpointManager(tmp_path / "killed" / "checkpoints").checkpoint_dirs()
+    newest = checkpoints[0]
+    (newest / "optimizer.bin").write_bytes((newest / "optimizer.bin").read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        resumed, _ = run_training(killed, resume=True)
+    assert resumed.resumed_from == checkpoints[1]
+    assert newest.name in caplog.text and "truncated" in caplog.text
+
+    reference, _ = run_training(make_config(tmp_path / "reference", max_steps=steps, checkpoint_every=10))
+    assert resumed.step == reference.step == steps
+    for name in ("checkpoints/step-40/model.safetensors", "model.safetensors"):  # raw weights and EMA
+        a, b = load_file(tmp_path / "killed" / name), load_file(tmp_path / "reference" / name)
+        for key in b:
+            assert (a[key] - b[key]).abs().max() <= 1e-6, (name, key)
+    losses, expected = _losses(tmp_path / "killed"), _losses(tmp_path / "reference")
+    assert sorted(losses) == list(range(1, steps + 1))
+    for step in expected:
+        assert math.isclose(losses[step], expected[step], rel_tol=1e-6, abs_tol=1e-7), step
+
+
+# ============================================================================================== two processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path, one_thread):
+    steps = 40
+    common = dict(max_steps=steps, batch_size=16, checkpoint_every=0, eval_every=steps, eval_max_sequences=32,
+                  eval_num_samples=4)
+    two = make_config(tmp_path / "two", **common)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump(two.to_dict()))
+    # accelerate's multi-process launcher (torchrun); without CUDA the processes use the CPU and gloo.
+    # (`--cpu --num_processes 2` would start a single process without MPI: see accelerate_configs/cpu.yaml.)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "training" / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(_free_port()),
+               str(REPO / "training" / "train.py"), "--config", str(config_file), "--num-samples", "0"]
+    done = subprocess.run(command, env=dict(_subprocess_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "checkpoints" / f"step-{steps}" / "random_states_1.pkl").exists()  # 2 processes
+    one_result, _ = run_training(make_config(tmp_path / "one", **common))
+
+    two_records = read_metrics(tmp_path / "two" / "logs" / "metrics.jsonl")
+    one_records = read_metrics(tmp_path / "one" / "logs" / "metrics.jsonl")
+    # The same global batch: the same number of tokens at every step.
+    assert [r["train/tokens"] for r in two_records if "train/tokens" in r] == \
+        [r["train/tokens"] for r in one_records if "train/tokens" in r]
+    two_loss, one_loss = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(two_loss) == sorted(one_loss) == list(range(1, steps + 1))
+    # The same loss curve up to the noise of the corruption draws (each process draws its own).
+    for start in range(1, steps + 1, 10):
+        window = range(start, start + 10)
+        a = sum(two_loss[s] for s in window) / 10
+        b = sum(one_loss[s] for s in window) / 10
+        assert abs(a - b) / b < 0.06, (start, a, b)
+    two_eval = [r["eval/nelbo"] for r in two_records if "eval/nelbo" in r][-1]
+    assert abs(two_eval - one_result.eval_nelbo) / one_result.eval_nelbo < 0.04
+
+
+# ============================================================================================== embedded default
+def test_embedded_default_learns_the_grammar(tmp_path, one_thread):
+    """A shortened `sfdlm train` (100 steps, hidden size 64, 32-token blocks): the held-out NELBO must end
+    below 1.35 x the source entropy rate. The unigram entropy of the stream is 1.45 x, so the model must use
+    context to pass; the full tiny preset reaches about 1.08 x (README, "Training")."""
+    config = load_config(None, [f"training.output_dir={tmp_path}", "training.max_steps=100",
+                                "training.warmup_steps=10", "training.eval_every=0", "training.checkpoint_every=0",
+                                "training.progress_bar=false", "training.log_with=[jsonl]",
+                                "model.hidden_size=64", "model.fourier_intermediate_size=128",
+                                "data.block_size=32", "data.synthetic_sentences=3000"])
+    assert config.model["process"] == "absorbing" and config.training.batch_size == 32
+    result, _ = run_training(config)
+    rate = SyntheticGrammar().entropy_rate()
+    assert result.eval_nelbo < 1.35 * rate, result.eval_nelbo / rate
