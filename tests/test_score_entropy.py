@@ -283,6 +283,16 @@ def test_config_and_model_routing():
         se.draw_noise(4, reconstruction_probability=0.1)
 
 
+def test_save_pretrained_ships_score_entropy_and_reloads(tmp_path):
+    model = SFDLMForDiffusionLM(tiny_config(objective="score_entropy", process="uniform")).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "score_entropy.py").exists()  # remote code: the relative import travels along
+    loaded = SFDLMForDiffusionLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.diffusion, ScoreEntropy) and loaded.config.objective == "score_entropy"
+    ids, t = torch.randint(0, 31, (2, 8)), torch.tensor([0.3, 0.6])
+    assert torch.equal(model.denoise(ids, t), loaded.denoise(ids, t))
+
+
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_training_loss_and_nelbo_run_and_backpropagate(graph):
     extra = dict(mask_token_id=31) if graph == "absorbing" else {}
