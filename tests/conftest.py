@@ -23,6 +23,11 @@ def tiny_config(**overrides) -> SFDLMConfig:
     return SFDLMConfig(**values)
 
 
+# Tests use tiny tensors, where a second intra-op thread costs more than it gives (and on a busy
+# machine costs a great deal); one thread also makes float reductions reproducible across runs.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
