@@ -466,6 +466,7 @@ class DiffusionTrainer:
         self.callbacks = list(callbacks)
         self.run_config = run_config or {"training": asdict(args)}
         self.trackers = self._make_trackers()
+        accelerator_kwargs = {"cpu": _no_accelerator(), **(accelerator_kwargs or {})}
         self.accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=self.trackers or None,
@@ -473,7 +474,7 @@ class DiffusionTrainer:
             # The DataLoader yields global batches, split across processes: same global batch, any world size.
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             step_scheduler_with_optimizer=False,
-            **(accelerator_kwargs or {}),
+            **accelerator_kwargs,
         )
         acc = self.accelerator
         self._check_world(acc)
@@ -590,9 +591,13 @@ class DiffusionTrainer:
     def _micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches forever, epoch after epoch, resuming mid-epoch at `state.batch_in_epoch`."""
         while True:
-            self._set_epoch(self.state.epoch)
             skip = self.state.batch_in_epoch
             loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+            # accelerate's loaders re-apply their own epoch counter when iterated: set it on the loader itself
+            # (a fresh loader after a resume would otherwise replay epoch 0's order).
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.state.epoch)
+            self._set_epoch(self.state.epoch)
             produced = False
             for batch in loader:
                 produced = True
@@ -829,6 +834,14 @@ class DiffusionTrainer:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _no_accelerator() -> bool:
+    """True on a machine with no GPU/XPU/NPU/MPS. accelerate only forms a multi-process CPU group (gloo) when
+    told `cpu=True`: without it, processes started by torchrun on such a machine each train alone."""
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
+
+
 def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels, mask = batch.get("labels"), batch.get("attention_mask")
     if labels is not None:
@@ -898,7 +911,7 @@ def prepare_pipeline(config: TrainConfig) -> Pipeline:
 
     from .data import load_text_dataset, load_tokenizer, split_heldout, tokenize_dataset
 
-    state = PartialState()
+    state = PartialState(cpu=_no_accelerator())
     out = Path(config.training.output_dir)
     data = config.data
     with state.main_process_first():

@@ -293,6 +293,26 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, one_thread):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-15", "step-20"]
 
 
+def test_resume_across_an_epoch_boundary_replays_the_same_batches(tmp_path, one_thread):
+    """Stop mid-run (an exception after step 15), resume from step 10, cross into the next epoch (about 23
+    batches per epoch here) and end exactly where the uninterrupted run ends."""
+    from hf_sfdlm.training import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            if step == 15:
+                raise KeyboardInterrupt
+
+    reference, _ = run_training(make_config(tmp_path / "reference", max_steps=30))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(make_config(tmp_path / "crashed", max_steps=30), callbacks=[Crash()])
+    resumed, trainer = run_training(make_config(tmp_path / "crashed", max_steps=30), resume=True)
+    assert resumed.resumed_from.name == "step-10" and trainer.state.epoch >= 1
+    assert _losses(tmp_path / "crashed") == _losses(tmp_path / "reference")
+    a, b = load_file(tmp_path / "crashed" / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 DRIVER = """
 import json, sys, time
 import torch
@@ -355,40 +375,91 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_match_one_process(tmp_path, one_thread):
-    steps = 40
-    common = dict(max_steps=steps, batch_size=16, checkpoint_every=0, eval_every=steps, eval_max_sequences=32,
-                  eval_num_samples=4)
-    two = make_config(tmp_path / "two", **common)
-    config_file = tmp_path / "two.yaml"
-    config_file.write_text(yaml.safe_dump(two.to_dict()))
+def clean_loss(model, batch):
+    """A loss without corruption noise (cross-entropy of the clean tokens at t = 0.5): two processes and one
+    process must then follow the same trajectory up to float summation order."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, timesteps=torch.full((ids.shape[0],), 0.5, device=ids.device)).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+EXACT_DRIVER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from test_training import clean_loss
+from hf_sfdlm.training import DiffusionTrainer, TrainConfig, prepare_pipeline
+config = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
+pipeline = prepare_pipeline(config)
+DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, tokenizer=pipeline.tokenizer,
+                 compute_loss=clean_loss).train()
+"""
+
+
+def _launch_two_cpu_processes(script_and_args: list[str]) -> None:
     # accelerate's multi-process launcher (torchrun); without CUDA the processes use the CPU and gloo.
     # (`--cpu --num_processes 2` would start a single process without MPI: see accelerate_configs/cpu.yaml.)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "training" / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(_free_port()),
-               str(REPO / "training" / "train.py"), "--config", str(config_file), "--num-samples", "0"]
+               *script_and_args]
     done = subprocess.run(command, env=dict(_subprocess_env(), CUDA_VISIBLE_DEVICES=""), capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "two" / "checkpoints" / f"step-{steps}" / "random_states_1.pkl").exists()  # 2 processes
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_follow_one_process_exactly_without_noise(tmp_path, one_thread):
+    """DDP semantics: with a noiseless loss, 2 processes x 4 sequences take the same steps as 1 x 8."""
+    config = make_config(tmp_path / "two", max_steps=15, checkpoint_every=0, eval_every=0, ema_decay=None)
+    config_file = tmp_path / "two.json"
+    config_file.write_text(json.dumps(config.to_dict()))
+    script = tmp_path / "driver.py"
+    script.write_text(EXACT_DRIVER)
+    _launch_two_cpu_processes([str(script), str(config_file), str(Path(__file__).parent)])
+    assert (tmp_path / "two" / "checkpoints" / "step-15" / "random_states_1.pkl").exists()  # really 2 processes
+
+    one = make_config(tmp_path / "one", max_steps=15, checkpoint_every=0, eval_every=0, ema_decay=None)
+    pipeline = prepare_pipeline(one)
+    DiffusionTrainer(pipeline.model, one.training, pipeline.train_dataset, tokenizer=pipeline.tokenizer,
+                     compute_loss=clean_loss).train()
+    two_loss, one_loss = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(two_loss) == list(range(1, 16))
+    for step, value in one_loss.items():
+        assert math.isclose(two_loss[step], value, rel_tol=1e-5), (step, two_loss[step], value)
+    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)  # measured: 2.4e-7
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_the_one_process_loss_curve(tmp_path, one_thread):
+    """`accelerate launch ... training/train.py` on 2 CPU processes, the real NELBO objective: the same global
+    batch (tokens per step) and the same loss curve up to the corruption noise, which each process draws
+    for its own rows (window means of 10 steps within 15%: four seeds of one process spread by up to 14%)."""
+    steps = 40
+    common = dict(max_steps=steps, batch_size=16, checkpoint_every=0, eval_every=steps, eval_max_sequences=32,
+                  eval_num_samples=4)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump(make_config(tmp_path / "two", **common).to_dict()))
+    _launch_two_cpu_processes([str(REPO / "training" / "train.py"), "--config", str(config_file),
+                               "--num-samples", "0"])
+    assert (tmp_path / "two" / "checkpoints" / f"step-{steps}" / "random_states_1.pkl").exists()
     one_result, _ = run_training(make_config(tmp_path / "one", **common))
 
     two_records = read_metrics(tmp_path / "two" / "logs" / "metrics.jsonl")
     one_records = read_metrics(tmp_path / "one" / "logs" / "metrics.jsonl")
-    # The same global batch: the same number of tokens at every step.
     assert [r["train/tokens"] for r in two_records if "train/tokens" in r] == \
         [r["train/tokens"] for r in one_records if "train/tokens" in r]
     two_loss, one_loss = _losses(tmp_path / "two"), _losses(tmp_path / "one")
     assert sorted(two_loss) == sorted(one_loss) == list(range(1, steps + 1))
-    # The same loss curve up to the noise of the corruption draws (each process draws its own).
+    assert math.isclose(two_loss[1], one_loss[1], rel_tol=0.1)  # same weights and batch; only the noise differs
     for start in range(1, steps + 1, 10):
-        window = range(start, start + 10)
-        a = sum(two_loss[s] for s in window) / 10
-        b = sum(one_loss[s] for s in window) / 10
-        assert abs(a - b) / b < 0.06, (start, a, b)
+        a = sum(two_loss[s] for s in range(start, start + 10)) / 10
+        b = sum(one_loss[s] for s in range(start, start + 10)) / 10
+        assert abs(a - b) / b < 0.15, (start, a, b)
     two_eval = [r["eval/nelbo"] for r in two_records if "eval/nelbo" in r][-1]
-    assert abs(two_eval - one_result.eval_nelbo) / one_result.eval_nelbo < 0.04
+    assert abs(two_eval - one_result.eval_nelbo) / one_result.eval_nelbo < 0.15
 
 
 # ============================================================================================== embedded default
