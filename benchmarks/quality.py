@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["ptb", "wikitext-2"])
     parser.add_argument("--steps", type=int, help="override the preset's training steps")
+    parser.add_argument("--eval-samples", type=int, help="override the preset's t samples per test block")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     preset = dict(PRESETS[args.preset])
     if args.steps:
         preset["steps"] = args.steps
+    if args.eval_samples:
+        preset["eval_samples"] = args.eval_samples
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--preset gpu needs CUDA; no GPU is visible.")
     if preset["device"] == "cpu":

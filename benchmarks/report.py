@@ -8,7 +8,7 @@ machine it ran on. The quality benchmark (`benchmarks/quality.py`) gets dedicate
 perplexities with standard errors and ratios to the AR baseline, ablations, generation quality,
 infilling); every other benchmark (speed, scaling, throughput, ...) is rendered generically: its
 `headline` if it has one, then each list of flat records as a table. A PNG next to a JSON with the
-same stem is linked.
+same stem is linked, and a `<stem>.notes.md` (a person's reading of that run) is appended.
 """
 
 from __future__ import annotations
@@ -49,8 +49,12 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def machine_line(data: dict) -> str:
-    machine = dict(data.get("machine") or {})
-    machine.update(data.get("versions") or {})
+    machine, versions = data.get("machine"), data.get("versions")
+    if machine is not None and not isinstance(machine, dict):
+        return f"Machine: {fmt(machine)}"
+    machine = dict(machine or {})
+    if isinstance(versions, dict):
+        machine.update(versions)
     keys = ("cpu_count", "torch_threads", "gpu", "cuda", "load_average_at_start", "load_average_1min", "torch",
             "transformers")
     parts = [f"{k}={fmt(machine[k]) if not isinstance(machine[k], list) else [round(x, 2) for x in machine[k]]}"
@@ -77,7 +81,9 @@ def with_err(test: dict, name: str) -> str:
 
 def quality_section(data: dict) -> list[str]:
     settings = data.get("settings", {})
-    lines = [f"Settings: preset `{data.get('preset')}`, tokenizer {data.get('tokenizer')}, "
+    gpu = (data.get("machine") or {}).get("gpu")
+    lines = [f"Device: {gpu or 'CPU only (no GPU was used for this run)'}.", ""]
+    lines += [f"Settings: preset `{data.get('preset')}`, tokenizer {data.get('tokenizer')}, "
              f"{settings.get('steps')} steps of {settings.get('batch_size')} x {settings.get('block_size')} tokens, "
              f"width {settings.get('hidden_size')}, lr {settings.get('lr')}, "
              f"{settings.get('eval_samples')} t samples per test block. Diffusion figures are NELBO upper bounds "
@@ -194,6 +200,9 @@ def render(results: Path = RESULTS) -> str:
         png = path.with_suffix(".png")
         if png.exists():
             lines += [f"![{path.stem}](results/{png.name})", ""]
+        notes = path.with_suffix(".notes.md")
+        if notes.exists():  # a person's reading of that run, kept next to its data
+            lines += [notes.read_text().strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
