@@ -472,7 +472,9 @@ class DiffusionTrainer:
             log_with=self.trackers or None,
             project_dir=str(self.output_dir / "logs"),
             # The DataLoader yields global batches, split across processes: same global batch, any world size.
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            # No dispatching for streams: every process reads the stream itself, through a loader that keeps
+            # our seeded generator (the dispatcher drops it and draws from the global RNG at every epoch).
+            dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
             step_scheduler_with_optimizer=False,
             **accelerator_kwargs,
         )

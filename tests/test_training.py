@@ -240,6 +240,59 @@ def test_run_saves_ema_weights_tokenizer_logs_and_best(tmp_path, one_thread):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-10", "step-20"]
 
 
+def test_cli_with_one_data_flag_trains_a_bpe_and_prints_samples(tmp_path, one_thread, capsys):
+    from hf_sfdlm.commands.train import main
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("\n".join(SyntheticGrammar().sample_sentences(300, generator=5)).title() + "\n")
+    out = tmp_path / "run"
+    assert main(["--data", str(corpus), "--output-dir", str(out), "--max-steps", "4", "--num-samples", "1",
+                 "--sample-steps", "2", "tokenizer_vocab_size=400", "model.hidden_size=32",
+                 "model.fourier_intermediate_size=64", "data.block_size=16", "training.batch_size=8",
+                 "training.eval_max_sequences=8", "training.progress_bar=false", "training.log_with=[jsonl]"]) == 0
+    printed = capsys.readouterr().out
+    assert "Held-out NELBO" in printed and "Infilling" in printed and "entropy rate" not in printed
+    assert (out / "tokenizer" / "tokenizer.json").exists() and (out / "README.md").exists()
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 4 and math.isfinite(report["eval_nelbo"])
+
+
+def test_streaming_data_trains_and_resumes_exactly(tmp_path, one_thread):
+    from hf_sfdlm.training import TrainerCallback
+
+    corpus = tmp_path / "stream.txt"
+    corpus.write_text("\n".join(SyntheticGrammar().sample_sentences(400, generator=2)) + "\n")
+    data = {"dataset": str(corpus), "streaming": True, "validation_size": 20, "shuffle_buffer": 64}
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, trainer, step, loss):
+            if step == 9:
+                raise KeyboardInterrupt
+
+    def config(name):
+        return make_config(tmp_path / name, data=data, max_steps=12, checkpoint_every=5, eval_every=6)
+
+    reference, _ = run_training(config("reference"))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config("crashed"), callbacks=[Crash()])
+    resumed, _ = run_training(config("crashed"), resume=True)
+    assert resumed.resumed_from.name == "step-5"
+    assert _losses(tmp_path / "crashed") == _losses(tmp_path / "reference")
+    assert resumed.eval_nelbo == reference.eval_nelbo
+
+
+def test_single_process_mpi_launch_is_reported(monkeypatch, capsys):
+    from hf_sfdlm.commands.train import warn_if_mpi_launch_without_mpi
+
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert warn_if_mpi_launch_without_mpi() and "--multi_gpu" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not warn_if_mpi_launch_without_mpi()
+
+
 # ============================================================================================== checkpoints
 def _manager_with_checkpoints(tmp_path, steps=(5, 10)):
     """Real accelerate checkpoints of a tiny run (no subprocess)."""
