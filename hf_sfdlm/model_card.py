@@ -24,7 +24,17 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "sfdlm_template.md"
+def _template_path() -> Path:
+    """The card template: `model_cards/` of the repository, shipped in wheels as `hf_sfdlm.model_cards`."""
+    checkout = Path(__file__).resolve().parent.parent / "model_cards" / "sfdlm_template.md"
+    if checkout.is_file():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("hf_sfdlm.model_cards") / "sfdlm_template.md"))
+
+
+TEMPLATE_PATH = _template_path()
 CARD_FILE = "README.md"
 PIPELINE_TAG = "text-generation"
 BASE_TAGS = ("sfdlm", "diffusion", "discrete-diffusion", "text-diffusion", "attention-free", "custom_code")
