@@ -23,7 +23,7 @@ output layer, so every model predicts the `vocab_size` most frequent training id
 id spread uniformly over the rest (`hf_sfdlm.evaluation.CompactVocabulary`). Likelihoods stay exact
 likelihoods of GPT-2 token sequences; the "other" penalty is the same for every model.
 
-    python benchmarks/quality.py --preset cpu
+    python benchmarks/quality.py --preset cpu --eval-samples 16   # the run in RESULTS.md (~27 min on 2 cores)
     python benchmarks/quality.py --preset gpu          # where a GPU is lent
 """
 
