@@ -428,7 +428,9 @@ def default_evaluate_batch(model: nn.Module, batch: dict[str, torch.Tensor], num
 
 
 def _no_decay(name: str, parameter: nn.Parameter) -> bool:
-    return parameter.ndim < 2 or "norm" in name or "embed" in name or ".mixer." in name
+    """Biases and norm scales (1-D), token/position embeddings (and the head tied to them), and the SSM's own
+    parameters (A, dt, C, D: decaying them changes the dynamics, not just the scale) get no weight decay."""
+    return parameter.ndim < 2 or "embed_tokens" in name or "embeddings." in name or ".mixer." in name
 
 
 class DiffusionTrainer:

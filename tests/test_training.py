@@ -516,6 +516,7 @@ def test_two_cpu_processes_match_the_one_process_loss_curve(tmp_path, one_thread
 
 
 # ============================================================================================== embedded default
+@pytest.mark.slow
 def test_embedded_default_learns_the_grammar(tmp_path, one_thread):
     """A shortened `sfdlm train` (100 steps, hidden size 64, 32-token blocks): the held-out NELBO must end
     below 1.35 x the source entropy rate. The unigram entropy of the stream is 1.45 x, so the model must use
