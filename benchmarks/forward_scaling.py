@@ -39,7 +39,7 @@ def build(kind: str, hidden: int, blocks: int, max_length: int):
 
     config = BertConfig(vocab_size=1024, hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=hidden // 64,
                         intermediate_size=4 * hidden, max_position_embeddings=max_length)
-    return BertModel(config, add_pooling_layer=False, attn_implementation="sdpa")
+    return BertModel._from_config(config, attn_implementation="sdpa", add_pooling_layer=False)
 
 
 def measure_point(kind: str, length: int, args) -> dict:
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-after-seconds", type=float, default=120.0,
                         help="stop growing a model's length once one point took longer than this")
+    parser.add_argument("--tag", default="", help="suffix of the output files, to keep several runs")
     parser.add_argument("--point", nargs=2, metavar=("MODEL", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -99,7 +100,7 @@ def main() -> None:
                 continue
             command = [sys.executable, __file__, "--point", kind, str(length)] + [
                 f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-                if name not in ("point",) and value is not None]
+                if name not in ("point", "tag") and value is not None]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 print(f"{kind} at {length}: failed ({result.stderr.strip().splitlines()[-1:]})", flush=True)
@@ -120,8 +121,9 @@ def main() -> None:
                            "transformer_over_sfdlm_time": pair["transformer"]["seconds"] / pair["sfdlm"]["seconds"],
                            "transformer_over_sfdlm_memory":
                                pair["transformer"]["peak_memory_mib"] / max(pair["sfdlm"]["peak_memory_mib"], 1e-9)})
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    suffix = ("" if args.device == "cpu" else f"_{args.device}") + (f"_{args.tag}" if args.tag else "")
     settings = {k: v for k, v in vars(args).items() if k != "point"}
+    settings["command"] = "python " + " ".join(["benchmarks/forward_scaling.py"] + sys.argv[1:])
     path = write_json(f"forward_scaling{suffix}", {"settings": settings, "points": points, "ratios": ratios})
     plot(points, RESULTS_DIR / f"forward_scaling{suffix}.png", args)
     print(f"wrote {path}")

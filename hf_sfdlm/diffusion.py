@@ -222,9 +222,10 @@ class DiscreteDiffusion:
         """Stratified noise levels: row k gets u_k = (k + U_k) / B (then shuffled), a low-variance
         cover of [0, 1) that keeps every row's draw uniform. Pass `u` to choose the quantiles yourself.
         """
-        if u is None:
-            offsets = torch.rand(batch_size, generator=generator, dtype=torch.float64)
-            order = torch.randperm(batch_size, generator=generator)
+        if u is None:  # drawn where the generator lives, so a CUDA generator works too
+            where = generator.device if generator is not None else "cpu"
+            offsets = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=where)
+            order = torch.randperm(batch_size, generator=generator, device=where)
             u = (order.to(torch.float64) + offsets) / batch_size
         u = u.to(torch.float64).cpu()
         if self.num_timesteps is not None:

@@ -440,6 +440,13 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings`, then the diffusion process is rebuilt for the new
+        vocabulary (the uniform prior is 1/V)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.diffusion = type(self.diffusion).from_config(self.config)
+        return embeddings
+
     @property
     def noise_schedule(self) -> NoiseSchedule:
         return self.diffusion.schedule

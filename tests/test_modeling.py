@@ -272,3 +272,12 @@ def test_cached_kernel_spectrum_follows_parameter_updates():
     assert not torch.allclose(updated, first)
     with torch.enable_grad():
         torch.testing.assert_close(ssm(u), updated)  # the autograd path recomputes, same numbers
+
+
+def test_resizing_the_vocabulary_rebuilds_the_diffusion_process():
+    model = SFDLMForDiffusionLM(tiny_config(process="uniform"))
+    model.resize_token_embeddings(40)
+    assert model.config.vocab_size == 40 and model.diffusion.vocab_size == 40
+    assert torch.allclose(model.diffusion.prior(), torch.full((40,), 1 / 40))
+    ids = torch.randint(0, 40, (2, 6))
+    assert torch.isfinite(model(ids, labels=ids).loss)
