@@ -25,7 +25,7 @@ from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, B
 from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
-from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo
 from .generation_sfdlm import SFDLMGenerationMixin
 from .modeling_sfdlm import timestep_embedding
 
@@ -197,20 +197,9 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
         x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
-        batch = x0.shape[0]
-        offset = torch.rand(batch, generator=generator, dtype=torch.float64)
-        samples = []
-        for k in range(num_samples):
-            u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-            draw = self.diffusion.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
-            noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
-            terms = self.diffusion.loss_terms(self.denoise(noisy, draw.t, attention_mask), x0, noisy, draw)
-            samples.append((terms.double() * scored).sum(-1))
-        samples = torch.stack(samples, dim=-1)
-        if self.config.num_timesteps is None and self.config.process == "uniform":
-            # The continuous uniform NELBO's t = 0 reconstruction term, computed exactly.
-            log_probs = self.denoise(x0, torch.zeros(batch, device=x0.device), attention_mask).double().log_softmax(-1)
-            samples = samples + (-(log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)).unsqueeze(-1)
+        continuous_uniform = self.config.num_timesteps is None and self.config.process == "uniform"
+        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
+                                    num_samples, generator, exact_reconstruction=continuous_uniform)
         return samples if return_samples else samples.mean(-1)
 
 

@@ -317,4 +317,37 @@ class DiscreteDiffusion:
         return hazard * (alpha * x0_probs / one_minus + one_minus * u2_s)
 
 
-__all__ = ["DiscreteDiffusion", "NoiseDraw", "NoiseSchedule", "RECONSTRUCTION_DRAW_PROBABILITY"]
+def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, num_samples: int,
+                      generator: torch.Generator | None = None,
+                      exact_reconstruction: bool = False) -> torch.Tensor:
+    """(B, num_samples) single-draw NELBO estimates of each sequence, in nats, for any denoiser.
+
+    The draws of each row are stratified over [0, 1): draw k uses u = (k + U) / num_samples.
+
+    Args:
+        process: a `DiscreteDiffusion` (or anything with its `schedule`, `draw_noise`, `corrupt`, `loss_terms`).
+        denoise: callable `(x_t, t) -> logits` of the model.
+        x0: (B, L) clean ids. scored: (B, L) bool, the positions whose likelihood is measured; the others
+            stay clean and condition the prediction.
+        exact_reconstruction: add the continuous-time uniform NELBO's t = 0 term -log p_hat(x_0 | x_0)
+            computed exactly (one extra pass) instead of drawing it.
+    """
+    batch = x0.shape[0]
+    offset = torch.rand(batch, generator=generator, dtype=torch.float64,
+                        device=generator.device if generator is not None else "cpu")
+    samples = []
+    for k in range(num_samples):
+        u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
+        draw = process.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
+        noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
+        terms = process.loss_terms(denoise(noisy, draw.t), x0, noisy, draw)
+        samples.append((terms.double() * scored).sum(-1))
+    samples = torch.stack(samples, dim=-1)
+    if exact_reconstruction:
+        log_probs = denoise(x0, torch.zeros(batch, device=x0.device)).double().log_softmax(-1)
+        recon = -(log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)
+        samples = samples + recon.unsqueeze(-1)
+    return samples
+
+
+__all__ = ["DiscreteDiffusion", "monte_carlo_nelbo", "NoiseDraw", "NoiseSchedule", "RECONSTRUCTION_DRAW_PROBABILITY"]

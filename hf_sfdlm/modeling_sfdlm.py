@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import SFDLMConfig
-from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo
 from .generation_sfdlm import SFDLMGenerationMixin
 from .score_entropy import ScoreEntropy
 
@@ -519,24 +519,10 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
             scored = scored & attention_mask.bool()
         x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
         self._check_clean_ids(x0, scored)
-        batch = x0.shape[0]
         continuous_uniform = (self.config.num_timesteps is None and self.config.process == "uniform"
                               and self.config.objective == "elbo")  # the SEDD ELBO has no t = 0 term
-        offset = torch.rand(batch, generator=generator, dtype=torch.float64)
-        samples = []
-        for k in range(num_samples):
-            u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-            # No reconstruction atom: the continuous uniform t = 0 term is added exactly below.
-            draw = self.diffusion.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
-            noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
-            terms = self.diffusion.loss_terms(self.denoise(noisy, draw.t, attention_mask), x0, noisy, draw)
-            samples.append((terms.double() * scored).sum(-1))
-        samples = torch.stack(samples, dim=-1)
-        if continuous_uniform:
-            zeros = torch.zeros(batch, device=x0.device)
-            log_probs = self.denoise(x0, zeros, attention_mask).double().log_softmax(-1)
-            recon = -(log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1) * scored).sum(-1)
-            samples = samples + recon.unsqueeze(-1)
+        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
+                                    num_samples, generator, exact_reconstruction=continuous_uniform)
         return samples if return_samples else samples.mean(-1)
 
 
