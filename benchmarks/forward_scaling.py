@@ -123,8 +123,9 @@ def main() -> None:
                                pair["transformer"]["peak_memory_mib"] / max(pair["sfdlm"]["peak_memory_mib"], 1e-9)})
     suffix = ("" if args.device == "cpu" else f"_{args.device}") + (f"_{args.tag}" if args.tag else "")
     settings = {k: v for k, v in vars(args).items() if k != "point"}
-    settings["command"] = "python " + " ".join(["benchmarks/forward_scaling.py"] + sys.argv[1:])
-    path = write_json(f"forward_scaling{suffix}", {"settings": settings, "points": points, "ratios": ratios})
+    command = "python " + " ".join(["benchmarks/forward_scaling.py"] + sys.argv[1:])
+    path = write_json(f"forward_scaling{suffix}", {"command": command, "settings": settings, "points": points,
+                                                   "ratios": ratios})
     plot(points, RESULTS_DIR / f"forward_scaling{suffix}.png", args)
     print(f"wrote {path}")
 
