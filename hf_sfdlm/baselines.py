@@ -25,7 +25,7 @@ from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, B
 from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
-from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo
+from .diffusion import DiscreteDiffusion, NoiseSchedule, clean_and_scored, monte_carlo_nelbo, training_loss
 from .generation_sfdlm import SFDLMGenerationMixin
 from .modeling_sfdlm import timestep_embedding
 
@@ -167,18 +167,11 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
         if labels is None:
             return TransformerDenoiserOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
         self.check_inputs(input_ids, attention_mask)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
-        scored = labels != -100
-        if attention_mask is not None:
-            scored = scored & attention_mask.bool()
-        x0 = torch.where(scored, labels, input_ids)
-        draw = self.diffusion.draw_noise(x0.shape[0], generator=generator, device=x0.device)
-        noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
-        logits = self.denoise(noisy, draw.t, attention_mask)
-        terms = self.diffusion.loss_terms(logits, x0, noisy, draw)
-        loss = (terms * scored).sum() / scored.sum().clamp_min(1)
-        return TransformerDenoiserOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=draw.t)
+        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
+        self.check_inputs(x0)
+        loss, logits, noisy, t = training_loss(
+            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
+        return TransformerDenoiserOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -193,10 +186,7 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
         if self.config.objective != "elbo":
             raise ValueError(f"`nelbo` needs objective='elbo', got {self.config.objective!r}.")
         self.check_inputs(input_ids, attention_mask)
-        scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
-        if attention_mask is not None:
-            scored = scored & attention_mask.bool()
-        x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
         continuous_uniform = self.config.num_timesteps is None and self.config.process == "uniform"
         samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
                                     num_samples, generator, exact_reconstruction=continuous_uniform)

@@ -317,6 +317,31 @@ class DiscreteDiffusion:
         return hazard * (alpha * x0_probs / one_minus + one_minus * u2_s)
 
 
+def clean_and_scored(input_ids: torch.Tensor, labels: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, scored) from a batch: labels give the clean ids to score (-100: not scored, keep `input_ids`
+    there as conditioning); padding (`attention_mask` 0) is never scored."""
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
+    scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
+    if attention_mask is not None:
+        scored = scored & attention_mask.bool()
+    x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+    return x0, scored
+
+
+def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
+                  generator: torch.Generator | None = None):
+    """One training draw: corrupt the scored positions at stratified noise levels, denoise, and return
+    `(loss per scored token, logits, x_t, t)`. `denoise(x_t, t)` returns the model's logits."""
+    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device)
+    noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
+    logits = denoise(noisy, draw.t)
+    terms = process.loss_terms(logits, x0, noisy, draw)
+    loss = (terms * scored).sum() / scored.sum().clamp_min(1)
+    return loss, logits, noisy, draw.t
+
+
 def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, num_samples: int,
                       generator: torch.Generator | None = None,
                       exact_reconstruction: bool = False) -> torch.Tensor:
@@ -350,4 +375,4 @@ def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, 
     return samples
 
 
-__all__ = ["DiscreteDiffusion", "monte_carlo_nelbo", "NoiseDraw", "NoiseSchedule", "RECONSTRUCTION_DRAW_PROBABILITY"]
+__all__ = ["DiscreteDiffusion", "clean_and_scored", "monte_carlo_nelbo", "training_loss", "NoiseDraw", "NoiseSchedule", "RECONSTRUCTION_DRAW_PROBABILITY"]

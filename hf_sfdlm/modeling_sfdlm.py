@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import SFDLMConfig
-from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo
+from .diffusion import DiscreteDiffusion, NoiseSchedule, clean_and_scored, monte_carlo_nelbo, training_loss
 from .generation_sfdlm import SFDLMGenerationMixin
 from .score_entropy import ScoreEntropy
 
@@ -474,19 +474,11 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
         if labels is None:
             return SFDLMDiffusionLMOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
         self.model.check_inputs(input_ids, attention_mask)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
-        scored = labels != -100
-        if attention_mask is not None:
-            scored = scored & attention_mask.bool()
-        x0 = torch.where(scored, labels, input_ids)
+        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
         self._check_clean_ids(x0, scored)
-        draw = self.diffusion.draw_noise(x0.shape[0], generator=generator, device=x0.device)
-        noisy = self.diffusion.corrupt(x0, self.noise_schedule.alpha(draw.t), corruptible=scored, generator=generator)
-        logits = self.denoise(noisy, draw.t, attention_mask)
-        terms = self.diffusion.loss_terms(logits, x0, noisy, draw)
-        loss = (terms * scored).sum() / scored.sum().clamp_min(1)
-        return SFDLMDiffusionLMOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=draw.t)
+        loss, logits, noisy, t = training_loss(
+            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
+        return SFDLMDiffusionLMOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
 
     def _check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
         self.model.check_inputs(x0)
@@ -514,10 +506,7 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
             raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
                              "a 'ce' model's loss is not a likelihood bound.")
         self.model.check_inputs(input_ids, attention_mask)
-        scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
-        if attention_mask is not None:
-            scored = scored & attention_mask.bool()
-        x0 = input_ids if labels is None else torch.where(scored, labels, input_ids)
+        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
         self._check_clean_ids(x0, scored)
         continuous_uniform = (self.config.num_timesteps is None and self.config.process == "uniform"
                               and self.config.objective == "elbo")  # the SEDD ELBO has no t = 0 term
