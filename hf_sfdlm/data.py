@@ -293,9 +293,11 @@ def build_datasets(config: DataConfig, tokenizer, seed: int = 0, work_dir: str |
 class DiffusionCollator:
     """Pad token-id lists into a batch for `SFDLMForDiffusionLM.forward`.
 
-    Returns `input_ids`, `attention_mask` (0 at padding) and `labels` (the ids, -100 at padding, so padding
-    is never corrupted nor scored). Packed blocks have no padding, so the mask is all ones. Padding is on
-    the right and uses `pad_token_id`; `pad_to_multiple_of` rounds the padded length up.
+    Returns `input_ids`, `attention_mask` (0 at padding) and `labels` (the example's own `labels` when it
+    has them, e.g. -100 on an SFT prompt, else the ids; always -100 at padding, so padding is never
+    corrupted nor scored). Packed blocks have no padding, so the mask is all ones. Padding is on the right
+    and uses `pad_token_id` (EOS is fine: padding is found by length, never by comparing ids with the pad
+    id); `pad_to_multiple_of` rounds the padded length up.
     """
 
     pad_token_id: int
@@ -309,11 +311,15 @@ class DiffusionCollator:
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         for row, (example, length) in enumerate(zip(examples, lengths)):
+            example_labels = example.get("labels", example["input_ids"])
+            if len(example_labels) != length:
+                raise ValueError(f"Example {row}: {len(example_labels)} labels for {length} input ids.")
             input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.as_tensor(example_labels, dtype=torch.long)
             attention_mask[row, :length] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .data import DiffusionCollator
 
 logger = logging.getLogger(__name__)
 
@@ -164,31 +165,16 @@ def load_sft_dataset(path: str | os.PathLike, tokenizer, max_length: int | None 
     return dataset
 
 
-@dataclass
-class SFTCollator:
+class SFTCollator(DiffusionCollator):
     """Right-pad SFT examples: `input_ids` with `pad_token_id` (EOS is fine), `attention_mask` 0 and
-    `labels` -100 at padding. Padding is found by length, never by comparing ids with the pad id."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
+    `labels` -100 at padding, the examples' own labels (-100 on the prompt) elsewhere. Padding is found by
+    length, never by comparing ids with the pad id. Every example must carry `labels`."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("Cannot collate an empty list of examples.")
-        lengths = [len(example["input_ids"]) for example in examples]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, (example, length) in enumerate(zip(examples, lengths)):
-            if len(example["labels"]) != length:
-                raise ValueError(f"Example {row}: {len(example['labels'])} labels for {length} input ids.")
-            input_ids[row, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.as_tensor(example["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        missing = [row for row, example in enumerate(examples) if "labels" not in example]
+        if missing:
+            raise ValueError(f"SFT examples {missing} have no `labels` (build them with `sft_example`).")
+        return super().__call__(examples)
 
 
 __all__ = ["IGNORE_INDEX", "SFTCollator", "is_sft_file", "load_sft_dataset", "sft_example"]
