@@ -19,14 +19,6 @@ from hf_sfdlm.synthetic import word_level_tokenizer
 P_VALUE = 1e-3  # chi-square acceptance level; every statistical test runs at a fixed seed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on the shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def stub_model(process, probs, mask=None, time_conditioning=False, **config):
     """A model whose denoiser ignores its input: p_hat(x_0 | x_t) = `probs` (V,) at every position, or
     `probs[i]` at position i when `probs` is (L, V). Records the batch size of every call."""

@@ -26,13 +26,6 @@ from hf_sfdlm.synthetic import word_level_tokenizer
 REMOTE_CODE = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class RecordingApi(HfApi):
     """`HfApi` whose three network calls are recorded instead of sent."""

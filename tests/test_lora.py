@@ -20,14 +20,6 @@ from hf_sfdlm.lora import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: with 2 threads on 2 shared, busy cores every op waits on the other thread (50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def pretrained_like(seed: int = 0, **overrides) -> SFDLMForDiffusionLM:
     """A tiny model whose adaLN-Zero gates are open, as after pretraining (at init every block is the

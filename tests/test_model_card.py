@@ -20,13 +20,6 @@ from hf_sfdlm.model_card import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def measured_results(model) -> list[EvalResult]:
     """Numbers a run would measure: the held-out NELBO per token and the perplexity bound it implies."""

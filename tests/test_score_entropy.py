@@ -21,14 +21,6 @@ REAL = 3  # real tokens; the absorbing graph adds the mask as id 3
 GRAPHS = ("absorbing", "uniform")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only contend on the shared cores (20x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 def make(graph: str, schedule: str = "loglinear") -> ScoreEntropy:
