@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.05, help="Held-out fraction of the data.")
     parser.add_argument("--merge", action="store_true", help="Also save the merged model to <output-dir>/merged.")
     parser.add_argument("--resume", action="store_true",
-                        help="Continue from the newest complete checkpoint in <output-dir>/checkpoints.")
+                        help="Continue the run in <output-dir> from its newest usable checkpoint.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete the checkpoints and logs of the run in <output-dir> and start afresh.")
     parser.add_argument("--base-model-id", help="Hub repo id of the base for the model card (default: --model "
                                                 "when it is a repo id).")
     parser.add_argument("--repo-id", help="Name used in the model card (default: the output folder's name).")
@@ -80,7 +82,7 @@ def run_finetune(args: argparse.Namespace):
     """`hf_sfdlm.pipelines.run_finetune` on the parsed arguments; returns (result, trainer)."""
     from ..pipelines import run_finetune as run_pipeline
 
-    return run_pipeline(finetune_config(args), resume=args.resume)
+    return run_pipeline(finetune_config(args), resume=args.resume, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
