@@ -389,15 +389,16 @@ class DiffusionTrainer:
         start_time = window_start = time.perf_counter()
         progress = tqdm(total=args.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                         disable=not (args.progress_bar and acc.is_local_main_process))
-        batches = self._micro_batches()
+        batches, state = self._micro_batches(), self.state
         self.model.train()
-        while self.state.step < args.max_steps:
+        while state.step < args.max_steps:
             loss, tokens, grad_norm = self._optimizer_step(batches)
-            state = self.state
-            state.step, state.tokens, state.last_loss = state.step + 1, state.tokens + tokens, loss
-            state.window_loss += loss
-            state.window_tokens += tokens
+            state.step += 1
             step = state.step
+            state.tokens += tokens
+            state.window_tokens += tokens
+            state.window_loss += loss
+            state.last_loss = loss
             progress.update(1)
             for callback in self.callbacks:
                 callback.on_step_end(self, step, loss)
@@ -458,8 +459,9 @@ class DiffusionTrainer:
         self.accelerator.print(f"The run in {self.output_dir} already finished at step {self.state.step} "
                                f"(training.max_steps={self.args.max_steps}): nothing to do; its model and files are "
                                "left as they are. Raise training.max_steps to train further.")
-        return TrainResult(**record["result"], output_dir=self.output_dir, resumed_from=resumed.path,
-                           already_finished=True)
+        stored = {k: v for k, v in record.get("result", {}).items() if k in TrainResult.__dataclass_fields__}
+        return TrainResult(**{**stored, "output_dir": self.output_dir, "resumed_from": resumed.path,
+                              "already_finished": True})
 
     def _log_window(self, progress, grad_norm: float | None, elapsed: float) -> None:
         """Log the means over the steps since the last log (the window survives a resume in `TrainState`)."""
