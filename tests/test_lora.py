@@ -201,7 +201,7 @@ def sft_files(tmp_path):
 def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     from hf_sfdlm.cli import main as cli_main
     from hf_sfdlm.model_card import validate_model_card
-    from hf_sfdlm.training import read_metrics
+    from hf_sfdlm.tracking import read_metrics
 
     base, data = sft_files(tmp_path)
     base_bytes = (base / "model.safetensors").read_bytes()

@@ -1,4 +1,4 @@
-"""Training (hf_sfdlm.training, hf_sfdlm.checkpointing, hf_sfdlm.ema): presets, input checks, the loop,
+"""Training (hf_sfdlm.train_config, .trainer, .pipelines, .tracking, .checkpointing, .ema): presets, input checks, the loop,
 checkpoints, kill-and-resume, two processes, and the embedded default job."""
 
 from __future__ import annotations
@@ -23,16 +23,10 @@ from hf_sfdlm.checkpointing import CheckpointError, CheckpointManager
 from hf_sfdlm.data import DataConfig
 from hf_sfdlm.ema import create_ema, ema_decay
 from hf_sfdlm.synthetic import SyntheticGrammar
-from hf_sfdlm.training import (
-    DiffusionTrainer,
-    NonFiniteLossError,
-    TrainConfig,
-    TrainingConfig,
-    load_config,
-    prepare_pipeline,
-    read_metrics,
-    run_training,
-)
+from hf_sfdlm.pipelines import prepare_pipeline, run_training
+from hf_sfdlm.tracking import read_metrics
+from hf_sfdlm.train_config import TrainConfig, TrainingConfig, load_config
+from hf_sfdlm.trainer import DiffusionTrainer, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 # A model that trains a step in milliseconds; the data is the synthetic corpus, word-level tokenizer.
@@ -258,7 +252,7 @@ def test_cli_with_one_data_flag_trains_a_bpe_and_prints_samples(tmp_path, one_th
 
 
 def test_streaming_data_trains_and_resumes_exactly(tmp_path, one_thread):
-    from hf_sfdlm.training import TrainerCallback
+    from hf_sfdlm.trainer import TrainerCallback
 
     corpus = tmp_path / "stream.txt"
     corpus.write_text("\n".join(SyntheticGrammar().sample_sentences(400, generator=2)) + "\n")
@@ -349,7 +343,7 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, one_thread):
 def test_resume_across_an_epoch_boundary_replays_the_same_batches(tmp_path, one_thread):
     """Stop mid-run (an exception after step 15), resume from step 10, cross into the next epoch (about 23
     batches per epoch here) and end exactly where the uninterrupted run ends."""
-    from hf_sfdlm.training import TrainerCallback
+    from hf_sfdlm.trainer import TrainerCallback
 
     class Crash(TrainerCallback):
         def on_step_end(self, trainer, step, loss):
@@ -370,7 +364,9 @@ DRIVER = """
 import json, sys, time
 import torch
 torch.set_num_threads(1)
-from hf_sfdlm.training import TrainConfig, TrainerCallback, run_training
+from hf_sfdlm.pipelines import run_training
+from hf_sfdlm.train_config import TrainConfig
+from hf_sfdlm.trainer import TrainerCallback
 
 class Slow(TrainerCallback):  # leaves time to kill the run mid-way; changes no number
     def on_step_end(self, trainer, step, loss):
@@ -442,7 +438,9 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
 from test_training import clean_loss
-from hf_sfdlm.training import DiffusionTrainer, TrainConfig, prepare_pipeline
+from hf_sfdlm.pipelines import prepare_pipeline
+from hf_sfdlm.train_config import TrainConfig
+from hf_sfdlm.trainer import DiffusionTrainer
 config = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
 pipeline = prepare_pipeline(config)
 DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, tokenizer=pipeline.tokenizer,

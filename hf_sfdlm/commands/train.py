@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..training import load_config
+    from ..train_config import load_config
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.dataset"), ("text_column", "data.text_column"),
@@ -73,7 +73,7 @@ def warn_if_mpi_launch_without_mpi() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import run_training
+    from ..pipelines import run_training
 
     warn_if_mpi_launch_without_mpi()
     config = config_from_args(args)

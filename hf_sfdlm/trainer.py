@@ -1,21 +1,15 @@
-"""Training diffusion language models with accelerate: configuration, the loop, and the standard pipeline.
+"""`DiffusionTrainer`: the accelerate training loop for diffusion language models.
 
-Three layers, each usable on its own:
-
-    TrainConfig / load_config   the YAML presets (`training/configs/*.yaml`) with `a.b=value` overrides;
-                                `TrainConfig()` itself is the `tiny` preset
-    DiffusionTrainer            the loop, for any model whose forward returns `.loss` (or any `compute_loss`):
-                                AdamW, warmup + schedule from `transformers.get_scheduler`, gradient accumulation
-                                and clipping, mixed precision, EMA, periodic held-out NELBO, trackers (TensorBoard,
-                                JSON lines), tqdm, non-finite loss detection, atomic checkpoints, exact resume
-    run_training                the standard pipeline: data -> tokenizer -> checks -> model -> DiffusionTrainer
+It drives any model whose forward returns `.loss` (or any `compute_loss`): AdamW, warmup + schedule from
+`transformers.get_scheduler`, gradient accumulation and clipping, mixed precision, EMA, periodic held-out
+NELBO, trackers (TensorBoard, JSON lines), tqdm, non-finite loss detection, atomic checkpoints, exact resume.
 
 The loop in one breath: every optimizer step consumes `gradient_accumulation_steps` micro-batches of the
 global batch (split across processes, so the global batch does not depend on the number of processes),
 then clips, steps the optimizer and the schedule, updates the EMA, logs, evaluates and checkpoints. Data
 order is a function of (seed, epoch) only and the position in the epoch is checkpointed, so a resumed run
 reads exactly the batches the uninterrupted run would have read; with the RNG, optimizer, scheduler and EMA
-restored by `accelerator.load_state`, a resumed CPU run ends with bit-identical weights.
+restored, a resumed CPU run ends with bit-identical weights.
 
 Reuse (e.g. LoRA fine-tuning): build your own model (a PEFT-wrapped one works), datasets and collator, and
 pass them to `DiffusionTrainer`; add a `TrainerCallback` whose `on_save(trainer, directory)` writes a model
@@ -25,314 +19,31 @@ card next to every saved model and whose `on_train_end(trainer, result)` sees th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.tracking import GeneralTracker
 from torch import nn
 
 from .checkpointing import Checkpoint, CheckpointManager, fingerprint_hash
-from .data import DataConfig, DiffusionCollator
+from .data import DiffusionCollator
+from .tracking import JSONLinesTracker, flatten_config
+from .train_config import TrainingConfig
 
 logger = logging.getLogger(__name__)
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-BUILTIN_TRACKERS = ("tensorboard", "jsonl")
-
-# The `tiny` preset's model: the configuration that trains best on the synthetic corpus within a few CPU
-# minutes (see README "Training"). `vocab_size` and the special-token ids come from the tokenizer.
-TINY_MODEL: dict[str, Any] = {
-    "process": "absorbing",
-    "hidden_size": 128,
-    "stage_depths": [2, 2],
-    "pool_factors": [2],
-    "ssm_state_size": 16,
-    "fourier_intermediate_size": 256,
-    "num_timesteps": None,
-    "noise_schedule": "loglinear",
-}
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient norm became NaN or infinite; the step that produced it was not applied."""
 
 
-# ============================================================================================== configuration
-@dataclass
-class TrainingConfig:
-    """How to train: optimisation, evaluation, logging and checkpointing.
-
-    Args:
-        output_dir: where the model, checkpoints (`checkpoints/`) and logs (`logs/`) go.
-        seed: seeds model initialisation, data order and corruption noise.
-        max_steps: optimizer steps to train for.
-        batch_size: sequences per optimizer step across all processes and accumulation steps (global batch).
-        gradient_accumulation_steps: micro-batches per optimizer step (`batch_size` must be divisible by it,
-            and each micro-batch by the number of processes).
-        learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW. Biases, norms, embeddings
-            and SSM parameters get no weight decay.
-        lr_scheduler: any `transformers.get_scheduler` name (`cosine`, `linear`, `constant_with_warmup`, ...).
-        warmup_steps: linear warm-up steps of the schedule.
-        min_lr_ratio: floor of `cosine` schedules as a fraction of the peak (`cosine_with_min_lr`); 0 for none.
-        max_grad_norm: clip the global gradient norm to this (`None`: no clipping).
-        mixed_precision: `"no"`, `"bf16"` or `"fp16"`, through accelerate.
-        ema_decay: decay of the EMA of the weights used for evaluation and the saved model (`None`: no EMA).
-        eval_every: evaluate the held-out NELBO every this many steps (and at the end); 0: only at the end.
-        eval_num_samples: noise levels per held-out sequence in the Monte Carlo NELBO.
-        eval_max_sequences: held-out sequences used per evaluation (`None`: all).
-        save_best: write the model to `<output_dir>/best` at every evaluation that improves the NELBO.
-        checkpoint_every: write a checkpoint every this many steps (and at the end); 0: only at the end.
-        keep_checkpoints: complete checkpoints kept.
-        checkpoint_checksums: record and verify SHA-256 sums of checkpoint files.
-        log_every: log the training loss, learning rate, gradient norm and throughput every this many steps.
-        log_with: trackers: `"tensorboard"`, `"jsonl"` (`logs/metrics.jsonl`) and any other accelerate tracker name.
-        progress_bar: show a tqdm bar on the main process.
-        num_workers: DataLoader workers.
-        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
-        cpu_threads: torch intra-op threads when training on CPU (`None`: torch's default, one per core). Small
-            models gain little from more threads, and on a shared machine OpenMP threads that wait for each
-            other can make a step several times slower than one thread does.
-    """
-
-    output_dir: str = "outputs/sfdlm-tiny"
-    seed: int = 0
-    max_steps: int = 500
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-3
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    ema_decay: float | None = 0.99
-    eval_every: int = 250
-    eval_num_samples: int = 4
-    eval_max_sequences: int | None = 128
-    save_best: bool = True
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    checkpoint_checksums: bool = True
-    log_every: int = 20
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
-    progress_bar: bool = True
-    num_workers: int = 0
-    gradient_checkpointing: bool = False
-    cpu_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        # YAML 1.1 reads `3e-4` (no dot) as a string: accept it as the number it obviously is.
-        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "min_lr_ratio",
-                     "max_grad_norm", "ema_decay"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"`training.{name}` must be a number, got {value!r}.") from None
-
-        def positive_int(name: str, minimum: int = 1) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`training.{name}` must be an integer >= {minimum}, got {value!r}.")
-
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "eval_num_samples",
-                     "keep_checkpoints", "log_every"):
-            positive_int(name)
-        for name in ("seed", "warmup_steps", "eval_every", "checkpoint_every", "num_workers"):
-            positive_int(name, minimum=0)
-        if self.batch_size % self.gradient_accumulation_steps:
-            raise ValueError(f"`training.batch_size`={self.batch_size} must be divisible by "
-                             f"`training.gradient_accumulation_steps`={self.gradient_accumulation_steps}.")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"`training.learning_rate` must be a positive number, got {self.learning_rate!r}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"`training.mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"`training.ema_decay` must be in (0, 1) or null, got {self.ema_decay!r}.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm!r}.")
-        if self.eval_max_sequences is not None:
-            positive_int("eval_max_sequences")
-        if self.cpu_threads is not None:
-            positive_int("cpu_threads")
-        if not 0.0 <= self.min_lr_ratio < 1.0:
-            raise ValueError(f"`training.min_lr_ratio` must be in [0, 1), got {self.min_lr_ratio!r}.")
-        from transformers.trainer_utils import SchedulerType
-
-        names = [s.value for s in SchedulerType]
-        if self.lr_scheduler not in names:
-            raise ValueError(f"`training.lr_scheduler` must be one of {names}, got {self.lr_scheduler!r}.")
-        if isinstance(self.log_with, str):
-            self.log_with = [self.log_with]
-
-
-@dataclass
-class TrainConfig:
-    """A whole run: `model` (keyword arguments of `SFDLMConfig`; `vocab_size` and special-token ids default to
-    the tokenizer's), `tokenizer` (an `AutoTokenizer` name/folder; `None`: the synthetic corpus's word-level
-    tokenizer, or a byte-level BPE of `tokenizer_vocab_size` trained on the corpus), `data` and `training`.
-    The defaults are the `tiny` preset."""
-
-    model: dict[str, Any] = field(default_factory=lambda: dict(TINY_MODEL))
-    tokenizer: str | None = None
-    tokenizer_vocab_size: int = 4096
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=lambda: TrainingConfig(cpu_threads=1))
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown top-level config key(s) {unknown}; expected some of {sorted(known)}.")
-        values = dict(values)
-        model = values.pop("model", None)
-        if model is not None and not isinstance(model, dict):
-            raise ValueError(f"`model` must be a mapping of SFDLMConfig arguments, got {type(model).__name__}.")
-        data = DataConfig.from_dict(values.pop("data", None) or {})
-        training_values = values.pop("training", None) or {}
-        allowed = {f.name for f in fields(TrainingConfig)}
-        unknown = sorted(set(training_values) - allowed)
-        if unknown:
-            raise ValueError(f"Unknown `training` option(s) {unknown}; expected some of {sorted(allowed)}.")
-        return cls(model=dict(TINY_MODEL) if model is None else dict(model), data=data,
-                   training=TrainingConfig(**training_values), **values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    import yaml
-
-    if "=" not in item:
-        raise ValueError(f"Override {item!r} must look like `section.key=value` (e.g. training.max_steps=100).")
-    key, raw = item.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path):
-        raise ValueError(f"Override {item!r} has an empty key part.")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return path, value
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML preset (`None`: the `tiny` defaults) and apply `section.key=value` overrides (values are
-    parsed as YAML: `training.max_steps=100`, `model.stage_depths=[1,1]`, `training.ema_decay=null`)."""
-    import yaml
-
-    values: dict[str, Any] = TrainConfig().to_dict()  # overrides of the built-in preset keep its other keys
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"Config file {str(path)!r} must hold a mapping, got {type(values).__name__}.")
-    for item in overrides:
-        keys, value = _parse_override(item)
-        node = values
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"Override {item!r}: {key!r} is not a section.")
-        node[keys[-1]] = value
-    return TrainConfig.from_dict(values)
-
-
-# ============================================================================================== logging
-class JSONLinesTracker(GeneralTracker):
-    """Accelerate tracker writing one JSON object per `log` call to `<dir>/metrics.jsonl` (flushed at once).
-
-    On resume, `truncate_after(step)` drops the lines a killed run wrote after the checkpoint it resumes
-    from, so the file always describes one consistent run.
-    """
-
-    name = "jsonl"
-    requires_logging_directory = True
-    main_process_only = True
-
-    def __init__(self, logging_dir: str | os.PathLike, filename: str = "metrics.jsonl"):
-        super().__init__()
-        self.path = Path(logging_dir) / filename
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def tracker(self) -> Path:
-        return self.path
-
-    def start(self) -> None:
-        pass
-
-    def store_init_configuration(self, values: dict) -> None:
-        (self.path.parent / "config.json").write_text(json.dumps(values, indent=1, default=str))
-
-    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in values.items()}}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _line_step(line) is not None and _line_step(line) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-
-    def finish(self) -> None:
-        pass
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return json.loads(line).get("step")
-    except ValueError:  # a line cut short by a kill: drop it
-        return None
-
-
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return value
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a `metrics.jsonl` file (see `JSONLinesTracker`)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-# ============================================================================================== the loop
 class TrainerCallback:
     """Hooks of `DiffusionTrainer`; override the ones you need. All run on every process unless noted."""
 
@@ -458,8 +169,6 @@ class DiffusionTrainer:
                  evaluate_batch: Callable | None = None, callbacks: Sequence[TrainerCallback] = (),
                  fingerprint: dict[str, Any] | None = None, run_config: dict[str, Any] | None = None,
                  accelerator_kwargs: dict[str, Any] | None = None):
-        from accelerate import Accelerator, DataLoaderConfiguration
-
         self.args = args
         self.output_dir = Path(args.output_dir)
         self.tokenizer = tokenizer
@@ -468,8 +177,23 @@ class DiffusionTrainer:
         self.callbacks = list(callbacks)
         self.run_config = run_config or {"training": asdict(args)}
         self.trackers = self._make_trackers()
-        accelerator_kwargs = {"cpu": _no_accelerator(), **(accelerator_kwargs or {})}
-        self.accelerator = Accelerator(
+        self.accelerator = self._make_accelerator(accelerator_kwargs)
+        self.data_collator = self._make_collator(data_collator, tokenizer)
+        self.ema = self._setup_model(model)
+        self.state = TrainState()
+        self.fingerprint = self._fingerprint(model, fingerprint or {})
+        train_loader = self._make_train_loader(train_dataset)
+        eval_loader = self._make_eval_loader(eval_dataset)
+        optimizer = self._make_optimizer(model)
+        scheduler = self._make_scheduler(optimizer)
+        self._prepare(model, optimizer, train_loader, scheduler, eval_loader)
+
+    # ------------------------------------------------------------------ setup steps
+    def _make_accelerator(self, accelerator_kwargs: dict[str, Any] | None):
+        from accelerate import Accelerator, DataLoaderConfiguration
+
+        args = self.args
+        accelerator = Accelerator(
             mixed_precision=args.mixed_precision,
             log_with=self.trackers or None,
             project_dir=str(self.output_dir / "logs"),
@@ -478,34 +202,45 @@ class DiffusionTrainer:
             # our seeded generator (the dispatcher drops it and draws from the global RNG at every epoch).
             dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
             step_scheduler_with_optimizer=False,
-            **accelerator_kwargs,
+            **{"cpu": _no_accelerator(), **(accelerator_kwargs or {})},
         )
-        acc = self.accelerator
-        self._check_world(acc)
-        if args.cpu_threads is not None and acc.device.type == "cpu":
+        self._check_world(accelerator)
+        if args.cpu_threads is not None and accelerator.device.type == "cpu":
             torch.set_num_threads(args.cpu_threads)
+        return accelerator
+
+    @staticmethod
+    def _make_collator(data_collator: Callable | None, tokenizer) -> Callable:
+        if data_collator is not None:
+            return data_collator
         pad_id = getattr(tokenizer, "pad_token_id", None)
-        if data_collator is None and pad_id is None:
+        if pad_id is None:
             raise ValueError("The default collator pads with the tokenizer's pad token: pass a tokenizer with "
                              "`pad_token_id` (see `prepare_tokenizer`) or a `data_collator`.")
-        self.data_collator = data_collator or DiffusionCollator(pad_token_id=pad_id)
+        return DiffusionCollator(pad_token_id=pad_id)
 
+    def _setup_model(self, model: nn.Module):
+        """Gradient checkpointing if asked; returns the EMA copy of the model (or None)."""
+        args, acc = self.args, self.accelerator
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.ema = None
-        if args.ema_decay is not None:
-            from accelerate.utils import DistributedType
+        if args.ema_decay is None:
+            return None
+        from accelerate.utils import DistributedType
 
-            if acc.distributed_type == DistributedType.FSDP:
-                raise ValueError("`training.ema_decay` is not supported with FSDP (the EMA would hold sharded "
-                                 "weights); set `training.ema_decay=null` or train with DDP.")
-            from .ema import create_ema
+        if acc.distributed_type == DistributedType.FSDP:
+            raise ValueError("`training.ema_decay` is not supported with FSDP (the EMA would hold sharded "
+                             "weights); set `training.ema_decay=null` or train with DDP.")
+        from .ema import create_ema
 
-            self.ema = create_ema(model.to(acc.device), args.ema_decay)
-        self.state = TrainState()
-        self.fingerprint = self._fingerprint(model, fingerprint or {})
+        return create_ema(model.to(acc.device), args.ema_decay)
 
-        micro_batch = args.batch_size // args.gradient_accumulation_steps
+    @property
+    def _micro_batch(self) -> int:
+        return self.args.batch_size // self.args.gradient_accumulation_steps
+
+    def _make_train_loader(self, train_dataset) -> torch.utils.data.DataLoader:
+        args, micro_batch = self.args, self._micro_batch
         loader_kwargs = dict(batch_size=micro_batch, collate_fn=self.data_collator, num_workers=args.num_workers,
                              drop_last=True, generator=torch.Generator().manual_seed(args.seed))
         self.iterable_train = isinstance(train_dataset, torch.utils.data.IterableDataset)
@@ -516,18 +251,22 @@ class DiffusionTrainer:
             self.sampler = EpochSampler(len(train_dataset), args.seed)
             loader_kwargs["sampler"] = self.sampler
         self.train_dataset = train_dataset
-        train_loader = torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
+        return torch.utils.data.DataLoader(train_dataset, **loader_kwargs)
 
-        eval_loader = None
-        if eval_dataset is not None:
-            if args.eval_max_sequences is not None:
-                eval_dataset = (eval_dataset.take(args.eval_max_sequences) if hasattr(eval_dataset, "take")
-                                and isinstance(eval_dataset, torch.utils.data.IterableDataset)
-                                else eval_dataset.select(range(min(len(eval_dataset), args.eval_max_sequences))))
-            eval_batch = max(acc.num_processes, micro_batch // acc.num_processes * acc.num_processes)
-            eval_loader = torch.utils.data.DataLoader(eval_dataset, batch_size=eval_batch,
-                                                      collate_fn=self.data_collator, shuffle=False)
+    def _make_eval_loader(self, eval_dataset) -> torch.utils.data.DataLoader | None:
+        if eval_dataset is None:
+            return None
+        limit, processes = self.args.eval_max_sequences, self.accelerator.num_processes
+        if limit is not None:
+            eval_dataset = (eval_dataset.take(limit) if hasattr(eval_dataset, "take")
+                            and isinstance(eval_dataset, torch.utils.data.IterableDataset)
+                            else eval_dataset.select(range(min(len(eval_dataset), limit))))
+        eval_batch = max(processes, self._micro_batch // processes * processes)
+        return torch.utils.data.DataLoader(eval_dataset, batch_size=eval_batch, collate_fn=self.data_collator,
+                                           shuffle=False)
 
+    def _make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        args = self.args
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("The model has no parameter with `requires_grad=True`: nothing to train.")
@@ -535,10 +274,12 @@ class DiffusionTrainer:
             {"params": [p for n, p in trainable if not _no_decay(n, p)], "weight_decay": args.weight_decay},
             {"params": [p for n, p in trainable if _no_decay(n, p)], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-        scheduler = self._make_scheduler(optimizer)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
+    def _prepare(self, model, optimizer, train_loader, scheduler, eval_loader) -> None:
+        """`accelerator.prepare` everything and register the run's own state for checkpointing."""
+        acc = self.accelerator
         prepared = acc.prepare(model, optimizer, train_loader, scheduler,
                                *([eval_loader] if eval_loader is not None else []))
         self.model, self.optimizer, self.train_loader, self.scheduler = prepared[:4]
@@ -547,7 +288,6 @@ class DiffusionTrainer:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
-    # ------------------------------------------------------------------ setup helpers
     def _make_trackers(self) -> list:
         trackers = []
         for name in self.args.log_with:
@@ -558,7 +298,7 @@ class DiffusionTrainer:
         return trackers
 
     def _check_world(self, acc) -> None:
-        micro = self.args.batch_size // self.args.gradient_accumulation_steps
+        micro = self._micro_batch
         if micro % acc.num_processes:
             raise ValueError(f"The micro-batch ({self.args.batch_size} / {self.args.gradient_accumulation_steps} "
                              f"= {micro} sequences) must be divisible by the {acc.num_processes} processes.")
@@ -736,7 +476,7 @@ class DiffusionTrainer:
                     if isinstance(tracker, JSONLinesTracker):
                         tracker.truncate_after(resumed.step)
         if self.trackers:
-            acc.init_trackers("sfdlm", config=_flatten(self.run_config), init_kwargs=init_kwargs)
+            acc.init_trackers("sfdlm", config=flatten_config(self.run_config), init_kwargs=init_kwargs)
 
     # ------------------------------------------------------------------ evaluation and saving
     def eval_model(self) -> nn.Module:
@@ -856,119 +596,13 @@ def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())).float()
 
 
-# ============================================================================================== the pipeline
-def check_model_inputs(model_config, tokenizer, block_size: int) -> None:
-    """Raise before training when the tokenizer or the block size do not fit the model."""
-    if len(tokenizer) > model_config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's `vocab_size` is "
-                         f"{model_config.vocab_size}: ids >= {model_config.vocab_size} could not be embedded. "
-                         "Raise `model.vocab_size` (or leave it unset to use the tokenizer's size).")
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is not None and block_size > limit:
-        raise ValueError(f"`data.block_size`={block_size} exceeds the model's `max_position_embeddings`={limit}.")
-
-
-def build_model_config(model_args: dict[str, Any], tokenizer):
-    """`SFDLMConfig` from the `model` section, taking `vocab_size` and special-token ids from the tokenizer
-    where the section leaves them unset."""
-    from .configuration_sfdlm import SFDLMConfig
-
-    values = dict(model_args)
-    if values.get("vocab_size") is None:
-        values["vocab_size"] = len(tokenizer)
-    for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-        if values.get(name) is None and getattr(tokenizer, name, None) is not None:
-            values[name] = getattr(tokenizer, name)
-    return SFDLMConfig(**values)
-
-
-def build_model(model_config) -> nn.Module:
-    """A freshly initialised `SFDLMForDiffusionLM` whose generation config knows the special tokens."""
-    from .modeling_sfdlm import SFDLMForDiffusionLM
-
-    model = SFDLMForDiffusionLM(model_config)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        for name in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-            value = getattr(model_config, name, None)
-            if value is not None:
-                setattr(generation_config, name, value)
-    return model
-
-
-@dataclass
-class Pipeline:
-    """Everything `run_training` builds before the loop (handy for inspection and tests)."""
-
-    config: TrainConfig
-    tokenizer: Any
-    model: nn.Module
-    train_dataset: Any
-    eval_dataset: Any
-
-
-def prepare_pipeline(config: TrainConfig) -> Pipeline:
-    """Data -> tokenizer -> checks -> tokenised datasets -> model. Every input error is raised before
-    any tokenisation of the corpus or model construction."""
-    from accelerate import PartialState
-    from accelerate.utils import set_seed
-
-    from .data import load_text_dataset, load_tokenizer, split_heldout, tokenize_dataset
-
-    state = PartialState(cpu=_no_accelerator())
-    out = Path(config.training.output_dir)
-    data = config.data
-    with state.main_process_first():
-        raw = load_text_dataset(data, work_dir=out / "data")
-        train_raw, eval_raw = split_heldout(raw, data, seed=config.training.seed)
-        tokenizer = load_tokenizer(config.tokenizer, data, raw_train=train_raw,
-                                   vocab_size=config.tokenizer_vocab_size, save_dir=out / "tokenizer")
-        model_config = build_model_config(config.model, tokenizer)
-        check_model_inputs(model_config, tokenizer, data.block_size)
-        train = tokenize_dataset(train_raw, tokenizer, data, desc="Tokenizing train")
-        evaluation = tokenize_dataset(eval_raw, tokenizer, data, desc="Tokenizing validation")
-    if data.streaming:
-        train = train.shuffle(seed=config.training.seed, buffer_size=data.shuffle_buffer)
-    set_seed(config.training.seed)  # the same initial weights on every process and every run
-    model = build_model(model_config)
-    return Pipeline(config, tokenizer, model, train, evaluation)
-
-
-def data_fingerprint(data: DataConfig) -> dict[str, Any]:
-    """The data settings a resumed run must share with its checkpoint (they fix the data order)."""
-    return {"data": fingerprint_hash({k: v for k, v in asdict(data).items() if k not in ("num_proc", "cache_dir")})}
-
-
-def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                 pipeline: Pipeline | None = None) -> tuple[TrainResult, DiffusionTrainer]:
-    """The standard run: `prepare_pipeline`, then `DiffusionTrainer(...).train(resume)`."""
-    pipeline = pipeline or prepare_pipeline(config)
-    trainer = DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, pipeline.eval_dataset,
-                               tokenizer=pipeline.tokenizer, callbacks=callbacks,
-                               fingerprint=data_fingerprint(config.data), run_config=config.to_dict())
-    return trainer.train(resume=resume), trainer
-
-
 __all__ = [
     "DiffusionTrainer",
     "EpochSampler",
-    "JSONLinesTracker",
     "NonFiniteLossError",
-    "Pipeline",
-    "TINY_MODEL",
-    "TrainConfig",
     "TrainResult",
     "TrainState",
     "TrainerCallback",
-    "TrainingConfig",
-    "build_model",
-    "build_model_config",
-    "check_model_inputs",
-    "data_fingerprint",
     "default_compute_loss",
     "default_evaluate_batch",
-    "load_config",
-    "prepare_pipeline",
-    "read_metrics",
-    "run_training",
 ]
