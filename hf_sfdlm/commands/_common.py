@@ -92,3 +92,14 @@ def warn_unknown_words(tokenizer, text: str, what: str = "the prompt") -> list[s
         print(f"warning: {len(words)} word(s) of {what} are not in the tokenizer's vocabulary and read as "
               f"{tokenizer.unk_token}: {shown}{more}", file=sys.stderr)
     return words
+
+
+def slug(name: str, limit: int = 40) -> str:
+    """A short folder-name-safe label for a path or id: `../data/ptb.train.txt` -> `ptb-train`,
+    `org/sfdlm-tiny` -> `sfdlm-tiny`."""
+    import re
+
+    base = os.path.basename(os.path.normpath(str(name))) or str(name)
+    stem = re.sub(r"\.(txt|jsonl?|csv|parquet|raw|tokens)$", "", base, flags=re.IGNORECASE)
+    label = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()
+    return label[:limit].strip("-") or "data"
