@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from .checkpointing import fingerprint_hash
+from .checkpointing import check_output_dir, fingerprint_hash
 from .data import DataConfig
-from .train_config import FINETUNE_FORMATS, FinetuneConfig, TrainConfig
+from .train_config import FINETUNE_FORMATS, FinetuneConfig, TrainConfig, check_model_section
 from .trainer import DiffusionTrainer, TrainerCallback, TrainResult, _no_accelerator
 
 
@@ -83,6 +83,7 @@ def prepare_pipeline(config: TrainConfig) -> Pipeline:
 
     from .data import load_text_dataset, load_tokenizer, split_heldout, tokenize_dataset
 
+    check_model_section(config.model)  # before any data is read or a tokenizer trained
     state = PartialState(cpu=_no_accelerator())
     out = Path(config.training.output_dir)
     data = config.data
@@ -108,13 +109,15 @@ def data_fingerprint(data: DataConfig) -> dict[str, Any]:
 
 
 def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
-                 pipeline: Pipeline | None = None) -> tuple[TrainResult, DiffusionTrainer]:
-    """The standard run: `prepare_pipeline`, then `DiffusionTrainer(...).train(resume)`."""
+                 pipeline: Pipeline | None = None, overwrite: bool = False) -> tuple[TrainResult, DiffusionTrainer]:
+    """The standard run: `prepare_pipeline`, then `DiffusionTrainer(...).train(resume, overwrite)`. An output
+    folder used by another run is refused (before any data is read) unless `resume` or `overwrite`."""
+    check_output_dir(config.training.output_dir, resume=resume, overwrite=overwrite)
     pipeline = pipeline or prepare_pipeline(config)
     trainer = DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, pipeline.eval_dataset,
                                tokenizer=pipeline.tokenizer, callbacks=callbacks,
                                fingerprint=data_fingerprint(config.data), run_config=config.to_dict())
-    return trainer.train(resume=resume), trainer
+    return trainer.train(resume=resume, overwrite=overwrite), trainer
 
 
 # ============================================================================================== fine-tuning
@@ -166,9 +169,11 @@ def build_finetune_datasets(config: FinetuneConfig, kind: str, tokenizer, seed: 
     return train, evaluation, DiffusionCollator(pad_token_id=pad)
 
 
-def run_finetune(config: FinetuneConfig, resume: bool = False) -> tuple[TrainResult, DiffusionTrainer]:
+def run_finetune(config: FinetuneConfig, resume: bool = False,
+                 overwrite: bool = False) -> tuple[TrainResult, DiffusionTrainer]:
     """Build everything (inputs checked first), train with `DiffusionTrainer`, save the adapter, tokenizer
-    and model card to `config.training.output_dir` (and the merged model with `merge`)."""
+    and model card to `config.training.output_dir` (and the merged model with `merge`). `resume` and
+    `overwrite` as in `DiffusionTrainer.train`."""
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
@@ -178,6 +183,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False) -> tuple[TrainRes
 
     # Everything cheap is checked before the model or the data are loaded.
     training = config.training
+    check_output_dir(training.output_dir, resume=resume, overwrite=overwrite)
     kind = finetune_data_format(config)
     targets = finetune_target_modules(config.target_modules)
     lora_config(config.lora_r, config.lora_alpha, targets, config.lora_dropout, config.train_ssm)
@@ -225,8 +231,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False) -> tuple[TrainRes
                                                "block_size": config.block_size, "chat": config.chat_template}),
                      "lora": fingerprint_hash([config.lora_r, config.lora_alpha, targets, config.train_ssm])},
         run_config=run_config)
-    result = trainer.train(resume=resume)
-    if config.merge and trainer.accelerator.is_main_process:
+    result = trainer.train(resume=resume, overwrite=overwrite)
+    if config.merge and not result.already_finished and trainer.accelerator.is_main_process:
         save_merged(trainer, Path(training.output_dir) / "merged", card, base_id)
     trainer.accelerator.wait_for_everyone()
     return result, trainer

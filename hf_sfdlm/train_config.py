@@ -4,7 +4,9 @@ training) and `load_config`, which reads the YAML presets (`training/configs/*.y
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -176,35 +178,67 @@ class TrainConfig:
         return asdict(self)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+@functools.cache
+def _yaml_loader():
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """YAML 1.2 floats: `1e-6` and `3E5` (no dot) too."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def parse_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that numbers in exponent notation without a dot (`1e-6`, `3E5`) are floats, as
+    in YAML 1.2 (PyYAML follows YAML 1.1, which reads them as strings)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
+
+
+def check_model_section(model: dict[str, Any]) -> None:
+    """Build an `SFDLMConfig` from the `model` section at once, with placeholders for what the tokenizer
+    supplies later (`vocab_size`, `mask_token_id`), so that a bad value is reported before any data is read
+    or a tokenizer trained. Raises `ValueError` naming the section."""
+    from .configuration_sfdlm import SFDLMConfig
+
+    values = dict(model)
+    given_ids = [v for k in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
+                 if isinstance(v := values.get(k), int) and not isinstance(v, bool)]
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = max(given_ids + [0]) + 2
+    if values.get("mask_token_id") is None:
+        values["mask_token_id"] = 0
+    try:
+        SFDLMConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"The `model` section is invalid: {error}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"Override {item!r} must look like `section.key=value` (e.g. training.max_steps=100).")
     key, raw = item.split("=", 1)
     path = key.strip().split(".")
     if not all(path):
         raise ValueError(f"Override {item!r} has an empty key part.")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return path, value
+    return path, parse_yaml(raw) if raw.strip() else None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML preset (`None`: the `tiny` defaults) and apply `section.key=value` overrides (values are
-    parsed as YAML: `training.max_steps=100`, `model.stage_depths=[1,1]`, `training.ema_decay=null`)."""
-    import yaml
+    parsed as YAML: `training.max_steps=100`, `model.stage_depths=[1,1]`, `training.ema_decay=null`). Numbers
+    read as numbers in every section (`1e-6` included); the `model` section is validated here."""
 
     values: dict[str, Any] = TrainConfig().to_dict()  # overrides of the built-in preset keep its other keys
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"Config file {str(path)!r} must hold a mapping, got {type(values).__name__}.")
     for item in overrides:
@@ -215,7 +249,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             if not isinstance(node, dict):
                 raise ValueError(f"Override {item!r}: {key!r} is not a section.")
         node[keys[-1]] = value
-    return TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict(values)
+    check_model_section(config.model)
+    return config
 
 
 
@@ -233,8 +269,6 @@ def finetune_training_config(overrides: Sequence[str] = (), output_dir: str | No
                              max_steps: int | None = None) -> TrainingConfig:
     """`TrainingConfig` from `FINETUNE_DEFAULTS`, then `output_dir`/`max_steps`, then `training.key=value`
     overrides (values parsed as YAML)."""
-    import yaml
-
     values = dict(FINETUNE_DEFAULTS)
     if output_dir is not None:
         values["output_dir"] = output_dir
@@ -244,7 +278,7 @@ def finetune_training_config(overrides: Sequence[str] = (), output_dir: str | No
         key, sep, raw = item.partition("=")
         if not sep or not key.startswith("training.") or key.count(".") != 1:
             raise ValueError(f"Override {item!r} must look like `training.key=value` (e.g. training.max_steps=100).")
-        values[key.split(".", 1)[1]] = yaml.safe_load(raw) if raw.strip() else None
+        values[key.split(".", 1)[1]] = parse_yaml(raw) if raw.strip() else None
     try:
         return TrainingConfig(**values)
     except TypeError as error:  # an unknown field
@@ -298,4 +332,4 @@ class FinetuneConfig:
 
 
 __all__ = ["FINETUNE_DEFAULTS", "FINETUNE_FORMATS", "MIXED_PRECISION", "TINY_MODEL", "FinetuneConfig", "TrainConfig",
-           "TrainingConfig", "finetune_training_config", "load_config"]
+           "TrainingConfig", "check_model_section", "finetune_training_config", "load_config", "parse_yaml"]

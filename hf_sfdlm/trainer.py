@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpointing import Checkpoint, CheckpointManager, fingerprint_hash
+from .checkpointing import Checkpoint, CheckpointManager, check_output_dir, clear_run, fingerprint_hash
 from .data import DiffusionCollator
+from .state_files import load_module, load_tree, rng_state, save_module, save_tree, set_rng_state
 from .tracking import JSONLinesTracker, flatten_config
 from .train_config import TrainingConfig
 
@@ -51,7 +52,9 @@ class TrainerCallback:
 
     def on_step_end(self, trainer: "DiffusionTrainer", step: int, loss: float) -> None: ...
 
-    def on_evaluate(self, trainer: "DiffusionTrainer", metrics: dict[str, float]) -> None: ...
+    def on_evaluate(self, trainer: "DiffusionTrainer", metrics: dict[str, float]) -> None:
+        """After each held-out evaluation; on resume, also once (after `on_train_begin`) with the latest
+        evaluation recorded in the checkpoint, so that a callback sees what it saw in the uninterrupted run."""
 
     def on_save(self, trainer: "DiffusionTrainer", directory: Path) -> None:
         """Main process only: the model, tokenizer and generation config were just written to `directory`
@@ -61,7 +64,9 @@ class TrainerCallback:
 
 
 class TrainState:
-    """Position of the run (checkpointed with `accelerator.register_for_checkpointing`)."""
+    """Position of the run, checkpointed as JSON: step, place in the data, best evaluation, the running sums
+    of the current logging window and the latest evaluation (so a resumed run logs what an uninterrupted
+    one would)."""
 
     def __init__(self):
         self.step = 0
@@ -70,11 +75,18 @@ class TrainState:
         self.tokens = 0
         self.best_eval = math.inf
         self.best_step = -1
+        self.window_loss = 0.0
+        self.window_tokens = 0
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = sorted(set(state) - set(vars(self)))
+        if unknown:
+            raise ValueError(f"Unknown training state field(s) {unknown}.")
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -113,6 +125,11 @@ class TrainResult:
     output_dir: Path
     resumed_from: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    already_finished: bool = False  # resumed a run that had finished: nothing was trained or written
+
+    def summary(self) -> dict[str, Any]:
+        """The figures of the run (JSON-serialisable, without paths)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("output_dir", "resumed_from", "already_finished")}
 
 
 def default_compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -278,15 +295,12 @@ class DiffusionTrainer:
                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
     def _prepare(self, model, optimizer, train_loader, scheduler, eval_loader) -> None:
-        """`accelerator.prepare` everything and register the run's own state for checkpointing."""
+        """`accelerator.prepare` the model, optimizer, loaders and schedule."""
         acc = self.accelerator
         prepared = acc.prepare(model, optimizer, train_loader, scheduler,
                                *([eval_loader] if eval_loader is not None else []))
         self.model, self.optimizer, self.train_loader, self.scheduler = prepared[:4]
         self.eval_loader = prepared[4] if eval_loader is not None else None
-        acc.register_for_checkpointing(self.state)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
 
     def _make_trackers(self) -> list:
         trackers = []
@@ -353,78 +367,161 @@ class DiffusionTrainer:
             self.state.batch_in_epoch = 0
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: bool = False) -> TrainResult:
-        """Train to `args.max_steps`. With `resume`, continue from the newest usable checkpoint in
-        `<output_dir>/checkpoints` (a fresh start when there is none)."""
+    def train(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to `args.max_steps`. A folder another run used is refused unless `resume` (continue from the
+        newest usable checkpoint in `<output_dir>/checkpoints`; a fresh start, with a warning, when there is
+        none; nothing to do when that run already finished) or `overwrite` (delete its checkpoints and logs)."""
         from tqdm.auto import tqdm
 
         acc, args = self.accelerator, self.args
-        manager = CheckpointManager(self.output_dir / "checkpoints", args.keep_checkpoints,
-                                    fingerprint=self.fingerprint, checksums=args.checkpoint_checksums)
+        manager = self._start(resume, overwrite)
+        resumed = self._resume(manager) if resume else None
+        if resumed is not None and (done := self._finished_result(manager, resumed)) is not None:
+            return done
         if acc.is_main_process:
-            manager.remove_temporary()
-            self._remove_unfinished_saves()
-        acc.wait_for_everyone()
-        from accelerate.utils import set_seed
-
-        # Different corruption noise on each process; the same on every run (and restored on resume).
-        set_seed(args.seed + 1 + acc.process_index)
-        resumed: Checkpoint | None = manager.load_latest(acc) if resume else None
-        if resume and resumed is None:
-            logger.info("No checkpoint in %s: starting from scratch.", manager.root)
-        if resumed is not None:
-            acc.print(f"Resumed from {resumed.path} (step {self.state.step}, epoch {self.state.epoch}).")
-        self._init_trackers(resumed)
+            manager.clear_finished()
+        self._init_trackers(resumed.step if resumed else 0 if resume else None)
         for callback in self.callbacks:
             callback.on_train_begin(self)
+            if resumed is not None and self.state.last_eval:  # callbacks see the evaluation the checkpoint saw
+                callback.on_evaluate(self, dict(self.state.last_eval))
 
-        start_time = time.perf_counter()
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        last_loss = None
-        eval_nelbo = None
+        start_time = window_start = time.perf_counter()
         progress = tqdm(total=args.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                         disable=not (args.progress_bar and acc.is_local_main_process))
         batches = self._micro_batches()
         self.model.train()
         while self.state.step < args.max_steps:
             loss, tokens, grad_norm = self._optimizer_step(batches)
-            self.state.step += 1
-            self.state.tokens += tokens
-            step = self.state.step
-            last_loss = loss
-            window_loss += loss
-            window_tokens += tokens
+            state = self.state
+            state.step, state.tokens, state.last_loss = state.step + 1, state.tokens + tokens, loss
+            state.window_loss += loss
+            state.window_tokens += tokens
+            step = state.step
             progress.update(1)
             for callback in self.callbacks:
                 callback.on_step_end(self, step, loss)
             if step % args.log_every == 0 or step == args.max_steps:
-                elapsed = time.perf_counter() - window_start
-                steps_in_window = (step - 1) % args.log_every + 1
-                logs = {"train/loss": window_loss / steps_in_window, "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                        "train/tokens": self.state.tokens, "train/epoch": self.state.epoch}
-                if grad_norm is not None:
-                    logs["train/grad_norm"] = grad_norm
-                acc.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                self._log_window(progress, grad_norm, time.perf_counter() - window_start)
+                window_start = time.perf_counter()
             at_end = step == args.max_steps
             if self.eval_loader is not None and ((args.eval_every and step % args.eval_every == 0) or at_end):
-                eval_nelbo = self._evaluate_and_track(progress)
+                self._evaluate_and_track(progress)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or at_end:
-                manager.save(acc, step, metadata={"epoch": self.state.epoch, "loss": loss})
+                manager.save(acc, step, self._write_state, metadata={"epoch": state.epoch, "loss": loss})
         progress.close()
 
         self.save_model(self.output_dir)
-        result = TrainResult(step=self.state.step, train_loss=last_loss, eval_nelbo=eval_nelbo,
-                             best_eval_nelbo=None if math.isinf(self.state.best_eval) else self.state.best_eval,
-                             best_step=None if self.state.best_step < 0 else self.state.best_step,
-                             tokens=self.state.tokens, seconds=time.perf_counter() - start_time,
-                             output_dir=self.output_dir, resumed_from=resumed.path if resumed else None)
+        result = self._result(time.perf_counter() - start_time, resumed)
         for callback in self.callbacks:
             callback.on_train_end(self, result)
+        if acc.is_main_process:
+            manager.mark_finished(self.state.step, result.summary())
         acc.end_training()
         return result
+
+    def _start(self, resume: bool, overwrite: bool) -> CheckpointManager:
+        """Check the output folder is this run's to use, clean up after interrupted saves (and after the old
+        run with `overwrite`), seed the RNG; returns the checkpoint manager."""
+        from accelerate.utils import set_seed
+
+        acc, args = self.accelerator, self.args
+        check_output_dir(self.output_dir, resume=resume, overwrite=overwrite)
+        manager = CheckpointManager(self.output_dir / "checkpoints", args.keep_checkpoints,
+                                    fingerprint=self.fingerprint, checksums=args.checkpoint_checksums)
+        acc.wait_for_everyone()  # every process has looked at the folder before anything is deleted
+        if acc.is_main_process:
+            if overwrite and (removed := clear_run(self.output_dir)):
+                logger.warning("overwrite: deleted %s of the previous run.", ", ".join(p.name for p in removed))
+                (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+            manager.remove_temporary()
+            self._remove_unfinished_saves()
+        acc.wait_for_everyone()
+        # Different corruption noise on each process; the same on every run (and restored on resume).
+        set_seed(args.seed + 1 + acc.process_index)
+        return manager
+
+    def _resume(self, manager: CheckpointManager) -> Checkpoint | None:
+        resumed = manager.load_latest(self._read_state)
+        if resumed is None:
+            logger.warning("resume: no checkpoint in %s; starting from scratch.", manager.root)
+        else:
+            self.accelerator.print(f"Resumed from {resumed.path} (step {self.state.step}, epoch {self.state.epoch}).")
+        return resumed
+
+    def _finished_result(self, manager: CheckpointManager, resumed: Checkpoint) -> TrainResult | None:
+        """The stored result when the resumed run had already finished (its final model saved): then nothing
+        is trained, evaluated or written, so its model, card and reports stay as they are."""
+        record = manager.finished()
+        if record is None or record.get("step") != self.state.step or self.state.step < self.args.max_steps:
+            return None
+        self.accelerator.print(f"The run in {self.output_dir} already finished at step {self.state.step} "
+                               f"(training.max_steps={self.args.max_steps}): nothing to do; its model and files are "
+                               "left as they are. Raise training.max_steps to train further.")
+        return TrainResult(**record["result"], output_dir=self.output_dir, resumed_from=resumed.path,
+                           already_finished=True)
+
+    def _log_window(self, progress, grad_norm: float | None, elapsed: float) -> None:
+        """Log the means over the steps since the last log (the window survives a resume in `TrainState`)."""
+        state, args = self.state, self.args
+        steps_in_window = (state.step - 1) % args.log_every + 1
+        logs = {"train/loss": state.window_loss / steps_in_window, "train/lr": self.scheduler.get_last_lr()[0],
+                "train/tokens_per_second": state.window_tokens / max(elapsed, 1e-9),
+                "train/tokens": state.tokens, "train/epoch": state.epoch}
+        if grad_norm is not None:
+            logs["train/grad_norm"] = grad_norm
+        self.accelerator.log(logs, step=state.step)
+        progress.set_postfix(loss=f"{logs['train/loss']:.4f}")
+        state.window_loss, state.window_tokens = 0.0, 0
+
+    def _result(self, seconds: float, resumed: Checkpoint | None) -> TrainResult:
+        state = self.state
+        return TrainResult(step=state.step, train_loss=state.last_loss, eval_nelbo=state.last_eval.get("eval/nelbo"),
+                           best_eval_nelbo=None if math.isinf(state.best_eval) else state.best_eval,
+                           best_step=None if state.best_step < 0 else state.best_step, tokens=state.tokens,
+                           seconds=seconds, output_dir=self.output_dir,
+                           resumed_from=resumed.path if resumed else None, metrics=dict(state.last_eval))
+
+    # ------------------------------------------------------------------ checkpoint contents
+    def _write_state(self, folder: Path) -> None:
+        """Every process: the training state as safetensors + JSON (no pickle). Under FSDP the sharded model,
+        optimizer and schedule go through `accelerator.save_state` (loaded back with `weights_only=True`)."""
+        acc = self.accelerator
+        if self._fsdp:
+            acc.save_state(str(folder))
+        elif acc.is_main_process:
+            save_module(acc.unwrap_model(self.model), folder, "model")
+            save_tree(self.optimizer.state_dict(), folder, "optimizer")
+            save_tree(self.scheduler.state_dict(), folder, "scheduler")
+            if acc.scaler is not None:
+                save_tree(acc.scaler.state_dict(), folder, "scaler")
+        if acc.is_main_process:
+            if self.ema is not None:
+                save_module(self.ema, folder, "ema")
+            save_tree(self.state.state_dict(), folder, "trainer_state")
+        save_tree(rng_state(acc.device), folder, f"rng_state_{acc.process_index}")
+
+    def _read_state(self, folder: Path) -> None:
+        """Every process: load what `_write_state` wrote."""
+        acc = self.accelerator
+        if self._fsdp:
+            acc.load_state(str(folder))
+        else:
+            load_module(acc.unwrap_model(self.model), folder, "model")
+            self.optimizer.load_state_dict(load_tree(folder, "optimizer"))
+            self.scheduler.load_state_dict(load_tree(folder, "scheduler"))
+            if acc.scaler is not None:
+                acc.scaler.load_state_dict(load_tree(folder, "scaler"))
+        if self.ema is not None:
+            load_module(self.ema, folder, "ema")
+        self.state.load_state_dict(load_tree(folder, "trainer_state"))
+        set_rng_state(load_tree(folder, f"rng_state_{acc.process_index}"))
+
+    @property
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def _optimizer_step(self, batches: Iterator[dict]) -> tuple[float, int, float | None]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss, the
@@ -466,15 +563,16 @@ class DiffusionTrainer:
             self.ema.update_parameters(self.accelerator.unwrap_model(self.model))
         return mean_loss, int(totals[1]), grad_norm
 
-    def _init_trackers(self, resumed: Checkpoint | None) -> None:
+    def _init_trackers(self, resume_step: int | None) -> None:
+        """Start the trackers; when resuming at `resume_step`, first drop what a killed run logged after it."""
         acc = self.accelerator
         init_kwargs = {}
-        if resumed is not None:
-            init_kwargs["tensorboard"] = {"purge_step": resumed.step + 1}
+        if resume_step is not None:
+            init_kwargs["tensorboard"] = {"purge_step": resume_step + 1}
             if acc.is_main_process:
                 for tracker in self.trackers:
                     if isinstance(tracker, JSONLinesTracker):
-                        tracker.truncate_after(resumed.step)
+                        tracker.truncate_after(resume_step)
         if self.trackers:
             acc.init_trackers("sfdlm", config=flatten_config(self.run_config), init_kwargs=init_kwargs)
 
@@ -511,12 +609,13 @@ class DiffusionTrainer:
         return {"eval/nelbo": nelbo, "eval/perplexity": math.exp(min(nelbo, 700.0)),
                 "eval/bits_per_token": nelbo / math.log(2), "eval/tokens": float(total_tokens)}
 
-    def _evaluate_and_track(self, progress) -> float:
+    def _evaluate_and_track(self, progress) -> None:
         metrics = self.evaluate()
         nelbo = metrics["eval/nelbo"]
         if not math.isfinite(nelbo):
             raise NonFiniteLossError(f"Held-out NELBO is {nelbo} at step {self.state.step}.")
         self.accelerator.log(metrics, step=self.state.step)
+        self.state.last_eval = dict(metrics)
         improved = nelbo < self.state.best_eval
         if improved:
             self.state.best_eval, self.state.best_step = nelbo, self.state.step
@@ -528,7 +627,6 @@ class DiffusionTrainer:
             callback.on_evaluate(self, metrics)
         if improved and self.args.save_best:
             self.save_model(self.output_dir / "best")
-        return nelbo
 
     def save_model(self, directory: str | os.PathLike) -> Path:
         """`save_pretrained` the evaluation weights (EMA if any), the tokenizer and the generation config
@@ -539,18 +637,21 @@ class DiffusionTrainer:
         acc = self.accelerator
         directory = Path(directory)
         model = self.eval_model()
+        own_folder = directory.resolve() == self.output_dir.resolve()
+        # Temporary folders stay inside the output folder (cleaned at the next start); an outside
+        # `directory` is staged next to it, on the same filesystem, for the atomic rename.
+        staging = self.output_dir if own_folder else directory.parent
         acc.wait_for_everyone()
         if acc.is_main_process:
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            tmp = directory.parent / f".tmp-save-{directory.name or 'model'}-{os.getpid()}"
+            staging.mkdir(parents=True, exist_ok=True)
+            tmp = staging / f".tmp-save-{'model' if own_folder else directory.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             for callback in self.callbacks:
                 callback.on_save(self, tmp)
-            if directory.resolve() == self.output_dir.resolve():
-                directory.mkdir(parents=True, exist_ok=True)
+            if own_folder:
                 for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
                     target = directory / item.name
                     if target.is_dir():
@@ -558,7 +659,7 @@ class DiffusionTrainer:
                     os.replace(item, target)
                 tmp.rmdir()
             else:
-                old = directory.parent / f".tmp-save-{directory.name}-old-{os.getpid()}"
+                old = staging / f".tmp-save-{directory.name}-old-{os.getpid()}"
                 if directory.exists():
                     os.replace(directory, old)
                 os.replace(tmp, directory)

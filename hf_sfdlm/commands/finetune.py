@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="where the adapter, checkpoints and logs go (default: "
                                              "outputs/<model name>-lora-<data name>)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a finished run in --output-dir (default: refuse)")
+                        help="delete the checkpoints and logs of an earlier run in <output-dir> and start afresh "
+                             "(default: refuse to touch a used folder)")
     parser.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULT_MAX_STEPS})")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--lora-alpha", type=float, default=16.0,
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="also save the merged model to <output-dir>/merged (default: off)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint in <output-dir>/checkpoints")
+                        help="continue the run in <output-dir> from its newest usable checkpoint")
     parser.add_argument("--base-model-id", help="Hub id of the base model for the model card (default: --model when "
                                                 "it is a Hub id; else the card says `sfdlm push --base-model` fills it)")
     parser.add_argument("--repo-id", help="name used in the model card (default: the output folder's name)")
@@ -113,16 +114,7 @@ def run_finetune(args: argparse.Namespace):
         args.tokenizer = check_model_location(args.tokenizer, "--tokenizer")
     from ..pipelines import run_finetune as run_pipeline
 
-    return run_pipeline(finetune_config(args), resume=args.resume, **overwrite_kwargs(args))
-
-
-def overwrite_kwargs(args: argparse.Namespace) -> dict:
-    """`overwrite=` for the library's pipeline when it supports it (h13a's refusal to replace a finished run)."""
-    import inspect
-
-    from ..pipelines import run_finetune as run_pipeline
-
-    return {"overwrite": args.overwrite} if "overwrite" in inspect.signature(run_pipeline).parameters else {}
+    return run_pipeline(finetune_config(args), resume=args.resume, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
