@@ -86,7 +86,7 @@ def _load(args: argparse.Namespace):
     import torch
     from transformers import AutoTokenizer
 
-    from ..modeling_sfdlm import SFDLMForDiffusionLM
+    from .. import SFDLMForDiffusionLM  # also registers the Auto classes the tokenizer's loader needs
     from ._common import set_cpu_threads
 
     set_cpu_threads(args.threads)
