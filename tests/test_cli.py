@@ -5,6 +5,7 @@ exact resume), a mistyped local folder (fails at once, no network), help texts a
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -143,12 +144,12 @@ def test_ctrl_c_during_training_exits_130_and_resume_is_exact(tmp_path):
         pytest.skip("the run finished before the interrupt arrived")
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    hint = stderr.strip().splitlines()[-1]
-    assert "interrupted (Ctrl-C); nothing new was saved" in hint
+    hint = [line for line in re.split(r"[\r\n]", stderr) if line.strip()][-1]
+    assert "interrupted (Ctrl-C); nothing new was saved" in hint, stderr
     assert hint.endswith("--resume") and "sfdlm train --output-dir run --max-steps 60" in hint
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
-    resumed = re.search(r"sfdlm (train .*)$", hint).group(1).split()
+    resumed = shlex.split(re.search(r"sfdlm (train .*)$", hint).group(1))
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)

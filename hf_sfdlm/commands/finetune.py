@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `training/finetune_lora.py` (the same options as `sfdlm finetune`)."""
-    parser = argparse.ArgumentParser(prog="finetune_lora.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Entry point of `training/finetune_lora.py`: `sfdlm finetune`, with the same options and error reporting."""
+    import sys
+
+    from ..cli import main as cli_main
+
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
