@@ -74,8 +74,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if overrides and not hasattr(args, "overrides"):
         unknown = extras
     if unknown:
-        raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `sfdlm "
-                               f"{args.command or ''} --help`)".replace("sfdlm  --help", "sfdlm --help"))
+        prog = " ".join(["sfdlm", *([args.command] if args.command else [])])
+        raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)")
     if overrides:
         args.overrides = list(args.overrides or []) + overrides
     return args

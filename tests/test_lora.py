@@ -265,5 +265,5 @@ def test_finetune_on_plain_text_adapts_with_the_pretraining_objective(tmp_path):
                      "training.batch_size=4", "training.progress_bar=false", "training.log_with=[]"]) == 0
     card = validate_model_card(out)
     assert "LoRA domain adaptation" in card.text and "| Trained in full (modules_to_save) | mixer |" in card.text
-    assert {r.metric_type for r in card.data.eval_results} == {"nelbo", "perplexity"}
+    assert {r.metric_type for r in card.data.eval_results} == {"nelbo", "perplexity", "bits_per_byte"}
     assert card.data.base_model is None  # a local base is named in the text only
