@@ -27,19 +27,20 @@ def looks_like_local_path(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/", 1)[0])
 
 
-def check_model_location(name: str, option: str = "--model") -> str:
+def check_model_location(name: str, option: str = "--model", bare_ids: bool = False) -> str:
     """Fail at once, naming the path, when `name` is neither an existing local folder nor a Hub id of
-    the form `org/name`; returns `name` (with `~` expanded for a local path).
+    the form `org/name` (or, with `bare_ids`, a canonical id such as `gpt2`, as tokenizers often are);
+    returns `name` (with `~` expanded for a local path).
 
-    Hub ids are only tried for `org/name` forms that are not local paths, so a mistyped folder never
-    waits for Hub retries.
+    Hub ids are only tried for forms that are not local paths, so a mistyped folder never waits for Hub
+    retries.
     """
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return expanded
     if os.path.exists(expanded):
         raise ValueError(f"{option} {name!r} is a file; expected the folder a model was saved to.")
-    if looks_like_local_path(name) or "/" not in name:
+    if looks_like_local_path(name) or ("/" not in name and not bare_ids):
         parent = os.path.dirname(os.path.abspath(expanded))
         siblings = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
         close = difflib.get_close_matches(os.path.basename(expanded.rstrip("/")), siblings, n=1)
@@ -107,10 +108,15 @@ def slug(name: str, limit: int = 40) -> str:
 
 def quiet_expected_warnings() -> None:
     """No noise for what a run does on purpose: transformers' weight-loading/-writing bars (the run has its
-    own bar) and accelerate's "Removed shared tensor" note for the tied embeddings at every checkpoint."""
+    own bar), accelerate's "Removed shared tensor" note for the tied embeddings at every checkpoint, and
+    transformers' deprecation note when peft wraps the model."""
     import logging
+    import warnings
 
     from transformers.utils import logging as transformers_logging
+
+    # peft asks transformers for a renamed attribute when it wraps the model (transformers 5 deprecation).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     transformers_logging.disable_progress_bar()
 

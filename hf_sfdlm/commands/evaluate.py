@@ -58,7 +58,7 @@ def run(args) -> int:
     if args.max_lines is not None and args.max_lines < 1:
         raise ValueError(f"--max-lines must be a positive integer, got {args.max_lines}.")
     model_path = check_model_location(args.model, "model")
-    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
+    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True) if args.tokenizer else model_path
     if args.text_file and not os.path.isfile(args.text_file):
         raise ValueError(f"--text-file {args.text_file!r} does not exist.")
 

@@ -111,7 +111,7 @@ def run_finetune(args: argparse.Namespace):
 
     args.model = check_model_location(args.model)
     if args.tokenizer:
-        args.tokenizer = check_model_location(args.tokenizer, "--tokenizer")
+        args.tokenizer = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True)
     from ..pipelines import run_finetune as run_pipeline
     from ._common import quiet_expected_warnings
 

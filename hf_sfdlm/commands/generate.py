@@ -93,7 +93,7 @@ def _load(args: argparse.Namespace):
     check_numbers(args)
 
     model_path = check_model_location(args.model)
-    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
+    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True) if args.tokenizer else model_path
     if args.sampler is not None:
         from ..generation_sfdlm import SAMPLERS
 
