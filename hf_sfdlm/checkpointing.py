@@ -345,11 +345,12 @@ def check_output_dir(output_dir: str | os.PathLike, resume: bool = False, overwr
                          "checkpoints and logs and start afresh, or choose another output folder.")
 
 
-def clear_run(output_dir: str | os.PathLike) -> list[Path]:
+def clear_run(output_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> list[Path]:
     """Delete what a previous run left in `output_dir` that a new run would mix with: checkpoints, logs,
-    `best/` and unfinished saves (the model files themselves are replaced by the new run's final save)."""
+    `best/`, unfinished saves and the folders named in `also` (the model files themselves are replaced by
+    the new run's final save)."""
     output_dir = Path(output_dir)
-    doomed = [output_dir / name for name in ("checkpoints", "logs", "best")]
+    doomed = [output_dir / name for name in ("checkpoints", "logs", "best", *also)]
     doomed += sorted(output_dir.glob(".tmp-save-*")) if output_dir.is_dir() else []
     removed = [path for path in doomed if path.exists()]
     for path in removed:

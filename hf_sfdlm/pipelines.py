@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpointing import check_output_dir, fingerprint_hash
+from .checkpointing import check_output_dir, clear_run, fingerprint_hash
 from .data import DataConfig
 from .train_config import FINETUNE_FORMATS, FinetuneConfig, TrainConfig, check_model_section
 from .trainer import DiffusionTrainer, TrainerCallback, TrainResult, _no_accelerator
@@ -111,8 +111,16 @@ def data_fingerprint(data: DataConfig) -> dict[str, Any]:
 def run_training(config: TrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = (),
                  pipeline: Pipeline | None = None, overwrite: bool = False) -> tuple[TrainResult, DiffusionTrainer]:
     """The standard run: `prepare_pipeline`, then `DiffusionTrainer(...).train(resume, overwrite)`. An output
-    folder used by another run is refused (before any data is read) unless `resume` or `overwrite`."""
+    folder used by another run is refused (before any data is read) unless `resume` or `overwrite`; with
+    `overwrite`, the old run's tokenizer and corpus copy go too, so the new run never reuses them."""
     check_output_dir(config.training.output_dir, resume=resume, overwrite=overwrite)
+    if overwrite and pipeline is None:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=_no_accelerator())
+        if state.is_main_process:
+            clear_run(config.training.output_dir, also=("tokenizer", "data"))
+        state.wait_for_everyone()
     pipeline = pipeline or prepare_pipeline(config)
     trainer = DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, pipeline.eval_dataset,
                                tokenizer=pipeline.tokenizer, callbacks=callbacks,

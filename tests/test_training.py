@@ -512,7 +512,10 @@ def test_a_used_output_folder_is_refused_unless_resume_or_overwrite(tmp_path, on
     with pytest.raises(ValueError, match="exclude each other"):
         run_training(other, resume=True, overwrite=True)
 
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")  # the old run's BPE: never reused by the new one
     result, _ = run_training(other, overwrite=True)
+    assert not (out / "tokenizer").exists()
     assert result.step == 10 and result.resumed_from is None
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finished.json", "step-10"]
     assert [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "train/loss" in r] == \
