@@ -202,6 +202,9 @@ def run_finetune(config: FinetuneConfig, resume: bool = False,
     else:
         check_repo_id(config.model)
 
+    from . import register_auto_classes
+
+    register_auto_classes()  # AutoTokenizer reads the folder's config.json: model_type 'sfdlm' must resolve
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
     model = load_pretrained(config.model)
     if getattr(model, "peft_config", None):

@@ -165,7 +165,7 @@ def test_push_cli_dry_run_lists_the_files(tmp_path, capsys):
     save_model(folder)
     assert cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"]) == 0
     listed = capsys.readouterr().out.split()
-    assert listed == sorted(p.name for p in folder.iterdir())
+    assert listed == sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # no .sfdlm_card.json
     assert "README.md" in listed
 
 
