@@ -435,7 +435,14 @@ class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
             auto_map[auto_class] = f"modeling_sfdlm.{SFDLMForDiffusionLM.__name__}"
         auto_map["AutoConfig"] = f"configuration_sfdlm.{SFDLMConfig.__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        try:  # absolute import: integrity.py is not remote code, so a transformers_modules copy skips this
+            from hf_sfdlm.integrity import write_checksums
+        except ImportError:
+            write_checksums = None
+        if write_checksums is not None and kwargs.get("is_main_process", True):
+            write_checksums(save_directory)  # checksums.json: SHA-256 of the weights, verified on load
+        return result
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings

@@ -15,6 +15,8 @@ import json
 
 
 def register(subparsers) -> None:
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
+
     parser = subparsers.add_parser("eval", help="NELBO / exact perplexity of a model on a text file or dataset.",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model folder or Hub id (SFDLM, Transformer denoiser, or a causal LM)")
@@ -32,13 +34,13 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", dest="json_path", help="also write the full result as JSON here")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
     from ..evaluation import evaluate_perplexity, load_model, read_text
+    from ..hub import load_tokenizer
 
     for name in ("block_size", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
@@ -50,8 +52,8 @@ def run(args) -> int:
 
         dataset = load_dataset(args.dataset, args.dataset_config, split=args.split)
         text = read_text(dataset, text_column=args.text_column, max_lines=args.max_lines)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = load_model(args.model, device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate_perplexity(model, tokenizer, text, block_size=args.block_size, batch_size=args.batch_size,
                                  num_samples=args.num_samples, seed=args.seed)
     print(f"model: {args.model} ({type(model).__name__}), tokenizer: {result.tokenizer}")

@@ -33,6 +33,8 @@ FORMATS = ("auto", "text", "sft")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
+
     parser.add_argument("--model", required=True, help="Base model: Hub repo id or save_pretrained folder.")
     parser.add_argument("--data", required=True, help="Text file/folder (domain adaptation) or JSON lines with "
                                                       "prompt/response or messages (instruction tuning).")
@@ -63,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "when it is a repo id).")
     parser.add_argument("--repo-id", help="Name used in the model card (default: the output folder's name).")
     parser.add_argument("--license", default="apache-2.0", help="License id for the model card.")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument("overrides", nargs="*", metavar="training.KEY=VALUE",
                         help="Any option of hf_sfdlm.training.TrainingConfig, e.g. training.learning_rate=5e-4.")
 
@@ -143,9 +146,8 @@ def build_datasets(args: argparse.Namespace, kind: str, tokenizer, seed: int):
 def run_finetune(args: argparse.Namespace):
     """Build everything (inputs checked first), train with `DiffusionTrainer`, save; returns (result, trainer)."""
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
-    from ..hub import check_repo_id, folder_kind, load_pretrained
+    from ..hub import check_repo_id, folder_kind, load_pretrained, load_tokenizer
     from ..lora import apply_lora, lora_config
     from ..model_card import ModelCardCallback, is_repo_id
     from ..checkpointing import fingerprint_hash
@@ -164,8 +166,8 @@ def run_finetune(args: argparse.Namespace):
     else:
         check_repo_id(args.model)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = load_pretrained(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if getattr(model, "peft_config", None):
         raise ValueError(f"{args.model!r} is an adapter; fine-tune its base model (or merge it first).")
     if getattr(model.config, "model_type", None) != "sfdlm":

@@ -18,6 +18,7 @@ __all__ = ["register"]
 def register(subparsers) -> None:
     """Add the `generate` and `infill` subcommands."""
     from ..generation_sfdlm import CONFIDENCE_MEASURES, SAMPLERS
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
 
     generate = subparsers.add_parser(
         "generate", help="continue a prompt by iterative denoising",
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     for parser in (generate, infill):
         parser.add_argument("--model", required=True, help="local directory or Hub id of an SFDLM checkpoint")
         parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --model)")
+        parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
         parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
         parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
                             help="default: ancestral (absorbing models) or uniform (uniform models)")
@@ -56,13 +58,12 @@ def register(subparsers) -> None:
 
 def _load(args: argparse.Namespace):
     import torch
-    from transformers import AutoTokenizer
 
-    from ..modeling_sfdlm import SFDLMForDiffusionLM
+    from ..hub import load_pretrained, load_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SFDLMForDiffusionLM.from_pretrained(args.model).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = load_pretrained(args.model, trust_remote_code=args.trust_remote_code).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     return model, tokenizer
 
 
