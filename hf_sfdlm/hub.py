@@ -221,12 +221,14 @@ def _tiny_forward(model, folder: Path) -> None:
 def verify_model_folder(model_dir: str | os.PathLike, trust_remote_code: bool = False) -> str:
     """Check that a folder would load for its users; returns its kind. Runs `hf_sfdlm.integrity.check_folder`
     (safetensors headers and sizes, `checksums.json`, every JSON file, tokenizer files); for a model, also
-    loads it with `load_pretrained` (consent rules included) and runs one tiny forward pass, and loads its
-    tokenizer when it has one. An adapter's base is not loaded (it may live only on the Hub)."""
+    loads it with `load_pretrained` (consent rules included; on the CPU) and runs one
+    tiny forward pass, and loads its tokenizer when it has one. An adapter's base is not loaded (it may
+    live only on the Hub): adapters get the file checks only."""
     folder = Path(model_dir)
     kind = check_model_folder(folder)
-    integrity.check_folder(folder)
-    if kind == "model":
+    if kind == "adapter":
+        integrity.check_folder(folder)
+    else:  # load_pretrained runs the same file checks first
         _tiny_forward(load_pretrained(folder, trust_remote_code=trust_remote_code).eval(), folder)
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
             try:

@@ -357,7 +357,12 @@ def test_a_folder_with_altered_code_is_refused_and_its_code_never_runs(tmp_path,
         "evaluation.load_model": lambda: load_model(str(folder)),
         "lm-eval": lambda: SFDLMEvalHarnessLM(pretrained=str(folder)),
         "push": lambda: push_model(folder, "org/tiny-sfdlm", dry_run=True),
+        "sfdlm generate": lambda: cli_main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--no-live"]),
+        "sfdlm finetune": lambda: cli_main(["finetune", "--model", str(folder), "--data", str(data),
+                                            "--output-dir", str(tmp_path / "out")]),
     }
+    data = tmp_path / "data.txt"
+    data.write_text("the small dog sees a ball .\n" * 20)
     for name, load in loaders.items():
         with pytest.raises(ValueError, match="trust_remote_code|expected 'sfdlm'"):
             load()
