@@ -39,7 +39,9 @@ def _installed_class_module(model_type: str) -> str | None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser)
+    from . import register_auto_classes
 
+    register_auto_classes()
     try:
         return CONFIG_MAPPING[model_type].__module__
     except KeyError:

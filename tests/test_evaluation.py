@@ -429,7 +429,7 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
     text_file = tmp_path / "eval.txt"
     text_file.write_text(" ".join(words[:7]) + "\n" + " ".join(words[7:10]) + "\n")
     out = tmp_path / "result.json"
-    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--num-samples", "4",
+    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--nelbo-samples", "4",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "word perplexity" in printed and "NELBO upper bound, 4 t samples" in printed
