@@ -240,7 +240,7 @@ def test_a_dry_run_writes_nothing_and_lists_the_files_it_would_render(tmp_path, 
     assert folder_state(adapter_dir) == adapter_before
 
 
-def test_symbolic_links_are_refused_never_followed(tmp_path):
+def test_symbolic_links_are_refused_never_followed(tmp_path, capsys):
     folder = tmp_path / "model"
     save_model(folder, with_tokenizer=False)
     token = tmp_path / "token"
@@ -250,8 +250,8 @@ def test_symbolic_links_are_refused_never_followed(tmp_path):
     with pytest.raises(ValueError, match=r"token \(a symbolic link to .*never follows links"):
         push_model(folder, "org/tiny-sfdlm", api=api)
     assert api.calls == [] and not (folder / "README.md").exists()
-    with pytest.raises(SystemExit, match="symbolic link"):
-        cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"])
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
 
     # Excluded explicitly, the link is left out and everything else is sent as it is.
     operations = push_model(folder, "org/tiny-sfdlm", dry_run=True, ignore_patterns=["token"])
@@ -298,14 +298,14 @@ def _flip_a_byte(path: Path) -> None:
     (_flip_a_byte, "model.safetensors", "SHA-256"),
     (_nan_embedding, "model.safetensors", "NaN or inf logits"),
 ])
-def test_push_dry_run_refuses_a_folder_that_would_not_load(tmp_path, damage, file, message):
+def test_push_dry_run_refuses_a_folder_that_would_not_load(tmp_path, capsys, damage, file, message):
     folder = tmp_path / "model"
     save_model(folder)
     damage(folder / file)
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"])
-    text = str(exit_info.value)
-    assert text.startswith("sfdlm push:") and message in text
+    capsys.readouterr()
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "org/tiny-sfdlm", "--dry-run"]) == 2
+    text = capsys.readouterr().err.splitlines()[-1]  # after transformers' progress bars, if it got that far
+    assert text.startswith("sfdlm push: error:") and message in text
     assert message == "NaN or inf logits" or str(folder / file) in text  # the file is named
 
 
@@ -344,8 +344,16 @@ def alter_code(folder: Path, marker: Path, model_type: str = "sfdlm") -> None:
         (folder / "config.json").write_text(json.dumps(config))
 
 
+def cli_refusal(capsys, argv: list[str]):
+    """Run the command line, which reports an expected error in one line with exit status 2; raise it as a
+    ValueError carrying that line."""
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    raise ValueError(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("model_type", ["sfdlm", "sfdlm_custom"])
-def test_a_folder_with_altered_code_is_refused_and_its_code_never_runs(tmp_path, model_type):
+def test_a_folder_with_altered_code_is_refused_and_its_code_never_runs(tmp_path, capsys, model_type):
     from hf_sfdlm.evaluation import load_model
     from hf_sfdlm.lm_eval_adapter import SFDLMEvalHarnessLM
 
@@ -357,9 +365,9 @@ def test_a_folder_with_altered_code_is_refused_and_its_code_never_runs(tmp_path,
         "evaluation.load_model": lambda: load_model(str(folder)),
         "lm-eval": lambda: SFDLMEvalHarnessLM(pretrained=str(folder)),
         "push": lambda: push_model(folder, "org/tiny-sfdlm", dry_run=True),
-        "sfdlm generate": lambda: cli_main(["generate", "--model", str(folder), "--max-new-tokens", "2", "--no-live"]),
-        "sfdlm finetune": lambda: cli_main(["finetune", "--model", str(folder), "--data", str(data),
-                                            "--output-dir", str(tmp_path / "out")]),
+        "sfdlm generate": lambda: cli_refusal(capsys, ["generate", "--model", str(folder), "--max-new-tokens", "2"]),
+        "sfdlm finetune": lambda: cli_refusal(capsys, ["finetune", "--model", str(folder), "--data", str(data),
+                                                       "--output-dir", str(tmp_path / "out")]),
     }
     data = tmp_path / "data.txt"
     data.write_text("the small dog sees a ball .\n" * 20)

@@ -36,14 +36,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..hub import push_model
 
-    try:
-        result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
-                            create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
-                            write_card=not args.no_card, license=args.license, dry_run=args.dry_run,
-                            trust_remote_code=args.trust_remote_code,
-                            **({"base_model": args.base_model} if args.base_model else {}))
-    except (ValueError, TypeError) as error:  # a refused folder: its message, not a traceback; exit status 1
-        raise SystemExit(f"sfdlm push: {error}") from error
+    result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
+                        create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
+                        write_card=not args.no_card, license=args.license, dry_run=args.dry_run,
+                        trust_remote_code=args.trust_remote_code,
+                        **({"base_model": args.base_model} if args.base_model else {}))
     if args.dry_run:
         for operation in result:
             print(operation.path_in_repo)
