@@ -29,7 +29,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from . import integrity
-from .model_card import CARD_FILE, check_card_data, is_repo_id, is_sfdlm_card, render_model_card, validate_model_card
+from .model_card import (CARD_FILE, check_card_data, is_repo_id, is_sfdlm_card, render_model_card, validate_model_card,
+                         write_model_card)
 from .remote_code import check_folder_code, check_trust_remote_code
 
 # Never uploaded: training state, logs and caches that may sit next to the final weights in a run's output
@@ -295,8 +296,10 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
                          "would be published: replace them (e.g. by a dataset's Hub id or file name), or delete the "
                          "card so that push writes a fresh one.")
     if not dry_run:
-        for name, data in generated.items():
-            (folder / name).write_bytes(data)
+        if "adapter_config.json" in generated:
+            (folder / "adapter_config.json").write_bytes(generated["adapter_config.json"])
+        if CARD_FILE in generated:  # the same rendering, saved with its record (`model_card.CARD_RECORD`)
+            write_model_card(folder, repo_id=repo_id, **card_kwargs)
         generated = {}
     operations = commit_operations(folder, allow_patterns, ignore_patterns, generated=generated)
     if dry_run:
