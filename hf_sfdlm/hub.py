@@ -29,8 +29,8 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from . import integrity
-from .model_card import (CARD_FILE, check_card_data, is_repo_id, is_sfdlm_card, render_model_card, validate_model_card,
-                         write_model_card)
+from .model_card import (CARD_FILE, CARD_RECORD, check_card_data, is_repo_id, is_sfdlm_card, render_model_card,
+                         validate_model_card, write_model_card)
 from .remote_code import check_folder_code, check_trust_remote_code
 
 # Never uploaded: training state, logs and caches that may sit next to the final weights in a run's output
@@ -196,9 +196,9 @@ def commit_operations(model_dir: str | os.PathLike, allow_patterns: Sequence[str
                if name not in generated and list(filter_repo_objects([name], allow_patterns=allow_patterns,
                                                                      ignore_patterns=ignore))]
     if refused:
-        raise ValueError(f"{str(folder)!r} holds entries that are not regular files: {'; '.join(refused)}. Push uploads "
-                         "only the folder's regular files and never follows links: replace each by a copy, remove "
-                         "it, or exclude it with ignore_patterns.")
+        raise ValueError(f"{str(folder)!r} holds entries that are not regular files: {'; '.join(refused)}. "
+                         "Push uploads only the folder's regular files and never follows links: replace each by a "
+                         "copy, remove it, or exclude it with ignore_patterns.")
     names = sorted(set(files) | set(generated))
     kept = filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore)
     return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=generated.get(name, str(folder / name)))
@@ -293,8 +293,8 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
     paths = local_paths_in_card(card_text)
     if paths:
         raise ValueError(f"The model card {str(folder / CARD_FILE)!r} carries local absolute path(s) {paths}, which "
-                         "would be published: replace them (e.g. by a dataset's Hub id or file name), or delete the "
-                         "card so that push writes a fresh one.")
+                         f"would be published: replace them (e.g. by a dataset's Hub id or file name) in the card and "
+                         f"in {CARD_RECORD}, from which a fresh card would be rendered.")
     if not dry_run:
         if "adapter_config.json" in generated:
             (folder / "adapter_config.json").write_bytes(generated["adapter_config.json"])

@@ -5,8 +5,8 @@
 * every `*.safetensors` file: the 8-byte header length, the JSON header, each tensor's dtype, shape and
   byte range (`end - begin == numel * itemsize`, ranges contiguous from 0), and the file size equal to
   header + data. A truncated or padded file, or a garbled header, is refused.
-* `checksums.json` (written at save time by `write_checksums`, which `SFDLMForDiffusionLM.save_pretrained`
-  and `hf_sfdlm.lora.save_adapter` call): the SHA-256 of every weight file it lists must match. This is
+* `checksums.json` (written at save time by `write_checksums`, which `SFDLMForDiffusionLM.save_pretrained`,
+  `hf_sfdlm.lora.save_adapter` and `DiffusionTrainer.save_model` call): the SHA-256 of every weight file it lists must match. This is
   the only check that catches same-size garbling of the tensor data; without a `checksums.json`, such
   weights pass these checks (a NaN/inf they produce is caught by the forward pass `hub.verify_model`
   runs before a push, other values are not detectable from the file alone).

@@ -207,7 +207,7 @@ def test_bad_folders_and_revisions_are_refused(tmp_path):
     assert api.calls == []
 
 
-# ------------------------------------------------------------------------------------------ push: verified, links refused
+# ---------------------------------------------------------------------------------- push: verified, links refused
 def folder_state(folder: Path) -> dict:
     """Every entry of a folder with its bytes and modification time: equal states mean nothing was written."""
     return {path.relative_to(folder).as_posix(): (path.read_bytes() if path.is_file() else None,
@@ -412,7 +412,8 @@ def test_opting_in_loads_an_altered_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [
-    ["finetune", "--model", "m", "--data", "d.txt"], ["generate", "--model", "m"], ["infill", "--model", "m", "--text", "x"],
+    ["finetune", "--model", "m", "--data", "d.txt"], ["generate", "--model", "m"],
+    ["infill", "--model", "m", "--text", "x"],
     ["eval", "m", "--text-file", "t.txt"], ["push", "--model", "m", "--repo-id", "org/x"],
 ])
 def test_every_command_that_loads_a_model_takes_trust_remote_code_default_off(command):
