@@ -28,6 +28,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def check_trust_remote_code(trust_remote_code) -> bool:
+    """`trust_remote_code` if it is True or False (a string such as "yes" is not consent), else `TypeError`."""
     if not isinstance(trust_remote_code, bool):
         raise TypeError(f"`trust_remote_code` must be True or False, got {trust_remote_code!r}.")
     return trust_remote_code
