@@ -39,7 +39,7 @@ def pretrain(work: Path, steps: int) -> Path:
     config = load_config(None, [f"training.max_steps={steps}", f"training.output_dir={work / 'base'}",
                                 "training.progress_bar=false", "training.log_with=[jsonl]",
                                 "training.eval_every=0", f"training.checkpoint_every={steps}"])
-    result, _ = run_training(config)
+    result, _ = run_training(config, overwrite=True)  # scratch folders: a rerun replaces the last one
     return Path(result.output_dir)
 
 
@@ -71,7 +71,7 @@ def adapt(base: Path, data: Path, out: Path, method: str, steps: int, seed: int)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n and "modules_to_save" not in n)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(overwrite=True)
     seconds = time.perf_counter() - start
     curve = [(m["step"], m["eval/nelbo"]) for m in read_metrics(out / method / "logs" / "metrics.jsonl")
              if "eval/nelbo" in m]

@@ -150,7 +150,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     setup_rss = _rss_kib("VmRSS")
     _reset_peak_rss()  # the peak from here on is what training itself needs on top of the built model
-    trainer.train()
+    trainer.train(overwrite=True)  # a benchmark scratch folder: a rerun replaces the last one
     seconds = times[-1] - times[args.warmup - 1]
     tokens = args.steps * batch * args.length
     record = {"model": args.model, "length": args.length, "batch": batch, "parameters": parameters,

@@ -13,6 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AbsorbingDiffusion": "diffusion",
     "DiscreteDiffusion": "diffusion",
     "NoiseSchedule": "diffusion",
     "SFDLMConfig": "configuration_sfdlm",
@@ -22,6 +23,7 @@ _EXPORTS = {
     "SFDLMGenerationOutput": "generation_sfdlm",
     "SFDLMModel": "modeling_sfdlm",
     "SFDLMPreTrainedModel": "modeling_sfdlm",
+    "UniformDiffusion": "diffusion",
 }
 _registered = False
 

@@ -226,8 +226,8 @@ class CheckpointManager:
             raise CheckpointError(f"Checkpoint {path} is corrupt: unreadable {MARKER} ({error}).") from error
         if marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"Checkpoint {path} has format {marker.get('format')!r}, not {FORMAT_VERSION}: it was "
-                                  "written by an older hf_sfdlm whose state files are pickles, which are never "
-                                  "loaded. Start a new run (`overwrite=True` / --overwrite).")
+                                  "written by another hf_sfdlm version (format 1 holds pickles, which are never "
+                                  "loaded). Start a new run (`overwrite=True` / --overwrite).")
         if (m := _STEP_DIR.match(path.name)) and int(m.group(1)) != step:
             raise CheckpointError(f"Checkpoint {path} is corrupt: its {MARKER} says step {step}.")
         for name, expected in files.items():

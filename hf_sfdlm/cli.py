@@ -74,8 +74,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if overrides and not hasattr(args, "overrides"):
         unknown = extras
     if unknown:
-        raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `sfdlm "
-                               f"{args.command or ''} --help`)".replace("sfdlm  --help", "sfdlm --help"))
+        prog = " ".join(["sfdlm", *([args.command] if args.command else [])])
+        raise CommandLineError(f"unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)")
     if overrides:
         args.overrides = list(args.overrides or []) + overrides
     return args
@@ -107,6 +107,15 @@ def _resume_hint(command: str | None, argv: list[str]) -> str:
     return f" Continue from the newest checkpoint with: sfdlm {shlex.join(again)}"
 
 
+def _close_progress_bars() -> None:
+    """Close open tqdm bars now, so they are not redrawn after the message that follows."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SFDLM_DEBUG", "").lower() in ("1", "true", "yes")
@@ -121,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if not argv else EXIT_USAGE
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"\n{prog}: interrupted (Ctrl-C); nothing new was saved.{_resume_hint(command, argv)}",
               file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -378,7 +378,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     (`hf_sfdlm.integrity.check_tokenizer_files`: a truncated tokenizer.json is refused naming the file)."""
     from transformers import AutoTokenizer
 
+    from . import register_auto_classes
+
     check_trust_remote_code(trust_remote_code)
+    register_auto_classes()  # AutoTokenizer reads an SFDLM folder's config.json: model_type 'sfdlm' must resolve
     if str(name_or_path) and Path(name_or_path).is_dir():
         integrity.check_tokenizer_files(name_or_path)
     return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)

@@ -332,7 +332,10 @@ def example_from_ids(tokenizer, ids: list[int], max_tokens: int = 24) -> dict | 
     """A prompt (the first third of a line) and an infilling input (the line with a middle span masked)
     from a tokenized held-out line, or None when the line is too short or its text does not tokenize
     back to the same tokens without unknown tokens."""
-    ids = list(ids)[:max_tokens]
+    ids = list(ids)
+    if len(ids) > max_tokens:  # end at a sentence end inside the window when there is one
+        ends = [i for i in range(6, max_tokens + 1) if tokenizer.decode(ids[i - 1:i]).strip() in (".", "!", "?")]
+        ids = ids[:ends[-1] if ends else max_tokens]
     mask = getattr(tokenizer, "mask_token", None)
     unk = getattr(tokenizer, "unk_token_id", None)
     if len(ids) < 6 or unk in ids:

@@ -76,9 +76,7 @@ class CanvasStreamer(BaseStreamer):
         self.drafts = 0
         self._rows_on_screen = 0
         self._start = time.monotonic()
-        self._bar = None
-        if progress and not self.live:
-            self._bar = tqdm(total=total_steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self._bar = None  # created at the first draft, so an error before any step leaves no bar behind
 
     # ------------------------------------------------------------------ the streamer protocol
     def put(self, value: torch.Tensor) -> None:
@@ -94,7 +92,9 @@ class CanvasStreamer(BaseStreamer):
     def put_draft(self, value: torch.Tensor, **kwargs) -> None:
         """One denoising step's canvas (after the prefix): redraw it in place."""
         self.drafts += 1
-        if self._bar is not None:
+        if self.progress and not self.live:
+            if self._bar is None:
+                self._bar = tqdm(total=self.total_steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
             self._bar.update(1)
         if self.live:
             self._redraw(self.texts(self._as_rows(value)), meter=self.progress)

@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpointing import Checkpoint, CheckpointManager, check_output_dir, clear_run, fingerprint_hash
 from .data import DiffusionCollator
+from .diffusion_lm import scored_positions
 from .integrity import write_checksums
 from .state_files import load_module, load_tree, rng_state, save_module, save_tree, set_rng_state
 from .tracking import JSONLinesTracker, flatten_config
@@ -144,10 +145,7 @@ def default_evaluate_batch(model: nn.Module, batch: dict[str, torch.Tensor], num
     `num_samples` noise levels when it has one, else `num_samples` draws of its per-token training loss."""
     labels = batch.get("labels")
     mask = batch.get("attention_mask")
-    scored = torch.ones_like(batch["input_ids"], dtype=torch.bool) if labels is None else labels != -100
-    if mask is not None:
-        scored &= mask.bool()
-    tokens = scored.sum(-1)
+    tokens = scored_positions(batch["input_ids"], labels, mask).sum(-1)
     if hasattr(model, "nelbo"):
         nats = model.nelbo(batch["input_ids"], attention_mask=mask, labels=labels, num_samples=num_samples)
     else:
@@ -390,15 +388,16 @@ class DiffusionTrainer:
         start_time = window_start = time.perf_counter()
         progress = tqdm(total=args.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                         disable=not (args.progress_bar and acc.is_local_main_process))
-        batches = self._micro_batches()
+        batches, state = self._micro_batches(), self.state
         self.model.train()
-        while self.state.step < args.max_steps:
+        while state.step < args.max_steps:
             loss, tokens, grad_norm = self._optimizer_step(batches)
-            state = self.state
-            state.step, state.tokens, state.last_loss = state.step + 1, state.tokens + tokens, loss
-            state.window_loss += loss
-            state.window_tokens += tokens
+            state.step += 1
             step = state.step
+            state.tokens += tokens
+            state.window_tokens += tokens
+            state.window_loss += loss
+            state.last_loss = loss
             progress.update(1)
             for callback in self.callbacks:
                 callback.on_step_end(self, step, loss)
@@ -459,8 +458,9 @@ class DiffusionTrainer:
         self.accelerator.print(f"The run in {self.output_dir} already finished at step {self.state.step} "
                                f"(training.max_steps={self.args.max_steps}): nothing to do; its model and files are "
                                "left as they are. Raise training.max_steps to train further.")
-        return TrainResult(**record["result"], output_dir=self.output_dir, resumed_from=resumed.path,
-                           already_finished=True)
+        stored = {k: v for k, v in record.get("result", {}).items() if k in TrainResult.__dataclass_fields__}
+        return TrainResult(**{**stored, "output_dir": self.output_dir, "resumed_from": resumed.path,
+                              "already_finished": True})
 
     def _log_window(self, progress, grad_norm: float | None, elapsed: float) -> None:
         """Log the means over the steps since the last log (the window survives a resume in `TrainState`)."""
@@ -690,13 +690,7 @@ def _no_accelerator() -> bool:
 
 
 def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    labels, mask = batch.get("labels"), batch.get("attention_mask")
-    if labels is not None:
-        scored = labels != -100
-        if mask is not None:
-            scored = scored & mask.bool()
-        return scored.sum().float()
-    return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())).float()
+    return scored_positions(batch["input_ids"], batch.get("labels"), batch.get("attention_mask")).sum().float()
 
 
 __all__ = [

@@ -103,3 +103,19 @@ def slug(name: str, limit: int = 40) -> str:
     stem = re.sub(r"\.(txt|jsonl?|csv|parquet|raw|tokens)$", "", base, flags=re.IGNORECASE)
     label = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()
     return label[:limit].strip("-") or "data"
+
+
+def quiet_expected_warnings() -> None:
+    """No noise for what a run does on purpose: transformers' weight-loading/-writing bars (the run has its
+    own bar) and accelerate's "Removed shared tensor" note for the tied embeddings at every checkpoint."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    class TiedWeights(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+    logging.getLogger("accelerate.utils.other").addFilter(TiedWeights())

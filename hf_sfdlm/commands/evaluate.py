@@ -23,8 +23,9 @@ def register(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model folder or Hub id, org/name (SFDLM, Transformer denoiser, or a causal LM)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", help="UTF-8 text file, one line per sentence/paragraph")
-    source.add_argument("--dataset", help="a `datasets` name or local data folder")
+    source.add_argument("--text-file", help="UTF-8 text file, one line per sentence/paragraph (this or --dataset; "
+                                            "default: none)")
+    source.add_argument("--dataset", help="a `datasets` name or local data folder (this or --text-file; default: none)")
     parser.add_argument("--dataset-config", help="dataset configuration name (default: none)")
     parser.add_argument("--split", default="test", help="dataset split (default: test)")
     parser.add_argument("--text-column", default="text", help="dataset column holding the text (default: text)")
@@ -66,6 +67,9 @@ def run(args) -> int:
     from ..evaluation import evaluate_perplexity, load_model, read_text
     from ..hub import load_tokenizer
 
+    from ._common import quiet_expected_warnings
+
+    quiet_expected_warnings()
     set_cpu_threads(args.threads)
     if args.text_file:
         text = read_text(args.text_file, max_lines=args.max_lines)

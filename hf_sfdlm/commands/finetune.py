@@ -115,13 +115,15 @@ def run_finetune(args: argparse.Namespace):
     if args.tokenizer:
         args.tokenizer = check_model_location(args.tokenizer, "--tokenizer")
     from ..pipelines import run_finetune as run_pipeline
+    from ._common import quiet_expected_warnings
 
+    quiet_expected_warnings()
     return run_pipeline(finetune_config(args), resume=args.resume, overwrite=args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
     result, trainer = run_finetune(args)
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and not result.already_finished:
         nelbo = "n/a" if result.eval_nelbo is None else f"{result.eval_nelbo:.4f} nats/token"
         print(f"Fine-tuned {result.step} steps ({result.tokens:,} scored tokens) in {result.seconds:.0f} s; "
               f"held-out NELBO {nelbo}. Adapter and model card in {result.output_dir}")
@@ -129,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `training/finetune_lora.py` (the same options as `sfdlm finetune`)."""
-    parser = argparse.ArgumentParser(prog="finetune_lora.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Entry point of `training/finetune_lora.py`: `sfdlm finetune`, with the same options and error reporting."""
+    import sys
+
+    from ..cli import main as cli_main
+
+    return cli_main(["finetune", *(sys.argv[1:] if argv is None else argv)])

@@ -75,8 +75,24 @@ def register(subparsers) -> None:
                             help="pause after each draft, in seconds, to slow a demo down (default: none)")
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numeric flags checked before anything is loaded."""
+    for name, minimum in (("steps", 1), ("top_k", 0), ("num_return_sequences", 1), ("block_length", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
+    for name, low, high in (("top_p", 0.0, 1.0), ("confidence_threshold", 0.0, 1.0)):
+        value = getattr(args, name)
+        if value is not None and not low < value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in ({low}, {high}], got {value}.")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
+
+
 def _load(args: argparse.Namespace):
     from ._common import check_model_location
+
+    check_numbers(args)
 
     model_path = check_model_location(args.model)
     tokenizer_path = check_model_location(args.tokenizer, "--tokenizer") if args.tokenizer else model_path
@@ -88,8 +104,9 @@ def _load(args: argparse.Namespace):
     import torch
 
     from ..hub import load_pretrained, load_tokenizer
-    from ._common import set_cpu_threads
+    from ._common import quiet_expected_warnings, set_cpu_threads
 
+    quiet_expected_warnings()
     set_cpu_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(model_path, trust_remote_code=args.trust_remote_code).to(device).eval()
@@ -124,11 +141,11 @@ def _run(args: argparse.Namespace, model, tokenizer, input_ids, **extra) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`sfdlm generate`."""
-    import torch
-
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
     model, tokenizer = _load(args)
+    import torch
+
     from ._common import warn_unknown_words
 
     warn_unknown_words(tokenizer, args.prompt)
@@ -154,11 +171,11 @@ def encode_with_masks(tokenizer, text: str, mask_string: str, mask_token_id: int
 
 def run_infill(args: argparse.Namespace) -> int:
     """`sfdlm infill`."""
-    import torch
-
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
     model, tokenizer = _load(args)
+    import torch
+
     mask_id = model.config.mask_token_id
     if mask_id is None:
         mask_id = getattr(tokenizer, "mask_token_id", None)

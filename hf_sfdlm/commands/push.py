@@ -18,13 +18,14 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="Folder written by save_pretrained / save_adapter.")
     parser.add_argument("--repo-id", required=True, help="Target repository, 'org/name'.")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--revision", default=None, help="Branch to commit to (created if needed).")
+    parser.add_argument("--revision", default=None, help="Branch to commit to, created if needed (default: the main branch).")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None, help="Commit message (default: \"Upload SFDLM model|adapter with hf_sfdlm\").")
     parser.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`).")
-    parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push.")
+    parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push (default: apache-2.0).")
     parser.add_argument("--base-model", default=None,
-                        help="Adapters: Hub repo id of the base model (required if the adapter records a local path).")
+                        help="Adapters: Hub repo id of the base model, written into the card (default: the one the "
+                             "adapter records; required if that is a local path).")
     parser.add_argument("--no-card", action="store_true", help="Do not write a model card if the folder lacks one.")
     parser.add_argument("--dry-run", action="store_true",
                         help="Check everything and print the files that would be uploaded; no network, "
