@@ -422,25 +422,28 @@ def _count_unknown(token_ids: torch.Tensor, tokenizer) -> int:
     return 0 if unk is None else int((token_ids == unk).sum())
 
 
-def load_model(path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model(path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
     """Load a saved model for evaluation: SFDLM, the Transformer denoiser, or any transformers causal LM.
 
-    Diffusion models resolve through `AutoModel` (the hf_sfdlm classes are registered locally);
-    other configurations are loaded with `AutoModelForCausalLM`. Returns the model in eval mode.
+    Diffusion models load through `hf_sfdlm.hub.load_pretrained` (file checks, installed classes, no folder
+    code without `trust_remote_code=True`); other configurations with `AutoModelForCausalLM`, passing
+    `trust_remote_code` on. Returns the model in eval mode.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
     from . import register_auto_classes
+    from .hub import load_pretrained
 
     register_auto_classes()
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
-    loader = AutoModel if config.model_type in diffusion_types else AutoModelForCausalLM
-    model = loader.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    loader = load_pretrained if config.model_type in diffusion_types else AutoModelForCausalLM.from_pretrained
+    model = loader(path, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype is not None else {}))
     if device is not None:
         model.to(device)
     return model.eval()

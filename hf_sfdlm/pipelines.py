@@ -183,9 +183,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False,
     and model card to `config.training.output_dir` (and the merged model with `merge`). `resume` and
     `overwrite` as in `DiffusionTrainer.train`."""
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
-    from .hub import check_repo_id, folder_kind, load_pretrained
+    from .hub import check_repo_id, folder_kind, load_pretrained, load_tokenizer
     from .lora import apply_lora, lora_config
     from .model_card import ModelCardCallback, is_repo_id
 
@@ -202,11 +201,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False,
     else:
         check_repo_id(config.model)
 
-    from . import register_auto_classes
-
-    register_auto_classes()  # AutoTokenizer reads the folder's config.json: model_type 'sfdlm' must resolve
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-    model = load_pretrained(config.model)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, trust_remote_code=config.trust_remote_code)
+    model = load_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     if getattr(model, "peft_config", None):
         raise ValueError(f"{config.model!r} is an adapter; fine-tune its base model (or merge it first).")
     if getattr(model.config, "model_type", None) != "sfdlm":

@@ -304,6 +304,7 @@ class FinetuneConfig:
         validation_fraction: held-out fraction of the data.
         merge: also save the merged model to `<output_dir>/merged`.
         base_model_id, repo_id, license: for the model card.
+        trust_remote_code: allow running code shipped with the base model (`hf_sfdlm.remote_code`; default off).
         training: the `TrainingConfig` (default: `finetune_training_config()`).
     """
 
@@ -324,6 +325,7 @@ class FinetuneConfig:
     base_model_id: str | None = None
     repo_id: str | None = None
     license: str = "apache-2.0"
+    trust_remote_code: bool = False
     training: TrainingConfig = field(default_factory=finetune_training_config)
 
     def options(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from torch import nn
 from .checkpointing import Checkpoint, CheckpointManager, check_output_dir, clear_run, fingerprint_hash
 from .data import DiffusionCollator
 from .diffusion_lm import scored_positions
+from .integrity import write_checksums
 from .state_files import load_module, load_tree, rng_state, save_module, save_tree, set_rng_state
 from .tracking import JSONLinesTracker, flatten_config
 from .train_config import TrainingConfig
@@ -647,6 +648,7 @@ class DiffusionTrainer:
             tmp = staging / f".tmp-save-{'model' if own_folder else directory.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
+            write_checksums(tmp)  # SHA-256 of the weights (adapters too), verified by every loader
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             for callback in self.callbacks:

@@ -16,6 +16,7 @@ import os
 
 
 def register(subparsers) -> None:
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
     from ._common import UNK_WARNING_SHARE, add_threads_argument
 
     parser = subparsers.add_parser("eval", help="NELBO / exact perplexity of a model on a text file or dataset.",
@@ -43,6 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-unk-share", type=float, default=UNK_WARNING_SHARE,
                         help="warn when more than this share of the text's tokens are the tokenizer's unknown "
                              f"token (default: {UNK_WARNING_SHARE})")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
     parser.set_defaults(func=run)
 
@@ -62,9 +64,8 @@ def run(args) -> int:
     if args.text_file and not os.path.isfile(args.text_file):
         raise ValueError(f"--text-file {args.text_file!r} does not exist.")
 
-    from transformers import AutoTokenizer
-
     from ..evaluation import evaluate_perplexity, load_model, read_text
+    from ..hub import load_tokenizer
 
     from ._common import quiet_expected_warnings
 
@@ -77,8 +78,8 @@ def run(args) -> int:
 
         dataset = load_dataset(args.dataset, args.dataset_config, split=args.split)
         text = read_text(dataset, text_column=args.text_column, max_lines=args.max_lines)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    model = load_model(model_path, device=args.device)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
+    model = load_model(model_path, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate_perplexity(model, tokenizer, text, block_size=args.block_size, batch_size=args.batch_size,
                                  num_samples=args.nelbo_samples, seed=args.seed, progress=not args.no_progress)
     print(f"model: {args.model} ({type(model).__name__}), tokenizer: {result.tokenizer}")

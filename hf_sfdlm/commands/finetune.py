@@ -27,6 +27,7 @@ DEFAULT_MAX_STEPS = 300
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
     from ._common import add_threads_argument
 
     parser.add_argument("--model", required=True, help="base model: local save_pretrained folder or Hub id (org/name)")
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "it is a Hub id; else the card says `sfdlm push --base-model` fills it)")
     parser.add_argument("--repo-id", help="name used in the model card (default: the output folder's name)")
     parser.add_argument("--license", default="apache-2.0", help="license id for the model card (default: apache-2.0)")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="training.KEY=VALUE",
                         help="any field of hf_sfdlm.train_config.TrainingConfig, anywhere on the command line, "

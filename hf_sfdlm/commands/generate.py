@@ -24,6 +24,7 @@ CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 def register(subparsers) -> None:
     """Add the `generate` and `infill` subcommands."""
     from ._common import add_threads_argument
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
 
     generate = subparsers.add_parser(
         "generate", help="continue a prompt by iterative denoising",
@@ -44,6 +45,7 @@ def register(subparsers) -> None:
     for parser in (generate, infill):
         parser.add_argument("--model", required=True, help="local folder or Hub id (org/name) of an SFDLM checkpoint")
         parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model)")
+        parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
         parser.add_argument("--steps", type=int, default=None,
                             help="denoising steps (default: `steps` of the model's generation_config.json, else 64)")
         parser.add_argument("--sampler", default=None, metavar="NAME",
@@ -100,16 +102,15 @@ def _load(args: argparse.Namespace):
         if args.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {args.sampler!r} is not one of {', '.join(sorted(SAMPLERS))}.")
     import torch
-    from transformers import AutoTokenizer
 
-    from .. import SFDLMForDiffusionLM  # also registers the Auto classes the tokenizer's loader needs
+    from ..hub import load_pretrained, load_tokenizer
     from ._common import quiet_expected_warnings, set_cpu_threads
 
     quiet_expected_warnings()
     set_cpu_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SFDLMForDiffusionLM.from_pretrained(model_path).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = load_pretrained(model_path, trust_remote_code=args.trust_remote_code).to(device).eval()
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
     return model, tokenizer
 
 
