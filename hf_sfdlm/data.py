@@ -268,9 +268,12 @@ def _load_local(builder: str, files: list[Path], split: str, streaming: bool, ca
             _guarded_rows, gen_kwargs={"files": [str(f) for f in files], "builder": builder, "split": split})
         return datasets.IterableDatasetDict({split: stream})
     try:
-        return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+        raw = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+        for split_data in raw.values():
+            split_data.data.validate(full=True)  # Arrow's JSON reader keeps invalid UTF-8 that fails only on use
     except Exception as error:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError, ParserError...
         raise read_error(files, builder, error) from error
+    return raw
 
 
 def _guarded_rows(files: list[str], builder: str, split: str) -> Iterator[dict]:
@@ -411,8 +414,8 @@ def tokenize_dataset(dataset, tokenizer, config: DataConfig, desc: str = "Tokeni
     return shaped
 
 
-def split_long_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
-    """Cut `text` into pieces of at most `limit` characters.
+def split_long_text(text: str, limit: int | None = None) -> list[str]:
+    """Cut `text` into pieces of at most `limit` (default `MAX_PIECE_CHARS`) characters.
 
     Each cut falls just before the last whitespace character of the window that is followed by a non-space
     (the start of the next word), so tokenizers that split on whitespace first (byte-level BPE such as GPT-2's,
@@ -420,6 +423,7 @@ def split_long_text(text: str, limit: int = MAX_PIECE_CHARS) -> list[str]:
     ids of the whole text. A window without such a whitespace character (e.g. unbroken CJK or binary-like text)
     is cut hard at `limit`.
     """
+    limit = MAX_PIECE_CHARS if limit is None else limit
     if len(text) <= limit:
         return [text]
     pieces, start = [], 0
