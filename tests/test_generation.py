@@ -12,7 +12,7 @@ from conftest import tiny_config
 from scipy import stats
 
 from hf_sfdlm import SFDLMForDiffusionLM, SFDLMGenerationConfig, SFDLMGenerationOutput
-from hf_sfdlm.generation_sfdlm import SAMPLERS, Sampler, confidence, filter_logits, register_sampler
+from hf_sfdlm.sampling_sfdlm import SAMPLERS, Sampler, confidence, filter_logits, register_sampler
 from hf_sfdlm.streaming import CanvasStreamer
 from hf_sfdlm.synthetic import word_level_tokenizer
 
@@ -28,11 +28,14 @@ def stub_model(process, probs, mask=None, time_conditioning=False, **config):
                                             time_conditioning=time_conditioning, **config)).eval()
     logits = probs.log().float()
     model.stub_calls = []
+    model.stub_head_positions = []
 
-    def denoise(ids, timesteps=None, attention_mask=None):
+    def denoise(ids, timesteps=None, attention_mask=None, positions=None):
         model.stub_calls.append(ids.shape[0])
+        model.stub_head_positions.append(ids.numel() if positions is None else int(positions.sum()))
         table = logits.expand(ids.shape[1], vocab) if logits.dim() == 1 else logits[: ids.shape[1]]
-        return table.expand(ids.shape[0], -1, -1).clone()
+        out = table.expand(ids.shape[0], -1, -1).clone()
+        return out if positions is None else out[positions]
 
     model.denoise = denoise
     return model
@@ -299,19 +302,24 @@ def test_text_after_the_first_generated_eos_is_padding_and_ends_the_row():
 
 
 def test_logits_processors_and_filters_shape_p_hat():
-    from transformers import GenerationConfig, LogitsProcessorList
+    """Processors get what transformers passes them: (N, L) ids (each sampled position's row) and (N, V)
+    float32 scores at the N positions drawn in this evaluation; transformers' own processors work."""
+    from transformers import GenerationConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
 
     seen = []
 
-    def ban_zero(canvas, logits):
-        seen.append((tuple(canvas.shape), tuple(logits.shape)))
-        logits[..., 0] = -math.inf
-        return logits
+    def record(input_ids, scores):
+        seen.append((tuple(input_ids.shape), tuple(scores.shape), scores.dtype))
+        return scores
 
     model = stub_model("absorbing", ABSORBING_P, mask=7)
+    processors = LogitsProcessorList([record, SuppressTokensLogitsProcessor([0])])
     out = model.generate(None, max_new_tokens=32, num_return_sequences=8, steps=4,
-                         logits_processor=LogitsProcessorList([ban_zero]), generator=torch.Generator().manual_seed(0))
-    assert not bool((out == 0).any()) and seen[0] == ((8, 32), (8, 32, 8))
+                         logits_processor=processors, generator=torch.Generator().manual_seed(0))
+    assert not bool((out == 0).any())
+    assert all(ids[0] == scores[0] and ids[1] == 32 and scores[1] == 8 and dtype == torch.float32
+               for ids, scores, dtype in seen)
+    assert sum(ids[0] for ids, _, _ in seen) == 8 * 32  # each position is drawn once, in one evaluation
     top1 = model.generate(None, max_new_tokens=16, steps=4, top_k=1, generator=torch.Generator().manual_seed(0))
     assert bool((top1 == 0).all())  # top-k = 1 keeps only the most probable clean token
     plain = model.generate(torch.tensor([[1, 2]]), generation_config=GenerationConfig(max_new_tokens=3))
@@ -331,28 +339,87 @@ def test_semi_autoregressive_blocks_finish_left_to_right():
     assert len(out.history) <= 6 and not bool((out.sequences == 7).any())
 
 
-def test_mdlm_cache_skips_the_network_when_nothing_changed():
-    """Not noise-conditioned: a row is re-evaluated only when its canvas changed since its last evaluation."""
-    model = stub_model("absorbing", ABSORBING_P, mask=7)
-    steps = 64
-    out = model.generate(None, max_new_tokens=6, num_return_sequences=4, steps=steps, sampler="ancestral",
-                         output_history=True, generator=torch.Generator().manual_seed(0))
+def count_network_work(model):
+    """Record (rows through the backbone, rows through the LM head) of every forward pass of a real model."""
+    calls = []
+    model.model.register_forward_hook(lambda module, args, out: calls.append([args[0].shape[0], 0]))
+    model.lm_head.register_forward_hook(lambda module, args, out: calls[-1].__setitem__(1, args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_absorbing_run_evaluates_the_head_exactly_where_tokens_unmask(time_conditioning):
+    """Forward passes and head rows, counted on the real model: every step's one pass runs the backbone on
+    the rows where something unmasks and the LM head on exactly the positions that unmask; rows (and steps)
+    without a change make no backbone call."""
+    model = word_model("absorbing", time_conditioning=time_conditioning)
+    calls = count_network_work(model)
+    prompt = torch.tensor([encode("the small dog sees a [MASK] ball")] * 2)
+    out = model.generate(prompt, max_new_tokens=10, num_return_sequences=3, steps=24, output_history=True,
+                         generator=torch.Generator().manual_seed(0))
+    drafts = [out.sequences.new_full(out.sequences.shape, MASK)] + list(out.history)
+    drafts[0][:, :7] = prompt.repeat_interleave(3, 0)
     expected = []
-    for row in range(4):
-        drafts = [torch.full((6,), 7)] + [h[row] for h in out.history]
-        evaluated, calls = None, 0
-        for canvas in drafts[:-1]:  # the input of every step
-            if bool((canvas == 7).any()) and (evaluated is None or not torch.equal(canvas, evaluated)):
-                evaluated, calls = canvas, calls + 1
-        expected.append(calls)
-    assert out.num_forward_passes.tolist() == expected
-    assert max(expected) <= 7 < steps  # at most one evaluation per distinct canvas
-    assert sum(model.stub_calls) == sum(expected)
-    conditioned = stub_model("absorbing", ABSORBING_P, mask=7, time_conditioning=True)
-    out = conditioned.generate(None, max_new_tokens=6, steps=8, return_dict_in_generate=True, output_history=True,
-                               generator=torch.Generator().manual_seed(0))
-    still_masked = [True] + [bool((h == 7).any()) for h in out.history[:-1]]
-    assert int(out.num_forward_passes[0]) == sum(still_masked)  # a new t means a new evaluation
+    for before, after in zip(drafts[:-1], drafts[1:]):
+        changed = before != after
+        if changed.any():
+            expected.append([int(changed.any(-1).sum()), int(changed.sum())])
+    assert calls == expected
+    assert sum(head for _, head in calls) == 6 * 11  # each generated position once, nothing else
+    assert sum(rows for rows, _ in calls) < 6 * 24  # rows where nothing unmasked cost nothing
+    changed_rows = torch.stack([(b != a).any(-1) for b, a in zip(drafts[:-1], drafts[1:])])
+    assert out.num_forward_passes.tolist() == changed_rows.sum(0).tolist()
+
+
+def reference_absorbing_ancestral(model, canvas, steps, generators):
+    """A straightforward absorbing ancestral sampler: the full network output at every step, p_hat over the
+    whole vocabulary at every position, then per row (its own generator) one uniform per masked position for
+    "unmasks now" and one inverse-CDF uniform per unmasking position, in row-major order."""
+    canvas = canvas.clone()
+    mask = model.config.mask_token_id
+    schedule = model.diffusion.schedule
+    for k in range(steps, 0, -1):
+        t, s = k / steps, (k - 1) / steps
+        alpha_t, alpha_s = float(schedule.alpha(torch.tensor(t))), float(schedule.alpha(torch.tensor(s)))
+        probs = model.denoise(canvas, torch.full((len(canvas),), t)).float().softmax(-1)
+        for row, g in enumerate(generators):
+            masked = (canvas[row] == mask).nonzero().squeeze(-1)
+            if not len(masked):
+                continue
+            if k > 1:
+                u = torch.rand(len(masked), generator=g, dtype=torch.float64)
+                masked = masked[u < (alpha_s - alpha_t) / (1 - alpha_t)]
+            if len(masked):
+                cdf = probs[row, masked].cumsum(-1)
+                u = torch.rand(len(masked), generator=g, dtype=torch.float64).float() * cdf[:, -1]
+                canvas[row, masked] = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+    return canvas
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_fast_absorbing_path_gives_the_reference_samples(time_conditioning):
+    model = word_model("absorbing", time_conditioning=time_conditioning, noise_schedule="cosine")
+    prompt = torch.tensor([encode("the small dog [MASK] a")] * 3)
+    seeds = [5, 6, 7]
+    fast = model.generate(prompt, max_new_tokens=9, steps=6, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    start = torch.cat([prompt, torch.full((3, 9), MASK)], 1)
+    reference = reference_absorbing_ancestral(model, start, 6, [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(fast, reference)
+    assert not bool((fast == MASK).any()) and len({tuple(r.tolist()) for r in fast}) == 3
+
+
+def test_mdlm_cache_reuses_logits_while_the_canvas_does_not_change():
+    """Not noise-conditioned: a row is evaluated again only when its canvas changed since its last evaluation."""
+    model = stub_model("uniform", [0.94, 0.02, 0.02, 0.02])
+    steps, seeds = 32, [0, 1, 2, 3]
+    out = model.generate(None, max_new_tokens=3, num_return_sequences=4, steps=steps, sampler="ancestral",
+                         output_history=True, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for row, seed in enumerate(seeds):
+        prior = torch.randint(4, (3,), generator=torch.Generator().manual_seed(seed))  # x_1, drawn first
+        inputs = [prior] + [h[row] for h in out.history[:-1]]  # the canvas each step starts from
+        changes = sum(not torch.equal(a, b) for a, b in zip(inputs[:-1], inputs[1:]))
+        assert int(out.num_forward_passes[row]) == 1 + changes < steps
+    assert sum(model.stub_calls) == int(out.num_forward_passes.sum())
 
 
 def test_stop_when_stable_and_stopping_criteria():
@@ -412,7 +479,7 @@ def test_canvas_streamer_redraws_in_place_and_prints_plain_text_elsewhere():
     ids = torch.tensor([encode("the small dog sees a")])
     live = io.StringIO()
     out = model.generate(ids, max_new_tokens=3, steps=3, streamer=CanvasStreamer(TOKENIZER, 3, stream=live, live=True),
-                         generator=torch.Generator().manual_seed(0))
+                         sampler="confidence", generator=torch.Generator().manual_seed(0))  # one token per step
     text = TOKENIZER.decode(out[0], skip_special_tokens=True)
     shown = live.getvalue()
     first_draft = shown.split("\n")[0]
@@ -420,7 +487,7 @@ def test_canvas_streamer_redraws_in_place_and_prints_plain_text_elsewhere():
     assert "\033[J" in shown and "3/3" in shown  # redrawn in place, with the progress meter
     assert shown.rstrip("\n").endswith(text)
     plain = io.StringIO()
-    model.generate(ids, max_new_tokens=3, steps=3, generator=torch.Generator().manual_seed(0),
+    model.generate(ids, max_new_tokens=3, steps=3, generator=torch.Generator().manual_seed(0), sampler="confidence",
                    streamer=CanvasStreamer(TOKENIZER, 3, stream=plain, progress=False))
     assert plain.getvalue() == text + "\n"
 
