@@ -531,7 +531,10 @@ class SFDLMGenerationMixin:
     @staticmethod
     def _row_generators(generator, rows: int) -> list:
         if isinstance(generator, (list, tuple)):
-            if len(generator) != rows or not all(isinstance(g, torch.Generator) for g in generator):
+            wrong = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+            if wrong:
+                raise TypeError(f"`generator` as a list must hold torch.Generator objects, got {wrong[0]}.")
+            if len(generator) != rows:
                 raise ValueError(f"`generator` as a list needs one torch.Generator per output row "
                                  f"(batch * num_return_sequences = {rows}), got {len(generator)} items.")
             return list(generator)

@@ -528,6 +528,45 @@ def test_bad_inputs_fail_before_any_forward_pass():
         model.generate(prompt, max_new_tokens=2)
 
 
+def test_do_sample_speaks_transformers_language():
+    from transformers import GenerationConfig
+
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    greedy = model.generate(ids, max_new_tokens=6, steps=6, temperature=0, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):  # greedy, whatever the seed, as a kwarg or through a plain GenerationConfig
+        generator = torch.Generator().manual_seed(seed)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, steps=6, do_sample=False, generator=generator), greedy)
+        plain = GenerationConfig(do_sample=False, max_new_tokens=6)
+        assert torch.equal(model.generate(ids, generation_config=plain, steps=6,
+                                          generator=torch.Generator().manual_seed(seed)), greedy)
+    sampled = {tuple(model.generate(ids, max_new_tokens=6, steps=6, do_sample=True,
+                                    generator=torch.Generator().manual_seed(seed))[0].tolist()) for seed in range(4)}
+    assert len(sampled) > 1
+    with pytest.raises(ValueError, match="do_sample"):
+        model.generate(ids, max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="unexpected arguments \\['num_beams'\\]"):
+        model.generate(ids, max_new_tokens=2, num_beams=2)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-8, 5e-4])
+def test_tiny_temperatures_mean_greedy_never_nan(temperature):
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    out = model.generate(ids, max_new_tokens=6, steps=6, temperature=temperature,
+                         generator=torch.Generator().manual_seed(1))
+    assert not bool((out == MASK).any())
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, steps=6, temperature=0,
+                                           generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("generator", [123, "seed", [123]])
+def test_generator_of_a_wrong_type_is_named(generator):
+    model = forbid_forward(word_model("absorbing"))
+    with pytest.raises(TypeError, match="`generator`.*(int|str)"):
+        model.generate(torch.tensor([encode("the dog")]), max_new_tokens=2, generator=generator)
+
+
 def test_uniform_model_mask_errors():
     model = forbid_forward(word_model("uniform"))
     prompt = torch.tensor([encode("the [MASK] dog")])
@@ -591,6 +630,15 @@ def test_generation_config_is_saved_and_used_by_default(tmp_path):
         assert len(loaded.generate(torch.tensor([encode("the dog")]), max_new_tokens=4, steps=2,
                                    output_history=True).history) == 2  # keyword arguments override
     assert isinstance(out, SFDLMGenerationOutput)
+    from transformers import GenerationConfig
+
+    plain = GenerationConfig.from_pretrained(tmp_path)  # the saved sampler fields survive a plain load
+    assert (plain.steps, plain.sampler, plain.mask_token_id) == (3, "confidence", MASK)
+    assert SFDLMGenerationConfig.from_generation_config(plain).to_diff_dict() == \
+        SFDLMGenerationConfig.from_pretrained(tmp_path).to_diff_dict()
+    out = model.generate(torch.tensor([encode("the dog")]), generation_config=plain, max_new_tokens=4,
+                         output_history=True)
+    assert len(out.history) == 3
 
 
 # ------------------------------------------------------------------------------------------ the CLI
