@@ -69,7 +69,8 @@ class SFDLMGenerationConfig(GenerationConfig):
         > The reverse chain
 
         steps (`int`, *optional*, defaults to 64):
-            Number of denoising steps (network evaluations at most), shared among the semi-AR blocks.
+            Number of denoising steps (network evaluations at most), shared among the semi-AR blocks. The
+            `"uniform"` sampler adds Duo's greedy tail, one argmax pass at t_min, per block.
         sampler (`str`, *optional*):
             Name of a sampler in `SAMPLERS`: `"ancestral"`, `"uniform"`, `"confidence"` or `"threshold"`.
             Unset: `"ancestral"` for absorbing models, `"uniform"` for uniform ones.
@@ -586,8 +587,8 @@ class Denoiser:
 
     `denoiser(canvas, t, positions, processed=True)` returns (N, V) float32 logits at the N `True` entries of
     `positions` (B, L), row-major: the model's LM head runs at those positions only, rows without one make
-    no forward pass, and a row whose canvas (and, for noise-conditioned models, t) has not changed since its
-    last evaluation reuses the logits computed then if they cover the positions asked for (MDLM's cache).
+    no forward pass, and, for models that are not noise-conditioned, a row whose canvas has not changed since
+    its last evaluation reuses the logits computed then if they cover the positions asked for (MDLM's cache).
     Processed logits went through the logits processors, the uniform process's mask-token ban and the
     temperature / top-k / top-p filters. Counts forward passes and head positions per row.
     """
@@ -610,7 +611,6 @@ class Denoiser:
         self.passes = torch.zeros(rows, dtype=torch.long, device=device)
         self.head_positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.cache_canvas = torch.full_like(plan.canvas, -1)
-        self.cache_t = torch.full((rows,), -1.0, dtype=torch.float64, device=device)
         self.cache_positions = torch.zeros(rows, length, dtype=torch.bool, device=device)
         self.cache_logits: torch.Tensor | None = None  # (cache_positions.sum(), V), row-major
 
@@ -629,9 +629,9 @@ class Denoiser:
 
     def raw_logits(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         asked = positions.any(-1)
+        if self.time_conditioned:  # a new t means a new evaluation: no cache
+            return self._evaluate(canvas, t, positions, asked)
         valid = (self.cache_canvas == canvas).all(-1)
-        if self.time_conditioned:
-            valid &= self.cache_t == t
         self._forget(~valid)
         hit = asked & valid & ~(positions & ~self.cache_positions).any(-1)
         stale = asked & ~hit
@@ -644,7 +644,7 @@ class Denoiser:
             if fresh is not None:
                 logits[stale[row_of]] = fresh
             logits[hit[row_of]] = self.cache_logits[self._cache_index()[positions & hit.unsqueeze(-1)]]
-        self._remember(canvas, t, positions, asked, logits)
+        self._remember(canvas, positions, asked, logits)
         return logits
 
     def _evaluate(self, canvas, t, positions, rows) -> torch.Tensor:
@@ -671,7 +671,7 @@ class Denoiser:
         self.cache_logits = self.cache_logits[keep[self.cache_positions]] if keep.any() else None
         self.cache_positions = keep
 
-    def _remember(self, canvas, t, positions, asked, logits) -> None:
+    def _remember(self, canvas, positions, asked, logits) -> None:
         """The logits of the rows just asked replace theirs in the cache; other rows' entries stay."""
         keep = self.cache_positions & ~asked.unsqueeze(-1)
         if keep.any():
@@ -684,7 +684,6 @@ class Denoiser:
         else:
             self.cache_positions, self.cache_logits = positions.clone(), logits
         self.cache_canvas[asked] = canvas[asked]
-        self.cache_t[asked] = t[asked]
 
 
 @dataclass

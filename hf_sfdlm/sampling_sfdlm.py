@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion import DiscreteDiffusion
@@ -42,6 +41,8 @@ CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 MIN_TEMPERATURE = 1e-3
 # Duo's greedy tail: the uniform sampler's ancestral steps stop at t_min, then one argmax pass there.
 UNIFORM_T_MIN = 1e-5
+# Positions per slice of the uniform reverse kernel (bounds its vocabulary-sized temporaries).
+KERNEL_CHUNK = 256
 
 
 @dataclass
@@ -133,19 +134,23 @@ class SamplingStep:
     def categorical(self, probs: torch.Tensor, positions: torch.BoolTensor) -> torch.LongTensor:
         """(N,) ids drawn from the rows of `probs` (N, V) (inverse CDF with each row's generator).
         Zero-probability ids are never drawn, also when the rows do not sum to one exactly."""
-        cdf = probs.cumsum(-1)
-        target = self.uniform(positions).to(cdf.dtype) * cdf[:, -1]
-        ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-        # rounding can land u * total on the flat tail of zero-probability ids: take the last possible id
-        impossible = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
-        if impossible.any():
-            last = probs.shape[-1] - 1 - (probs[impossible] > 0).flip(-1).long().argmax(-1)
-            ids[impossible] = last
-        return ids
+        return inverse_cdf(probs, self.uniform(positions))
 
     def choose(self, probs: torch.Tensor, positions: torch.BoolTensor) -> torch.LongTensor:
         """Clean tokens from p_hat (N, V): the argmax when greedy, else a draw."""
         return probs.argmax(-1) if self.greedy else self.categorical(probs, positions)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+    """(N,) the id where each row of `probs` (N, V, unnormalised) reaches `uniforms` (N,) of its total mass.
+    Zero-probability ids are never drawn, also when rounding lands on a flat tail."""
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype) * cdf[:, -1]
+    ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    impossible = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
+    if impossible.any():  # take the last possible id
+        ids[impossible] = probs.shape[-1] - 1 - (probs[impossible] > 0).flip(-1).long().argmax(-1)
+    return ids
 
 
 class Sampler:
@@ -212,17 +217,25 @@ class AncestralSampler(Sampler):
 
     @staticmethod
     def uniform_step(step: SamplingStep) -> torch.LongTensor:
+        """Every updatable position draws x_s from the process's reverse kernel `reverse_probs`. p_hat (N, V)
+        is the one vocabulary-sized tensor over all positions; the kernel is formed `KERNEL_CHUNK` positions
+        at a time, and the draws use the uniforms of all positions drawn up front (row-major, as `categorical`)."""
         positions = step.update_mask
         if not positions.any():
             return step.canvas
         x0 = step.x0_probs(positions)
         if step.greedy:
-            x0 = F.one_hot(x0.argmax(-1), x0.shape[-1]).to(x0.dtype)
-        rows = step.rows(positions)
-        probs = step.diffusion.reverse_probs(x0.unsqueeze(1), step.canvas[positions].unsqueeze(1),
-                                             step.alpha_s[rows], step.alpha_t[rows]).squeeze(1)
+            top = x0.argmax(-1, keepdim=True)
+            x0 = x0.zero_().scatter_(-1, top, 1.0)
+        rows, x_t, uniforms = step.rows(positions), step.canvas[positions], step.uniform(positions)
+        drawn = torch.empty_like(x_t)
+        for start in range(0, len(x_t), KERNEL_CHUNK):
+            part = slice(start, start + KERNEL_CHUNK)
+            probs = step.diffusion.reverse_probs(x0[part].unsqueeze(1), x_t[part].unsqueeze(1),
+                                                 step.alpha_s[rows[part]], step.alpha_t[rows[part]]).squeeze(1)
+            drawn[part] = inverse_cdf(probs, uniforms[part])
         new = step.canvas.clone()
-        new[positions] = step.categorical(probs, positions)
+        new[positions] = drawn
         return new
 
 
@@ -439,5 +452,6 @@ __all__ = [
     "confidence",
     "default_sampler",
     "filter_logits",
+    "inverse_cdf",
     "register_sampler",
 ]

@@ -133,9 +133,12 @@ def test_uniform_samplers_match_composed_reverse_kernels(sampler, schedule):
     steps = 4
     out = model.generate(None, max_new_tokens=64, num_return_sequences=64, steps=steps, sampler=sampler,
                          output_history=True, generator=torch.Generator().manual_seed(2))
-    alphas = [float(model.diffusion.schedule.alpha(torch.tensor(k / steps))) for k in range(steps, -1, -1)]
+    grid = SAMPLERS[sampler](None).time_grid(steps)  # "uniform": steps ancestral steps to t_min, then argmax
+    alphas = [float(model.diffusion.schedule.alpha(torch.tensor(t))) for t in [grid[0][0]] + [s for _, s in grid]]
     exact = exact_uniform_marginals(UNIFORM_P, alphas)
-    for j in range(steps - 1):  # every intermediate draft x_s, s > 0
+    ancestral_drafts = steps - 1 if sampler == "ancestral" else steps  # drafts x_s with s > 0
+    assert len(out.history) == len(grid)
+    for j in range(ancestral_drafts):
         assert chi_square_p(counts(out.history[j], 6), exact[j]) > P_VALUE, j
     # the test has power: the draft one step before the end is not yet distributed as p_hat
     assert chi_square_p(counts(out.history[steps - 2], 6), UNIFORM_P) < 1e-6
@@ -143,8 +146,19 @@ def test_uniform_samplers_match_composed_reverse_kernels(sampler, schedule):
     if sampler == "ancestral":  # at s = 0 the posterior is p_hat itself
         assert np.allclose(exact[-1], UNIFORM_P)
         assert chi_square_p(counts(final, 6), UNIFORM_P) > P_VALUE
-    else:  # Duo's greedy final step
+    else:  # Duo's greedy tail: the argmax of p_hat(. | x_{t_min}), one pass more than the steps
+        assert grid[-1] == (grid[-2][1], 0.0) and 0 < grid[-1][0] < 1e-3
         assert bool((final == int(np.argmax(UNIFORM_P))).all())
+
+
+def test_duo_greedy_tail_keeps_one_step_sampling_random():
+    """The tail is an extra argmax pass at t_min after the ancestral steps (not an argmax in place of the
+    last step), so even one step draws x_{t_min} at random and different seeds give different texts."""
+    model = word_model("uniform")
+    outs = [model.generate(None, max_new_tokens=8, steps=1, return_dict_in_generate=True,
+                           generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    assert all(out.num_forward_passes.tolist() == [2] for out in outs)
+    assert len({tuple(out.sequences[0].tolist()) for out in outs}) > 1
 
 
 def test_uniform_model_never_writes_the_mask_token():
