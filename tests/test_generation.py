@@ -422,6 +422,55 @@ def test_fast_absorbing_path_gives_the_reference_samples(time_conditioning):
     assert not bool((fast == MASK).any()) and len({tuple(r.tolist()) for r in fast}) == 3
 
 
+def reference_uniform(model, canvas, steps, generators):
+    """The `uniform` sampler written plainly: the time grid down to t_min, the full network output (the mask
+    token banned), p_hat and the whole reverse kernel at every position, one inverse-CDF uniform per position per row (row-major),
+    then the argmax pass at t_min."""
+    from hf_sfdlm.sampling_sfdlm import UNIFORM_T_MIN, inverse_cdf
+
+    canvas = canvas.clone()
+    diffusion = model.diffusion
+    knots = [UNIFORM_T_MIN + (1 - UNIFORM_T_MIN) * k / steps for k in range(steps, -1, -1)]
+    for t, s in zip(knots[:-1], knots[1:]):
+        rows = len(canvas)
+        logits = model.denoise(canvas, torch.full((rows,), t)).float()
+        logits[..., MASK] = -math.inf  # a uniform model never writes the mask token
+        p_hat = logits.softmax(-1)
+        alpha_t, alpha_s = (diffusion.schedule.alpha(torch.full((rows,), x, dtype=torch.float64)) for x in (t, s))
+        kernel = diffusion.reverse_probs(p_hat, canvas, alpha_s, alpha_t)
+        for row, g in enumerate(generators):
+            u = torch.rand(canvas.shape[1], generator=g, dtype=torch.float64)
+            canvas[row] = inverse_cdf(kernel[row], u)
+    logits = model.denoise(canvas, torch.full((len(canvas),), UNIFORM_T_MIN))
+    logits[..., MASK] = -math.inf
+    return logits.argmax(-1)
+
+
+def test_uniform_sampler_gives_the_reference_samples():
+    model = word_model("uniform", noise_schedule="cosine")
+    seeds = [3, 4]
+    fast = model.generate(None, max_new_tokens=10, num_return_sequences=2, steps=5,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds])
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    prior = torch.stack([torch.randint(len(TOKENIZER), (10,), generator=g) for g in generators])
+    assert torch.equal(fast, reference_uniform(model, prior, 5, generators))
+
+
+def test_bf16_autocast_generation():
+    """compute_dtype="bfloat16": the network runs under autocast, sampling in float32; for the absorbing
+    process the unmasking sets do not depend on the network, so they equal float32's draw for draw."""
+    model = word_model("absorbing")
+    options = dict(max_new_tokens=12, num_return_sequences=3, steps=6, output_history=True)
+    runs = {dtype: model.generate(None, compute_dtype=dtype, generator=torch.Generator().manual_seed(0), **options)
+            for dtype in ("float32", "bfloat16")}
+    for a, b in zip(runs["float32"].history, runs["bfloat16"].history):
+        assert torch.equal(a == MASK, b == MASK)
+    assert not bool((runs["bfloat16"].sequences == MASK).any())
+    with pytest.raises(ValueError, match="compute_dtype"):
+        model.generate(None, max_new_tokens=2, compute_dtype="int8")
+    assert SFDLMGenerationConfig(compute_dtype=torch.bfloat16).compute_dtype == "bfloat16"
+
+
 def test_mdlm_cache_reuses_logits_while_the_canvas_does_not_change():
     """Not noise-conditioned: a row is evaluated again only when its canvas changed since its last evaluation."""
     model = stub_model("uniform", [0.94, 0.02, 0.02, 0.02])
