@@ -20,7 +20,7 @@ import contextlib
 import copy
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -333,11 +333,7 @@ class SFDLMGenerationMixin:
         config = self._prepare_generation_config(generation_config, **kwargs)
         plan = self._plan_generation(input_ids, attention_mask, config, generator)
         sampler = SAMPLERS[plan.sampler_name](config)
-        run = _Run(canvas=plan.canvas, finished=torch.zeros(plan.canvas.shape[0], dtype=torch.bool,
-                                                            device=plan.canvas.device),
-                   network=Denoiser(self, plan, config, logits_processor), streamer=streamer,
-                   stopping_criteria=stopping_criteria)
-        run.stream_start(plan)
+        run = _Run.start(plan, Denoiser(self, plan, config, logits_processor), streamer, stopping_criteria)
         for block, num_steps in enumerate(plan.steps):
             run.start_block()
             for t, s in sampler.time_grid(num_steps):
@@ -693,18 +689,21 @@ class _Run:
     canvas: torch.Tensor
     finished: torch.Tensor
     network: Denoiser
-    streamer: Any = None
-    stopping_criteria: Any = None
-    history: list = None
+    streamer: Any
+    stopping_criteria: Any
+    first_generated: int  # the streamer gets the canvas before this position once
+    history: list = field(default_factory=list)
     stable_for: torch.Tensor | None = None
     block_done: torch.Tensor | None = None
-    start: int = 0
 
-    def stream_start(self, plan: _Plan) -> None:
-        self.history = []
-        self.start = int(plan.free.any(0).nonzero()[0]) if plan.free.any() else self.canvas.shape[1]
-        if self.streamer is not None:
-            self.streamer.put(self.canvas[:, :self.start].cpu())
+    @classmethod
+    def start(cls, plan: _Plan, network: Denoiser, streamer, stopping_criteria) -> "_Run":
+        canvas = plan.canvas
+        first = int(plan.free.any(0).nonzero()[0]) if plan.free.any() else canvas.shape[1]
+        if streamer is not None:
+            streamer.put(canvas[:, :first].cpu())
+        finished = torch.zeros(canvas.shape[0], dtype=torch.bool, device=canvas.device)
+        return cls(canvas, finished, network, streamer, stopping_criteria, first)
 
     def start_block(self) -> None:
         self.stable_for = torch.zeros_like(self.finished, dtype=torch.long)
@@ -735,7 +734,7 @@ class _Run:
         if config.output_history:
             self.history.append(new.clone())
         if self.streamer is not None and hasattr(self.streamer, "put_draft"):
-            self.streamer.put_draft(new[:, self.start:].cpu())
+            self.streamer.put_draft(new[:, self.first_generated:].cpu())
 
     def all_finished_after(self, plan: _Plan, block: int) -> bool:
         """With several blocks, a row whose generated text has ended skips the later ones (they become padding)."""
@@ -751,7 +750,7 @@ class _Run:
             after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
             canvas = canvas.masked_fill(plan.free & after_eos, plan.pad_id)
         if self.streamer is not None:
-            self.streamer.put(canvas[:, self.start:].cpu())
+            self.streamer.put(canvas[:, self.first_generated:].cpu())
             self.streamer.end()
         config = plan.config
         if not (config.return_dict_in_generate or config.output_history):
