@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter, defaultdict
 
 import pytest
@@ -46,6 +47,7 @@ def fuzz_settings(examples: int):
 # ---------------------------------------------------------------------------------------------- outcomes
 OUTCOMES: dict[str, Counter] = defaultdict(Counter)
 EXAMPLES: dict[str, dict[str, str]] = defaultdict(dict)
+SIGNATURES: dict[str, Counter] = defaultdict(Counter)  # campaign: failures grouped by their message
 
 
 class BadOutput(AssertionError):
@@ -75,6 +77,7 @@ def record(surface: str, call, hostile: set[str], description: str) -> None:
     OUTCOMES[surface][kind] += 1
     if kind != "ok" and not kind.startswith("refused"):
         EXAMPLES[surface].setdefault(kind, f"{description}\n    {detail}")
+        SIGNATURES[surface][f"{kind}: {re.sub(r'(?<![A-Za-z_])-?[0-9][0-9.e+-]*', 'N', detail)[:160]}"] += 1
         if not CAMPAIGN:
             raise AssertionError(f"{surface}: {kind}\n  input: {description}\n  {detail}")
 
@@ -84,7 +87,8 @@ def _report():
     yield
     if CAMPAIGN:
         with open(CAMPAIGN, "w") as handle:
-            json.dump({"outcomes": OUTCOMES, "first_example_per_failure": EXAMPLES}, handle, indent=1)
+            json.dump({"outcomes": OUTCOMES, "failures": SIGNATURES, "first_example_per_failure": EXAMPLES},
+                      handle, indent=1)
 
 
 def pick(draw, good, bad, name: str, hostile: set[str]):
@@ -402,6 +406,9 @@ def generate_arguments(draw):
     for name in draw(st.lists(st.sampled_from(sorted(options)), max_size=4, unique=True)):
         good, bad = options[name]
         args[name] = pick(draw, good, bad, name, hostile)
+    if "block_length" in args and "block_length" not in hostile and "steps" not in hostile \
+            and isinstance(args["max_new_tokens"], int):  # every block needs a step (the input's masks: one more)
+        args["steps"] = max(args["steps"], -(-args["max_new_tokens"] // args["block_length"]) + 1)
     copies = args.get("num_return_sequences")
     rows = (batch if isinstance(args["input_ids"], torch.Tensor) and args["input_ids"].dim() == 2 else 1) * (
         copies if isinstance(copies, int) and not isinstance(copies, bool) else 1)
