@@ -19,6 +19,7 @@ SSM_MODES = ("diagonal", "conv")
 MAX_SSM_DT = 1e3  # exp(-dt/2) per position: beyond it every SSM mode forgets within one position
 MAX_TOTAL_NOISE = 100.0  # alpha(t) >= e^-100 > float32's smallest positive number (e^-103) for every t < 1
 MAX_INITIALIZER_RANGE = 1.0  # 50x the default 0.02; 100 overflows float32 (NaN loss, measured)
+MAX_NUM_TIMESTEPS = 10**9  # float64 must resolve t - 1/T next to t = 1 (T < 2^52); past 1e9 use None (T -> inf)
 MIN_LAYER_NORM_EPS = 1e-12  # BERT's value; smaller vanishes beside float32 variances and underflows in half precision
 FLOAT_RANGES = {
     "ssm_dt_min": (0.0, False, MAX_SSM_DT, True),
@@ -133,7 +134,8 @@ class SFDLMConfig(PretrainedConfig):
             SFDLM paper, D3PM-uniform, UDLM). `"absorbing"`: mix with a point mass on `mask_token_id`
             (D3PM-absorb, MDLM).
         num_timesteps (`int`, *optional*, defaults to 1000):
-            Number T of diffusion steps of the discrete-time NELBO (a positive integer). `None` trains and
+            Number T of diffusion steps of the discrete-time NELBO (a positive integer, at most 1e9: float64
+            must tell t from t - 1/T near t = 1, and at T = 2^62 the loss is exactly 0). `None` trains and
             evaluates the continuous-time NELBO (the T -> infinity limit).
         noise_schedule (`str`, defaults to `"linear"`):
             Schedule of the signal level alpha(t): `"linear"` (linear beta, the paper), `"cosine"`,
@@ -264,6 +266,10 @@ class SFDLMConfig(PretrainedConfig):
         _integer("vocab_size", self.vocab_size, low=2)
         if self.num_timesteps is not None:
             _integer("num_timesteps", self.num_timesteps, low=1)
+            if self.num_timesteps > MAX_NUM_TIMESTEPS:
+                _fail(ValueError, f"`num_timesteps` must be at most {MAX_NUM_TIMESTEPS:.0e} (float64 cannot tell t from "
+                                  f"t - 1/T near t = 1 much beyond it: the loss becomes exactly 0); use None for the "
+                                  f"continuous-time limit, got {self.num_timesteps!r}.")
         for name in ("use_ssm", "use_fourier_mlp", "time_conditioning", "tie_word_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, bool):

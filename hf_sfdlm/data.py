@@ -3,10 +3,15 @@
 One pipeline, built on `datasets`, from a source name to batches the model can read:
 
     load_text_dataset   local text / JSON lines / CSV / Parquet files or folders, Hub dataset names, streaming,
-                        or the embedded synthetic grammar corpus; checked before anything expensive runs
+                        or the embedded synthetic grammar corpus; checked before anything expensive runs; a file
+                        that cannot be read (binary, bad UTF-8, bad JSON line, malformed CSV) is named with its
+                        line, also mid-stream (`find_bad_line`)
     split_heldout       an existing validation split, or a held-out slice of the training split
-    tokenize_dataset    batched `map` (cached on disk for file-backed datasets), then either packing into
-                        fixed-length blocks with EOS separators or one padded example per document
+    tokenize_dataset    documents longer than `MAX_PIECE_CHARS` cut into pieces at whitespace (bounded memory
+                        whatever the line length), text encoded as text (`encode_plain_text`: a literal "[MASK]"
+                        is never the mask token), batched `map` (cached on disk for file-backed datasets), then
+                        either packing into fixed-length blocks with EOS separators or one padded example per
+                        document
     DiffusionCollator   batches with `attention_mask` and `labels` (-100 at padding: never corrupted, never scored)
 
 and the tokenizer side:
@@ -446,10 +451,13 @@ def split_long_documents(dataset, column: str, streaming: bool, map_kwargs: dict
     each document's last piece, so one huge line never meets the tokenizer (or a `map` batch) whole. A file-backed
     dataset without such rows is returned unchanged (checked with one Arrow pass, nothing cached)."""
     if not streaming:
+        import pyarrow as pa
         import pyarrow.compute as pc
 
-        lengths = pc.utf8_length(dataset.data.column(column)) if column in dataset.column_names else None
-        longest = pc.max(lengths).as_py() if lengths is not None and len(dataset) else None
+        texts = dataset.data.column(column) if column in dataset.column_names else None
+        if texts is None or not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+            return dataset  # no text to split (`encode` skips what is not a string)
+        longest = pc.max(pc.utf8_length(texts)).as_py() if len(dataset) else None
         if longest is None or longest <= MAX_PIECE_CHARS:
             return dataset
 

@@ -13,6 +13,10 @@ Each example becomes `input_ids` = prompt + response + EOS and `labels` = -100 o
 the response and its EOS. `SFDLMForDiffusionLM.forward` never corrupts nor scores a position whose label
 is -100, so the prompt stays clean and conditions every prediction, exactly as at generation time.
 
+Prompts, responses and message contents are encoded as text (`hf_sfdlm.data.encode_plain_text`): a record that
+mentions "[MASK]", "[PAD]" or "[EOS]" means those characters, never a position to fill or a control token; a
+chat template's own markup keeps its special tokens. A file that cannot be read is named with its line.
+
 Padding is marked by position (`attention_mask` 0, label -100), never by token value: with
 `pad_token == eos_token` (common, and what LLaDA pads with) the response's own EOS is still learned and
 the padding EOS tokens are neither seen nor counted in the loss.

@@ -41,6 +41,7 @@ NAN, INF = float("nan"), float("inf")
         ("vocab_size", 1, ValueError),
         ("num_timesteps", 10.5, TypeError),
         ("num_timesteps", -1, ValueError),
+        ("num_timesteps", 2**62, ValueError),  # loss exactly 0: float64 cannot tell t from t - 1/T
         ("max_position_embeddings", True, TypeError),
         ("use_ssm", "false", TypeError),
         ("time_conditioning", 1, TypeError),
@@ -76,13 +77,14 @@ def test_a_yaml_string_number_says_how_to_write_it():
         dict(ssm_dt_min=1000.0, ssm_dt_max=1000.0),
         dict(layer_norm_eps=1e-12, hidden_size=2),
         dict(dropout=0.99),
+        dict(num_timesteps=10**9),
     ],
 )
 @pytest.mark.parametrize("process", ["uniform", "absorbing"])
 @pytest.mark.parametrize("num_timesteps", [None, 1000])
 def test_values_at_the_bounds_train_on_finite_nonzero_losses(overrides, process, num_timesteps):
-    config = tiny_config(process=process, mask_token_id=31, num_timesteps=num_timesteps,
-                         **{"noise_schedule": "cosine", **overrides})
+    config = tiny_config(**{"process": process, "mask_token_id": 31, "num_timesteps": num_timesteps,
+                            "noise_schedule": "cosine", **overrides})
     model = SFDLMForDiffusionLM(config).train()
     ids = torch.randint(0, 31, (4, 12))
     for seed in range(4):

@@ -160,8 +160,8 @@ def config_kwargs(draw):
     field("process", st.sampled_from(PROCESSES), BAD_NAME)
     field("noise_schedule", st.sampled_from(NOISE_SCHEDULES), BAD_NAME)
     field("objective", st.sampled_from(OBJECTIVES), BAD_NAME)
-    field("num_timesteps", st.one_of(st.none(), st.integers(1, 10**6)),
-          st.sampled_from([0, -5, 10.0, "1000", True, NAN]))
+    field("num_timesteps", st.one_of(st.none(), st.integers(1, 10**9)),
+          st.sampled_from([0, -5, 10.0, "1000", True, NAN, 2**62]))
     if kwargs.get("objective") == "score_entropy" and "num_timesteps" not in bad_fields:
         kwargs["num_timesteps"] = None  # SEDD is continuous-time only
     beta = sorted(draw(st.lists(st.floats(0.0, 100.0), min_size=2, max_size=2)))
