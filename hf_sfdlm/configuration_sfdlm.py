@@ -20,7 +20,10 @@ MAX_SSM_DT = 1e3  # exp(-dt/2) per position: beyond it every SSM mode forgets wi
 MAX_TOTAL_NOISE = 100.0  # alpha(t) >= e^-100 > float32's smallest positive number (e^-103) for every t < 1
 MAX_INITIALIZER_RANGE = 1.0  # 50x the default 0.02; 100 overflows float32 (NaN loss, measured)
 MAX_NUM_TIMESTEPS = 10**9  # float64 must resolve t - 1/T next to t = 1 (T < 2^52); past 1e9 use None (T -> inf)
-MIN_LAYER_NORM_EPS = 1e-12  # BERT's value; smaller vanishes beside float32 variances and underflows in half precision
+MIN_LAYER_NORM_EPS = 1e-12
+# score_entropy: initializer_range * sqrt(hidden_size) at most this (its loss exponentiates the head's outputs;
+# measured first losses: 1.13 -> 7-11 nats, 1.6 -> up to 9.5e3, 3.4 -> inf)
+MAX_SCORE_SCALE = 1.5  # BERT's value; smaller vanishes beside float32 variances and underflows in half precision
 FLOAT_RANGES = {
     "ssm_dt_min": (0.0, False, MAX_SSM_DT, True),
     "ssm_dt_max": (0.0, False, MAX_SSM_DT, True),
@@ -63,6 +66,17 @@ def _real(name: str, value, low: float, low_included: bool, high: float, high_in
             or not (value <= high if high_included else value < high):
         interval = f"{'[' if low_included else '('}{low:g}, {high:g}{']' if high_included else ')'}"
         _fail(ValueError, f"`{name}` must be a finite number in {interval}, got {value!r}.")
+
+
+def _token_id(name: str, value, vocab_size):
+    """`value` when it is None or an id in [0, vocab_size); raises naming `name` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(TypeError, f"`{name}`={_show(value)} must be an integer id in [0, vocab_size={vocab_size}).")
+    if not 0 <= value < vocab_size:
+        _fail(ValueError, f"`{name}`={value!r} must be an id in [0, vocab_size={vocab_size}).")
+    return value
 
 
 def _as_list(name: str, value) -> list:
@@ -168,6 +182,9 @@ class SFDLMConfig(PretrainedConfig):
             Standard deviation of the normal initialisation of linear and embedding weights, in (0, 1]. A
             d-wide linear layer multiplies a unit-variance input's scale by about std * sqrt(d): 0.2-0.6 at the
             default for widths 128-1024, already 11-32x at 1.0; 100 overflows float32 (NaN loss, measured).
+            With `objective="score_entropy"`, whose loss exponentiates the head's outputs, also
+            `initializer_range * sqrt(hidden_size) <= 1.5` (0.02 allows widths up to 5625; measured first losses:
+            7-11 nats at 1.13, up to 9.5e3 at 1.6, inf at 3.4).
         max_position_embeddings (`int`, defaults to 65536):
             Longest sequence the model accepts (positive). The model has no position table; this bound only
             guards against accidental huge inputs and documents what was tested.
@@ -240,6 +257,11 @@ class SFDLMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
+        # transformers' own validators compare the token ids with `vocab_size`: give them numbers, or name the field.
+        _integer("vocab_size", _plain(vocab_size), low=2)
+        pad_token_id, bos_token_id, eos_token_id = (
+            _token_id(name, _plain(value), _plain(vocab_size)) for name, value in
+            (("pad_token_id", pad_token_id), ("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)))
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -312,11 +334,11 @@ class SFDLMConfig(PretrainedConfig):
         if self.process == "absorbing" and self.mask_token_id is None:
             _fail(ValueError, "`process='absorbing'` needs `mask_token_id` (the absorbing state), got None.")
         for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or not 0 <= value < self.vocab_size):
-                _fail(TypeError if not isinstance(value, int) or isinstance(value, bool) else ValueError,
-                      f"`{name}`={_show(value)} must be an id in [0, vocab_size={self.vocab_size}).")
+            _token_id(name, getattr(self, name, None), self.vocab_size)
+        if self.objective == "score_entropy" and self.initializer_range * math.sqrt(self.hidden_size) > MAX_SCORE_SCALE:
+            _fail(ValueError, f"`objective='score_entropy'` exponentiates the head's outputs: need `initializer_range` * "
+                              f"sqrt(`hidden_size`) <= {MAX_SCORE_SCALE}, got {self.initializer_range!r} * "
+                              f"sqrt({self.hidden_size}) = {self.initializer_range * math.sqrt(self.hidden_size):.3g}.")
 
     @property
     def total_pool_factor(self) -> int:

@@ -62,6 +62,24 @@ def test_each_bad_field_is_refused_naming_the_field_and_the_value(field, value, 
     assert f"`{field}`" in message and repr(value)[:20] in message, message
 
 
+def test_a_string_vocab_size_beside_token_ids_is_named_before_transformers_compares_them():
+    with pytest.raises(TypeError, match="`vocab_size` must be an integer, got '32'"):
+        SFDLMConfig(vocab_size="32", pad_token_id=3)
+
+
+def test_score_entropy_refuses_an_initialisation_whose_exponentiated_scores_overflow():
+    with pytest.raises(ValueError, match=r"`initializer_range` \* sqrt\(`hidden_size`\) <= 1.5.*0.3 \* sqrt\(128\)"):
+        SFDLMConfig(objective="score_entropy", num_timesteps=None, initializer_range=0.3)
+    # Just inside the bound the first losses are finite and ordinary (measured: inf at 0.3 * sqrt(128) = 3.4).
+    config = tiny_config(objective="score_entropy", hidden_size=64, fourier_intermediate_size=128,
+                         initializer_range=1.5 / 8)
+    model = SFDLMForDiffusionLM(config)
+    ids = torch.randint(0, 32, (2, 16))
+    for seed in range(3):
+        loss = model(ids, labels=ids, generator=torch.Generator().manual_seed(seed)).loss
+        assert torch.isfinite(loss), loss
+
+
 def test_a_yaml_string_number_says_how_to_write_it():
     with pytest.raises(TypeError, match=r"`layer_norm_eps` must be a real number, got '1e-6' \(str\).*1\.0e-6"):
         SFDLMConfig(layer_norm_eps="1e-6")
