@@ -13,8 +13,23 @@ Transformer denoiser or a test stub.
 
 Conventions: `t` in [0, 1]; alpha(0) = 1 and alpha(1) = 0 for every schedule, so the chain starts
 from pi exactly and the prior term of the NELBO is zero. All per-position quantities are in nats.
-The reverse model is `p(x_s | x_t) = sum_{x_0} q(x_s | x_t, x_0) p_hat(x_0 | x_t)` (x_0
-parameterisation), which `reverse_probs` evaluates in O(V) per position.
+
+The reverse model p(x_s | x_t) is built from the network's p_hat(x_0 | x_t) (x_0 parameterisation) by
+the normalised D3PM kernel (Austin et al., arXiv 2107.03006, Eq. 4)
+
+    p(x_s | x_t)  proportional to  q(x_t | x_s) sum_{x_0} q(x_s | x_0) p_hat(x_0 | x_t).
+
+Absorbing: it equals the posterior mixture sum_{x_0} q(x_s | x_t, x_0) p_hat(x_0 | x_t), because
+q(x_t = mask | x_0) is the same for every clean x_0 (MDLM's SUBS, arXiv 2406.07524). Uniform: it does
+not; it is UDLM's and Duo's reverse process (arXiv 2412.10193, 2506.10892), derived in
+`UniformDiffusion`, whose continuous-time NELBO is finite for any full-support p_hat (the posterior
+mixture's is +inf: its integrand grows like eps / t as t -> 0 when p_hat puts mass eps off the copied
+token). `reverse_probs` evaluates either in O(V) per position.
+
+Numerics: schedule quantities (alpha, 1 - alpha, alpha', their ratios) are float64 and
+cancellation-free, cast to the logits' dtype only where they meet per-token tensors; every loss term is
+a sum of non-negative entries computed from accurate log-ratios, so float32 and bf16-autocast runs agree
+with float64.
 
 This file is "remote code": it imports only torch and is copied next to the weights.
 """
@@ -26,10 +41,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-# Continuous-time uniform NELBO: probability with which a training draw evaluates the t = 0
-# reconstruction term (weighted 1/p) instead of the integrand, keeping one forward pass per row.
-RECONSTRUCTION_DRAW_PROBABILITY = 1.0 / 16
 
 
 # ============================================================================================== schedules
@@ -200,8 +211,8 @@ class NoiseDraw:
         t: (B,) time of the corrupted input x_t, in [0, 1].
         s: (B,) time of the step target x_s (discrete time: t - 1/T); None in continuous time.
         weight: (B,) importance weight that makes the per-row term an unbiased NELBO estimate.
-        reconstruction: (B,) bool, rows whose term is -log p_hat(x_0 | x_t) (discrete step 1, or
-            the t = 0 atom of the continuous uniform NELBO).
+        reconstruction: (B,) bool, rows whose term is -log p(x_0 | x_t) (discrete step 1; none in
+            continuous time).
     """
 
     t: torch.Tensor
@@ -300,11 +311,6 @@ class DiscreteDiffusion:
         """Whether `loss_terms` estimate a NELBO (objective "elbo"), not the plain cross-entropy."""
         return self.objective != "ce"
 
-    @property
-    def reconstruction_atom(self) -> bool:
-        """Whether the continuous-time NELBO has a t = 0 term -log p_hat(x_0 | x_0) besides the integral."""
-        return False
-
     # ------------------------------------------------------------------ the reverse process
     def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The denoiser's logits with impossible clean tokens set to -inf (in place); returns them."""
@@ -345,13 +351,10 @@ class DiscreteDiffusion:
 
     # ------------------------------------------------------------------ noise levels
     def draw_noise(self, batch_size: int, generator: torch.Generator | None = None, device=None,
-                   u: torch.Tensor | None = None, reconstruction_probability: float | None = None) -> NoiseDraw:
+                   u: torch.Tensor | None = None) -> NoiseDraw:
         """Stratified noise levels: row k gets u_k = (k + U_k) / B (then shuffled), a low-variance
         cover of [0, 1) that keeps every row's draw uniform. Pass `u` to choose the quantiles yourself.
-
-        `reconstruction_probability` (continuous time): how often a row draws the t = 0 reconstruction
-        term instead of the integral; defaults to `RECONSTRUCTION_DRAW_PROBABILITY` where the NELBO has
-        that term (`reconstruction_atom`), else 0.
+        Continuous time has no reconstruction term: for both processes -log p(x_0 | x_t) -> 0 as t -> 0.
         """
         if u is None:  # drawn where the generator lives, so a CUDA generator works too
             where = generator.device if generator is not None else "cpu"
@@ -366,14 +369,8 @@ class DiscreteDiffusion:
             weight = torch.full_like(t, float(T))
             reconstruction = step == 1
             return NoiseDraw(t.to(device), s.to(device), weight.to(device), reconstruction.to(device))
-        if reconstruction_probability is None:
-            reconstruction_probability = RECONSTRUCTION_DRAW_PROBABILITY if self.reconstruction_atom else 0.0
-        rho = reconstruction_probability
-        reconstruction = u < rho
-        t = torch.where(reconstruction, torch.zeros_like(u), (u - rho) / (1 - rho))
-        weight = torch.where(reconstruction, torch.full_like(u, 1 / rho if rho else 0.0),
-                             torch.full_like(u, 1 / (1 - rho)))
-        return NoiseDraw(t.to(device), None, weight.to(device), reconstruction.to(device))
+        return NoiseDraw(u.to(device), None, torch.ones_like(u).to(device),
+                         torch.zeros_like(u, dtype=torch.bool).to(device))
 
     # ------------------------------------------------------------------ losses
     def loss_terms(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, draw: NoiseDraw,
@@ -388,15 +385,16 @@ class DiscreteDiffusion:
         nll = self._nll(log_probs, x0, x_t)
         if self.objective == "ce":
             return self._only_scored(nll, scored)
-        recon = draw.reconstruction.view(-1, 1)
-        if self.num_timesteps is not None:
-            term = self._discrete_kl(log_probs, x0, x_t, draw.s, draw.t)
+        if self.num_timesteps is None:
+            term = self._continuous_integrand(log_probs, nll, x0, x_t, draw.t)
         else:
-            # Reconstruction rows sit at t = 0 where the integrand is singular; evaluate it at a safe
-            # t so that the unused branch of `where` cannot put NaN into the gradients.
-            safe_t = torch.where(draw.reconstruction, torch.full_like(draw.t, 0.5), draw.t)
-            term = self._continuous_integrand(log_probs, nll, x0, x_t, safe_t)
-        terms = draw.weight.view(-1, 1).to(term.dtype) * torch.where(recon, nll.to(term.dtype), term)
+            # Step 1 (s = 0) is the reconstruction term; its KL branch is evaluated at a harmless s so that
+            # the unused branch of `where` cannot put NaN into the gradients.
+            recon = draw.reconstruction
+            safe_s = torch.where(recon, 0.5 * draw.t, draw.s)
+            kl = self._discrete_kl(log_probs, x0, x_t, safe_s, draw.t)
+            term = torch.where(recon.view(-1, 1), self._reconstruction(log_probs, nll, x0, x_t, draw.t).to(kl.dtype), kl)
+        terms = draw.weight.view(-1, 1).to(term.dtype) * term
         return self._only_scored(terms, scored)
 
     @staticmethod
@@ -406,6 +404,10 @@ class DiscreteDiffusion:
     def _nll(self, log_probs, x0, x_t) -> torch.Tensor:
         """-log p_hat(x_0 | x_t) per position (B, L)."""
         return -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+    def _reconstruction(self, log_probs, nll, x0, x_t, t) -> torch.Tensor:
+        """-log p(x_0 | x_t) of the reverse kernel's last step (s = 0), per position (B, L)."""
+        return nll
 
     def _discrete_kl(self, log_probs, x0, x_t, s, t) -> torch.Tensor:
         raise NotImplementedError
@@ -477,8 +479,43 @@ class AbsorbingDiffusion(DiscreteDiffusion):
         return weight * nll
 
 
+def _kl_terms(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Entries q log(q / p) - q + p >= 0 of a KL (or of a KL rate) with w = log(q / p) given accurately:
+    p phi(w), phi(w) = 1 + (w - 1) e^w, by its Taylor series for |w| < 1/2 (sum_{n >= 2} (n - 1) w^n / n!)
+    and q (w - 1) + p for w > 1, so nothing cancels or overflows, and no branch puts NaN into gradients."""
+    small = w.abs() < 0.5
+    ws = torch.where(small, w, torch.zeros_like(w))
+    series = ws * ws * (1 / 2 + ws * (1 / 3 + ws * (1 / 8 + ws * (1 / 30 + ws * (1 / 144 + ws * (
+        1 / 840 + ws * (1 / 5760 + ws * (1 / 45360 + ws / 403200))))))))
+    wm = torch.where(small, torch.zeros_like(w), w).clamp(-100, 1)
+    moderate = 1 + (wm - 1) * wm.exp()
+    large = q * (torch.where(w > 1, w, torch.ones_like(w)) - 1) + p
+    return torch.where(w > 1, large, p * torch.where(small, series, moderate))
+
+
 class UniformDiffusion(DiscreteDiffusion):
-    """pi = 1/V (SFDLM Eq. 5, D3PM-uniform, UDLM, Duo): every token may change at every step."""
+    """pi = 1/V (SFDLM Eq. 5, D3PM-uniform, UDLM, Duo): every token may change at every step.
+
+    Reverse model: the normalised D3PM kernel (Austin et al. 2021, arXiv 2107.03006, Eq. 4; UDLM, Schiff
+    et al., arXiv 2412.10193; Duo, Sahoo et al., arXiv 2506.10892)
+
+        p(x_s = y | x_t = z) = q(z | y) m_s(y) / m_t(z),   m_r(y) = alpha_r p_hat(y) + (1 - alpha_r) / V,
+
+    i.e. proportional to q(x_t | x_s) sum_{x_0} q(x_s | x_0) p_hat(x_0 | x_t); the normaliser is m_t(z)
+    because sum_y q(z | y) m_s(y) = m_t(z). With p_hat = onehot(x_0) it is the posterior q(x_s | x_t, x_0)
+    (Bayes' rule), so all the terms below follow from g_r(y) = log(q_r(y | x_0) / m_r(y)):
+
+      discrete step s < t:  KL(q(. | z, x_0) || p(. | z)) = sum_y p_y phi(w_y),  w_y = g_s(y) - g_t(z),
+                            phi(w) = 1 + (w - 1) e^w (the KL written as a sum of non-negative terms);
+      reconstruction (s = 0):  -log p(x_0 | z) = -log p_hat(x_0) - g_t(z);
+      continuous time:  the chain jumps z -> y at rate h u m_t(y) / m_t(z) (model) and h u q_t(y | x_0) /
+                        q_t(z | x_0) (truth), h = -alpha'/alpha, u = 1/V; the KL rate is
+                        h u sum_{y != z} (m_t(y) / m_t(z)) phi(g_t(y) - g_t(z)),
+    which is UDLM's continuous-time NELBO (Duo's `nll_per_token`). As t -> 0 it grows like log(1/t)
+    (integrable), and p(x_0 | x_0) -> 1, so there is no t = 0 term. g is formed from
+    q - m = alpha (onehot(x_0) - p_hat) with 1 - p_hat(x_0) summed from the other entries and 1 - alpha
+    from the schedule, so float32 and bf16 runs keep float64's accuracy.
+    """
 
     process = "uniform"
 
@@ -488,51 +525,61 @@ class UniformDiffusion(DiscreteDiffusion):
     def _noise(self, x0, generator):
         return torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
 
-    @property
-    def reconstruction_atom(self) -> bool:
-        return self.objective == "elbo" and self.num_timesteps is None
-
     def reverse_probs(self, x0_probs, x_t, alpha_s, alpha_t):
-        # q(z | y) = a [z = y] + (1 - a) u over one step, q(z | x_0) = c [z = x_0] + (1 - c) u.
         dtype = x0_probs.dtype
-        b = alpha_s.to(dtype).view(-1, 1, 1)
-        c = alpha_t.to(dtype).view(-1, 1, 1)
-        p_z = x0_probs.gather(-1, x_t.unsqueeze(-1))  # p_hat(x_0 = x_t)
         u = 1.0 / self.vocab_size
-        a = c / b.clamp_min(torch.finfo(dtype).tiny)
-        one_minus_c = (1 - c).clamp_min(torch.finfo(dtype).tiny)
-        same = c + (1 - c) * u  # q(z | x_0 = z)
-        # u * S with S = sum_{x_0} p_hat(x_0) / q(z | x_0)
-        u_s = u * p_z / same + (1 - p_z) / one_minus_c
-        probs = b * (1 - a) / one_minus_c * x0_probs + (1 - a) * (1 - b) * u * u_s
-        stay = (a + (1 - a) * u) * (b * p_z / same + (1 - b) * u_s)
-        return probs.scatter(-1, x_t.unsqueeze(-1), stay)
+        b = alpha_s.to(torch.float64).view(-1, 1, 1)
+        c = alpha_t.to(torch.float64).view(-1, 1, 1)
+        jump = ((b - c) / b.clamp_min(1e-300) * u).to(dtype)  # (1 - alpha_t / alpha_s) u = q(z | y != z)
+        stay = (c / b.clamp_min(1e-300)).to(dtype) + jump  # q(z | z)
+        m_s = b.to(dtype) * x0_probs + ((1 - b) * u).to(dtype)
+        m_t = c.to(dtype) * x0_probs.gather(-1, x_t.unsqueeze(-1)) + ((1 - c) * u).to(dtype)
+        probs = jump * m_s / m_t
+        return probs.scatter(-1, x_t.unsqueeze(-1), stay * m_s.gather(-1, x_t.unsqueeze(-1)) / m_t)
+
+    def _log_ratio(self, probs, x0, t) -> torch.Tensor:
+        """g(y) = log(q_t(y | x_0) / m_t(y)) for every y (B, L, V), without cancellation."""
+        dtype = probs.dtype
+        alpha = self.schedule.alpha(t).view(-1, 1, 1)
+        c = (self.schedule.one_minus_alpha(t).view(-1, 1, 1) / self.vocab_size).to(dtype)
+        is_x0 = F.one_hot(x0, self.vocab_size).bool()
+        off_x0 = probs.masked_fill(is_x0, 0.0)
+        gap = torch.where(is_x0, off_x0.sum(-1, keepdim=True), -probs)  # onehot(x_0) - p_hat
+        m = alpha.to(dtype) * probs + c
+        q = torch.where(is_x0, alpha.to(dtype) + c, c)
+        d = alpha.to(dtype) * gap / m  # q / m - 1
+        near = d > -0.5
+        return torch.where(near, torch.log1p(torch.where(near, d, torch.zeros_like(d))),
+                           torch.log(torch.where(near, torch.ones_like(q), q / m)))
+
+    def _reconstruction(self, log_probs, nll, x0, x_t, t) -> torch.Tensor:
+        g_z = self._log_ratio(log_probs.exp(), x0, t).gather(-1, x_t.unsqueeze(-1)).squeeze(-1)
+        return nll - g_z
 
     def _discrete_kl(self, log_probs, x0, x_t, s, t):
-        return self.kl_to_reverse(log_probs.exp(), x0, x_t, self.schedule.alpha(s), self.schedule.alpha(t))
+        probs = log_probs.exp()
+        g_s = self._log_ratio(probs, x0, s)
+        g_t_z = self._log_ratio(probs, x0, t).gather(-1, x_t.unsqueeze(-1))
+        alpha_s, alpha_t = self.schedule.alpha(s), self.schedule.alpha(t)
+        p = self.reverse_probs(probs, x_t, alpha_s, alpha_t)
+        q = self.posterior_probs(x0, x_t, alpha_s, alpha_t, dtype=probs.dtype)
+        return _kl_terms(p, q, g_s - g_t_z).sum(-1)
 
     def _continuous_integrand(self, log_probs, nll, x0, x_t, t):
-        # The reverse chain jumps z -> y != z at rate R(y); the KL of a step of length dt is
-        # dt * sum_{y != z} [R_q log(R_q / R_p) - R_q + R_p] + O(dt^2).
+        probs = log_probs.exp()
+        dtype = probs.dtype
         alpha = self.schedule.alpha(t)
-        rate = -self.schedule.alpha_derivative(t)
-        rates_q = self._jump_rates(F.one_hot(x0, self.vocab_size).to(log_probs.dtype), x_t, alpha, rate)
-        rates_p = self._jump_rates(log_probs.exp(), x_t, alpha, rate)
-        tiny = torch.finfo(rates_p.dtype).tiny
-        terms = torch.special.xlogy(rates_q, rates_q) - torch.special.xlogy(rates_q, rates_p.clamp_min(tiny))
-        terms = terms - rates_q + rates_p
-        return terms.scatter(-1, x_t.unsqueeze(-1), 0.0).sum(-1)
-
-    def _jump_rates(self, x0_probs, x_t, alpha, rate) -> torch.Tensor:
-        """R(y) = r [alpha p_hat(y) / (1 - alpha) + (1 - alpha) u^2 S], r = -alpha'/alpha, for y != x_t."""
-        dtype = x0_probs.dtype
-        u = 1.0 / self.vocab_size
-        alpha = alpha.to(dtype).view(-1, 1, 1)
-        hazard = (rate.to(dtype).view(-1, 1, 1) / alpha.clamp_min(torch.finfo(dtype).tiny))
-        one_minus = (1 - alpha).clamp_min(torch.finfo(dtype).tiny)
-        p_z = x0_probs.gather(-1, x_t.unsqueeze(-1))
-        u2_s = u * u * p_z / (alpha + one_minus * u) + u * (1 - p_z) / one_minus
-        return hazard * (alpha * x0_probs / one_minus + one_minus * u2_s)
+        hazard = torch.where(alpha > 0, -self.schedule.alpha_derivative(t) / alpha.clamp_min(1e-300),
+                             torch.zeros_like(alpha))
+        g = self._log_ratio(probs, x0, t)
+        g_z = g.gather(-1, x_t.unsqueeze(-1))
+        c = (self.schedule.one_minus_alpha(t).view(-1, 1, 1) / self.vocab_size).to(dtype)
+        m = alpha.view(-1, 1, 1).to(dtype) * probs + c
+        q = torch.where(F.one_hot(x0, self.vocab_size).bool(), alpha.view(-1, 1, 1).to(dtype) + c, c)
+        rates_p = m / m.gather(-1, x_t.unsqueeze(-1))  # m_t(y) / m_t(z)
+        rates_q = q / q.gather(-1, x_t.unsqueeze(-1))  # q_t(y | x_0) / q_t(z | x_0)
+        terms = _kl_terms(rates_p, rates_q, g - g_z).scatter(-1, x_t.unsqueeze(-1), 0.0)
+        return (hazard / self.vocab_size).to(dtype).view(-1, 1) * terms.sum(-1)
 
 
 PROCESSES.update({AbsorbingDiffusion.process: AbsorbingDiffusion, UniformDiffusion.process: UniformDiffusion})
@@ -552,8 +599,7 @@ def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
 
 
 def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, num_samples: int,
-                      generator: torch.Generator | None = None,
-                      exact_reconstruction: bool | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, num_samples) single-draw NELBO estimates of each sequence, in nats, for any denoiser.
 
     The draws of each row are stratified over [0, 1): draw k uses u = (k + U) / num_samples.
@@ -563,29 +609,20 @@ def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, 
         denoise: callable `(x_t, t) -> logits` of the model.
         x0: (B, L) clean ids. scored: (B, L) bool, the positions whose likelihood is measured; the others
             stay clean and condition the prediction.
-        exact_reconstruction: add the continuous-time NELBO's t = 0 term -log p_hat(x_0 | x_0) computed
-            exactly (one extra pass) instead of drawing it; defaults to `process.reconstruction_atom`.
     """
-    if exact_reconstruction is None:
-        exact_reconstruction = process.reconstruction_atom
     batch = x0.shape[0]
     offset = torch.rand(batch, generator=generator, dtype=torch.float64,
                         device=generator.device if generator is not None else "cpu")
     samples = []
     for k in range(num_samples):
         u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-        draw = process.draw_noise(batch, device=x0.device, u=u, reconstruction_probability=0.0)
+        draw = process.draw_noise(batch, device=x0.device, u=u)
         noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
         terms = process.loss_terms(denoise(noisy, draw.t), x0, noisy, draw, scored=scored)
         samples.append(terms.double().sum(-1))
-    samples = torch.stack(samples, dim=-1)
-    if exact_reconstruction:
-        log_probs = denoise(x0, torch.zeros(batch, device=x0.device)).double().log_softmax(-1)
-        nll = -log_probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        samples = samples + torch.where(scored, nll, torch.zeros_like(nll)).sum(-1).unsqueeze(-1)
-    return samples
+    return torch.stack(samples, dim=-1)
 
 
 __all__ = ["AbsorbingDiffusion", "DiscreteDiffusion", "GeometricSchedule", "CosineSchedule", "LinearSchedule",
-           "LogLinearSchedule", "NoiseDraw", "NoiseSchedule", "PROCESSES", "RECONSTRUCTION_DRAW_PROBABILITY",
-           "SCHEDULES", "UniformDiffusion", "monte_carlo_nelbo", "training_loss"]
+           "LogLinearSchedule", "NoiseDraw", "NoiseSchedule", "PROCESSES", "SCHEDULES",
+           "UniformDiffusion", "monte_carlo_nelbo", "training_loss"]

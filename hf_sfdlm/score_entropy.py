@@ -150,14 +150,6 @@ class ScoreEntropy(DiscreteDiffusion):
     def _check_mask(self, vocab_size: int, mask_token_id) -> int | None:
         raise NotImplementedError
 
-    def draw_noise(self, batch_size: int, generator=None, device=None, u=None,
-                   reconstruction_probability: float | None = 0.0) -> NoiseDraw:
-        """Stratified t in [0, 1) with weight 1 (no reconstruction atom: the SEDD ELBO has none)."""
-        if reconstruction_probability not in (None, 0.0):
-            raise ValueError("The score-entropy ELBO has no t = 0 reconstruction term; "
-                             f"`reconstruction_probability` must be 0, got {reconstruction_probability!r}.")
-        return super().draw_noise(batch_size, generator=generator, device=device, u=u, reconstruction_probability=0.0)
-
     def total_noise(self, t) -> torch.Tensor:
         """SEDD's sigma_bar(t) = -log alpha(t) (float64; +inf at t = 1)."""
         return -torch.log(self.schedule.alpha(t))

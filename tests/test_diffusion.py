@@ -57,7 +57,9 @@ def test_posterior_matches_bayes_rule_on_explicit_matrices(process):
 
 
 @pytest.mark.parametrize("process", ["uniform", "absorbing"])
-def test_reverse_step_is_the_posterior_mixture(process):
+def test_reverse_step_is_the_normalised_d3pm_kernel(process):
+    """p(x_s = y | x_t = z) proportional to q(z | y) sum_x0 q(y | x0) p_hat(x0), built from explicit matrices;
+    for the absorbing process it is also the posterior mixture sum_x0 q(y | z, x0) p_hat(x0) (MDLM)."""
     diffusion = make_diffusion(process, vocab_size=5)
     alpha_s, alpha_t = torch.tensor([0.6], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
     logits = torch.randn(1, 5, 5, dtype=torch.float64)
@@ -65,14 +67,22 @@ def test_reverse_step_is_the_posterior_mixture(process):
     x0_probs = diffusion.x0_probs(logits, z)
     got = diffusion.reverse_probs(x0_probs, z, alpha_s, alpha_t)
     torch.testing.assert_close(got.sum(-1), torch.ones(1, 5, dtype=torch.float64))
+    step = transition_matrix(diffusion, alpha_t / alpha_s)
+    marginal_s = transition_matrix(diffusion, alpha_s)
     marginal_t = transition_matrix(diffusion, alpha_t)
     for position in range(5):
-        expected = torch.zeros(5, dtype=torch.float64)
+        zi = z[0, position]
+        kernel = step[:, zi] * (x0_probs[0, position] @ marginal_s)
+        torch.testing.assert_close(got[0, position], kernel / kernel.sum())
+        mixture = torch.zeros(5, dtype=torch.float64)
         for x0 in range(5):
-            if x0_probs[0, position, x0] > 0 and marginal_t[x0, z[0, position]] > 0:
+            if x0_probs[0, position, x0] > 0 and marginal_t[x0, zi] > 0:
                 posterior = diffusion.posterior_probs(torch.tensor([[x0]]), z[:, position:position + 1], alpha_s, alpha_t)
-                expected += x0_probs[0, position, x0] * posterior[0, 0]
-        torch.testing.assert_close(got[0, position], expected)
+                mixture += x0_probs[0, position, x0] * posterior[0, 0]
+        if process == "absorbing":
+            torch.testing.assert_close(got[0, position], mixture)
+        else:  # the mixture weights p_hat(x0) by q(z | x0) before normalising: different kernels
+            assert (got[0, position] - mixture).abs().max() > 1e-3
 
 
 def test_absorbing_closed_form_kl_matches_the_vocabulary_sum():
