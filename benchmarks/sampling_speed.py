@@ -20,7 +20,7 @@ min and max of those per-round ratios). Weights are random: speed does not depen
 generates the full length: no EOS). Writes benchmarks/results/sampling_speed_<grid>_<device>.json and
 .png after every point, so a stopped run keeps what it measured.
 
-    python benchmarks/sampling_speed.py --grid quick --threads 1     # a few minutes
+    python benchmarks/sampling_speed.py --quick --threads 1          # a few minutes
     python benchmarks/sampling_speed.py --grid full --threads 1      # ~50 min on a loaded 2-core machine
 """
 
@@ -57,8 +57,8 @@ def point(vocab, length, batch, dtype, steps, uniform_steps=None):
 
 
 GRIDS = {
-    "quick": [point(2048, 256, 1, "float32", [8, 32]), point(2048, 256, 16, "float32", [8, 32]),
-              point(GPT2_VOCAB, 256, 16, "float32", [32])],
+    "quick": [point(2048, 256, 1, "float32", [8, 32]), point(2048, 256, 16, "float32", [32]),
+              point(GPT2_VOCAB, 256, 1, "float32", [32])],
     # The issue's grid, cut to fit ~50 minutes of one loaded CPU thread, the target shapes first: 128 steps
     # at batch 1 only, uniform not at L=1024, B=16, bf16 at 32 steps (not at L=1024, B=16), the GPT-2
     # vocabulary at the two target shapes.
