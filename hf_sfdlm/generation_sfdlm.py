@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput, logging
 
 from .sampling_sfdlm import (  # noqa: F401  (re-exported: the public names of generation)
@@ -596,6 +596,8 @@ class Denoiser:
         self.config = config
         self.attention = None if bool(plan.attention.all()) else plan.attention
         self.time_conditioned = bool(getattr(model.config, "time_conditioning", True))
+        if isinstance(logits_processor, (list, tuple)) and not callable(logits_processor):
+            logits_processor = LogitsProcessorList(logits_processor)  # a plain list works, as in transformers
         self.processors = logits_processor
         parameters = inspect.signature(model.denoise).parameters
         self.head_on_positions = "positions" in parameters or any(

@@ -495,6 +495,10 @@ def test_bf16_autocast_generation():
     for a, b in zip(runs["float32"].history, runs["bfloat16"].history):
         assert torch.equal(a == MASK, b == MASK)
     assert not bool((runs["bfloat16"].sequences == MASK).any())
+    dtypes = []
+    model.generate(None, compute_dtype="bfloat16", max_new_tokens=4, steps=2,
+                   logits_processor=[lambda ids, scores: dtypes.append(scores.dtype) or scores])
+    assert dtypes and set(dtypes) == {torch.float32}  # sampling sees float32 logits
     with pytest.raises(ValueError, match="compute_dtype"):
         model.generate(None, max_new_tokens=2, compute_dtype="int8")
     assert SFDLMGenerationConfig(compute_dtype=torch.bfloat16).compute_dtype == "bfloat16"
