@@ -627,6 +627,8 @@ class Denoiser:
 
     def raw_logits(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         asked = positions.any(-1)
+        if not asked.any():
+            return torch.zeros(0, self.model.config.vocab_size, device=canvas.device)
         if self.time_conditioned:  # a new t means a new evaluation: no cache
             return self._evaluate(canvas, t, positions, asked)
         valid = (self.cache_canvas == canvas).all(-1)
