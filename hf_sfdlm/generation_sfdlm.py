@@ -617,8 +617,6 @@ class Denoiser:
         logits = self.raw_logits(canvas, t, positions)
         if not processed:
             return logits
-        if self.processors is not None or self.banned is not None:
-            logits = logits.clone()  # the cache keeps the raw logits
         if self.processors is not None:
             logits = self.processors(canvas[positions.nonzero()[:, 0]], logits)
         if self.banned is not None:
@@ -645,7 +643,7 @@ class Denoiser:
                 logits[stale[row_of]] = fresh
             logits[hit[row_of]] = self.cache_logits[self._cache_index()[positions & hit.unsqueeze(-1)]]
         self._remember(canvas, positions, asked, logits)
-        return logits
+        return logits.clone()  # callers may change it in place; the cache keeps the raw logits
 
     def _evaluate(self, canvas, t, positions, rows) -> torch.Tensor:
         which = rows.nonzero().squeeze(-1)
