@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput, logging
 
 from .sampling_sfdlm import (  # noqa: F401  (re-exported: the public names of generation)
@@ -596,6 +596,8 @@ class Denoiser:
         self.config = config
         self.attention = None if bool(plan.attention.all()) else plan.attention
         self.time_conditioned = bool(getattr(model.config, "time_conditioning", True))
+        if isinstance(logits_processor, (list, tuple)) and not callable(logits_processor):
+            logits_processor = LogitsProcessorList(logits_processor)  # a plain list works, as in transformers
         self.processors = logits_processor
         parameters = inspect.signature(model.denoise).parameters
         self.head_on_positions = "positions" in parameters or any(
@@ -615,8 +617,6 @@ class Denoiser:
         logits = self.raw_logits(canvas, t, positions)
         if not processed:
             return logits
-        if self.processors is not None or self.banned is not None:
-            logits = logits.clone()  # the cache keeps the raw logits
         if self.processors is not None:
             logits = self.processors(canvas[positions.nonzero()[:, 0]], logits)
         if self.banned is not None:
@@ -625,6 +625,8 @@ class Denoiser:
 
     def raw_logits(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         asked = positions.any(-1)
+        if not asked.any():
+            return torch.zeros(0, self.model.config.vocab_size, device=canvas.device)
         if self.time_conditioned:  # a new t means a new evaluation: no cache
             return self._evaluate(canvas, t, positions, asked)
         valid = (self.cache_canvas == canvas).all(-1)
@@ -641,7 +643,7 @@ class Denoiser:
                 logits[stale[row_of]] = fresh
             logits[hit[row_of]] = self.cache_logits[self._cache_index()[positions & hit.unsqueeze(-1)]]
         self._remember(canvas, positions, asked, logits)
-        return logits
+        return logits.clone()  # callers may change it in place; the cache keeps the raw logits
 
     def _evaluate(self, canvas, t, positions, rows) -> torch.Tensor:
         which = rows.nonzero().squeeze(-1)

@@ -41,8 +41,6 @@ CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 MIN_TEMPERATURE = 1e-3
 # Duo's greedy tail: the uniform sampler's ancestral steps stop at t_min, then one argmax pass there.
 UNIFORM_T_MIN = 1e-5
-# Positions per slice of the uniform reverse kernel (bounds its vocabulary-sized temporaries).
-KERNEL_CHUNK = 256
 
 
 @dataclass
@@ -141,16 +139,37 @@ class SamplingStep:
         return probs.argmax(-1) if self.greedy else self.categorical(probs, positions)
 
 
-def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, overwrite: bool = False) -> torch.LongTensor:
     """(N,) the id where each row of `probs` (N, V, unnormalised) reaches `uniforms` (N,) of its total mass.
-    Zero-probability ids are never drawn, also when rounding lands on a flat tail."""
-    cdf = probs.cumsum(-1)
+    Zero-probability ids are never drawn, also when rounding lands on a flat tail. `overwrite=True` forms
+    the CDF in place of `probs` (no second vocabulary-sized tensor)."""
+    cdf = probs.cumsum_(-1) if overwrite else probs.cumsum(-1)
     target = uniforms.to(cdf.dtype) * cdf[:, -1]
-    ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-    impossible = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
-    if impossible.any():  # take the last possible id
-        ids[impossible] = probs.shape[-1] - 1 - (probs[impossible] > 0).flip(-1).long().argmax(-1)
+    ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    # the first id whose CDF exceeds the target has positive mass, unless rounding put the target at the total
+    before = torch.where(ids > 0, cdf.gather(-1, (ids - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+    impossible = cdf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= before
+    if impossible.any():  # take the last id with positive mass
+        rows = cdf[impossible]
+        grows = torch.cat([rows[:, :1] > 0, rows[:, 1:] > rows[:, :-1]], -1)
+        ids[impossible] = cdf.shape[-1] - 1 - grows.flip(-1).long().argmax(-1)
     return ids
+
+
+def uniform_reverse_weights_(p_hat: torch.Tensor, x_t: torch.Tensor, alpha_s: torch.Tensor,
+                             alpha_t: torch.Tensor) -> torch.Tensor:
+    """The uniform process's reverse kernel (`UniformDiffusion.reverse_probs`, the normalised D3PM/UDLM
+    kernel) per position, unnormalised and in place of `p_hat` (N, V): with u = 1/V and m_s = alpha_s p_hat
+    + (1 - alpha_s) u, the weight of y is q(x_t | y) m_s(y), where q(x_t | y) = (1 - alpha_t / alpha_s) u for
+    y != x_t and alpha_t / alpha_s more at y = x_t (the normaliser m_t(x_t) is left out). x_t: (N,);
+    alpha_s, alpha_t: (N,) float64."""
+    u = 1.0 / p_hat.shape[-1]
+    b, ratio = alpha_s.to(torch.float64), alpha_t.to(torch.float64) / alpha_s.to(torch.float64).clamp_min(1e-300)
+    jump = (1 - ratio) * u
+    index = x_t.unsqueeze(-1)
+    m_s_at_x_t = b * p_hat.gather(-1, index).squeeze(-1).double() + (1 - b) * u
+    p_hat.mul_((jump * b).to(p_hat.dtype).unsqueeze(-1)).add_((jump * (1 - b) * u).to(p_hat.dtype).unsqueeze(-1))
+    return p_hat.scatter_add_(-1, index, (ratio * m_s_at_x_t).to(p_hat.dtype).unsqueeze(-1))
 
 
 class Sampler:
@@ -196,7 +215,8 @@ class AncestralSampler(Sampler):
     Absorbing: the set of masked positions that unmask (each with probability (alpha_s - alpha_t) / (1 -
     alpha_t)) is drawn first, then each of them gets a draw of p_hat; unmasked positions stay. p_hat is
     evaluated at the unmasking positions only, and a row where nothing unmasks makes no forward pass.
-    Uniform: every position may change at every step, x_s drawn from `reverse_probs`; at s = 0 it is p_hat.
+    Uniform: every position may change at every step, x_s drawn from the process's reverse kernel (formed in
+    place of p_hat, `uniform_reverse_weights_`); at s = 0 it is p_hat.
     """
 
     name = "ancestral"
@@ -217,25 +237,19 @@ class AncestralSampler(Sampler):
 
     @staticmethod
     def uniform_step(step: SamplingStep) -> torch.LongTensor:
-        """Every updatable position draws x_s from the process's reverse kernel `reverse_probs`. p_hat (N, V)
-        is the one vocabulary-sized tensor over all positions; the kernel is formed `KERNEL_CHUNK` positions
-        at a time, and the draws use the uniforms of all positions drawn up front (row-major, as `categorical`)."""
+        """Every updatable position draws x_s from the uniform reverse kernel, formed in place of p_hat (the
+        one (N, V) tensor; `uniform_reverse_weights_`) and drawn by inverse CDF in place too."""
         positions = step.update_mask
         if not positions.any():
             return step.canvas
-        x0 = step.x0_probs(positions)
+        weights = step.x0_probs(positions)
         if step.greedy:
-            top = x0.argmax(-1, keepdim=True)
-            x0 = x0.zero_().scatter_(-1, top, 1.0)
-        rows, x_t, uniforms = step.rows(positions), step.canvas[positions], step.uniform(positions)
-        drawn = torch.empty_like(x_t)
-        for start in range(0, len(x_t), KERNEL_CHUNK):
-            part = slice(start, start + KERNEL_CHUNK)
-            probs = step.diffusion.reverse_probs(x0[part].unsqueeze(1), x_t[part].unsqueeze(1),
-                                                 step.alpha_s[rows[part]], step.alpha_t[rows[part]]).squeeze(1)
-            drawn[part] = inverse_cdf(probs, uniforms[part])
+            top = weights.argmax(-1, keepdim=True)
+            weights = weights.zero_().scatter_(-1, top, 1.0)
+        rows, x_t = step.rows(positions), step.canvas[positions]
+        uniform_reverse_weights_(weights, x_t, step.alpha_s[rows], step.alpha_t[rows])
         new = step.canvas.clone()
-        new[positions] = drawn
+        new[positions] = inverse_cdf(weights, step.uniform(positions), overwrite=True)
         return new
 
 
@@ -454,4 +468,5 @@ __all__ = [
     "filter_logits",
     "inverse_cdf",
     "register_sampler",
+    "uniform_reverse_weights_",
 ]

@@ -123,6 +123,34 @@ def exact_uniform_marginals(p_hat, alphas):
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_uniform_kernel_is_the_process_kernel(dtype):
+    from hf_sfdlm.diffusion import DiscreteDiffusion, NoiseSchedule
+    from hf_sfdlm.sampling_sfdlm import uniform_reverse_weights_
+
+    torch.manual_seed(0)
+    diffusion = DiscreteDiffusion(11, "uniform", NoiseSchedule("cosine"))
+    p_hat = torch.randn(40, 11, dtype=torch.float64).mul(3).softmax(-1)
+    x_t = torch.randint(0, 11, (40,))
+    t = torch.rand(40, dtype=torch.float64)
+    alpha_t, alpha_s = diffusion.schedule.alpha(t), diffusion.schedule.alpha(t * torch.rand(40, dtype=torch.float64))
+    expected = diffusion.reverse_probs(p_hat.unsqueeze(1), x_t.unsqueeze(1), alpha_s, alpha_t).squeeze(1)
+    weights = p_hat.to(dtype).clone()
+    assert uniform_reverse_weights_(weights, x_t, alpha_s, alpha_t).data_ptr() == weights.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(weights.double() / weights.double().sum(-1, keepdim=True), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_inverse_cdf_never_draws_a_zero_probability_id(overwrite):
+    from hf_sfdlm.sampling_sfdlm import inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0, 0.0], [0.0, 0.5, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    edges = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=torch.float64)  # 1.0: rounding reached the total
+    drawn = [inverse_cdf(probs.clone(), u.expand(3), overwrite=overwrite).tolist() for u in edges]
+    assert drawn == [[0, 1, 0], [2, 1, 0], [2, 3, 0], [2, 3, 0]]
+
+
 UNIFORM_P = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
 
 
@@ -467,6 +495,10 @@ def test_bf16_autocast_generation():
     for a, b in zip(runs["float32"].history, runs["bfloat16"].history):
         assert torch.equal(a == MASK, b == MASK)
     assert not bool((runs["bfloat16"].sequences == MASK).any())
+    dtypes = []
+    model.generate(None, compute_dtype="bfloat16", max_new_tokens=4, steps=2,
+                   logits_processor=[lambda ids, scores: dtypes.append(scores.dtype) or scores])
+    assert dtypes and set(dtypes) == {torch.float32}  # sampling sees float32 logits
     with pytest.raises(ValueError, match="compute_dtype"):
         model.generate(None, max_new_tokens=2, compute_dtype="int8")
     assert SFDLMGenerationConfig(compute_dtype=torch.bfloat16).compute_dtype == "bfloat16"
