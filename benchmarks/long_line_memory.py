@@ -26,7 +26,10 @@ from common import write_json  # noqa: E402
 GPT2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "gpt2-tokenizer"
 
 CHILD = r"""
-import json, resource, sys, tempfile, time
+import json, os, resource, sys, tempfile, time
+if os.environ.get("SFDLM_CHECKOUT"):  # import that checkout's hf_sfdlm, not the editable install's
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path.insert(0, os.environ["SFDLM_CHECKOUT"])
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from transformers import AutoTokenizer
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if args.pythonpath:
-        env["PYTHONPATH"] = args.pythonpath
+        env["SFDLM_CHECKOUT"] = str(Path(args.pythonpath).resolve())
     runs = []
     with tempfile.TemporaryDirectory() as directory:
         for megabytes in args.sizes_mb:
