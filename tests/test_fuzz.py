@@ -176,6 +176,10 @@ def config_kwargs(draw):
     if kwargs.get("process") == "absorbing" and "mask_token_id" not in kwargs:
         kwargs["mask_token_id"] = vocab - 1
     field("initializer_range", st.floats(1e-6, 1.0), BAD_NUMBER)
+    if kwargs.get("objective") == "score_entropy" and not {"initializer_range", "hidden_size"} & hostile:
+        # SEDD's loss exponentiates the head's outputs: the config bounds initializer_range * sqrt(hidden_size)
+        limit = 1.5 / math.sqrt(kwargs.get("hidden_size", 128))
+        kwargs["initializer_range"] = min(kwargs.get("initializer_range", 0.02), limit)
     field("max_position_embeddings", st.integers(64, 10**12), BAD_INT)
     return kwargs, hostile
 
