@@ -20,10 +20,10 @@ MAX_SSM_DT = 1e3  # exp(-dt/2) per position: beyond it every SSM mode forgets wi
 MAX_TOTAL_NOISE = 100.0  # alpha(t) >= e^-100 > float32's smallest positive number (e^-103) for every t < 1
 MAX_INITIALIZER_RANGE = 1.0  # 50x the default 0.02; 100 overflows float32 (NaN loss, measured)
 MAX_NUM_TIMESTEPS = 10**9  # float64 must resolve t - 1/T next to t = 1 (T < 2^52); past 1e9 use None (T -> inf)
-MIN_LAYER_NORM_EPS = 1e-12
+MIN_LAYER_NORM_EPS = 1e-12  # BERT's value; 1e-300 rounds to 0 in float32 (NaN at hidden_size=1, measured)
 # score_entropy: initializer_range * sqrt(hidden_size) at most this (its loss exponentiates the head's outputs;
 # measured first losses: 1.13 -> 7-11 nats, 1.6 -> up to 9.5e3, 3.4 -> inf)
-MAX_SCORE_SCALE = 1.5  # BERT's value; smaller vanishes beside float32 variances and underflows in half precision
+MAX_SCORE_SCALE = 1.5
 FLOAT_RANGES = {
     "ssm_dt_min": (0.0, False, MAX_SSM_DT, True),
     "ssm_dt_max": (0.0, False, MAX_SSM_DT, True),
@@ -110,8 +110,9 @@ class SFDLMConfig(PretrainedConfig):
         hidden_size (`int`, defaults to 128):
             Width of the residual stream; every U-Net stage keeps this width. Positive.
         stage_depths (`list[int]`, defaults to `[2, 2]`):
-            Number of SFDLM blocks per U-Net stage (a non-empty list of positive integers). Stage `i < len-1` is a down stage (mirrored by an
-            up stage with the same number of blocks after the bottleneck); the last entry is the bottleneck.
+            Number of SFDLM blocks per U-Net stage (a non-empty list of positive integers). Stage `i < len-1`
+            is a down stage (mirrored by an up stage with the same number of blocks after the bottleneck); the
+            last entry is the bottleneck.
             `[n]` is a plain stack of `n` blocks.
         pool_factors (`list[int]`, *optional*):
             Sequence pooling factor between consecutive stages (length `len(stage_depths) - 1`). `1` keeps
@@ -135,8 +136,9 @@ class SFDLMConfig(PretrainedConfig):
         dropout (`float`, defaults to 0.0):
             Dropout probability on each block's branch outputs, in [0, 1).
         layer_norm_eps (`float`, defaults to 1e-5):
-            Epsilon of the layer norms, finite and >= 1e-12 (BERT's value): a smaller one vanishes beside
-            float32 variances and leaves a constant feature vector (e.g. `hidden_size=1`) dividing by ~0.
+            Epsilon of the layer norms, finite and >= 1e-12 (BERT's value, a conservative floor): below
+            float32's range (e.g. 1e-300) it rounds to 0 and a constant feature vector, such as every one with
+            `hidden_size=1`, divides 0 by 0 (NaN loss, measured).
         use_ssm (`bool`, defaults to `True`), use_fourier_mlp (`bool`, defaults to `True`):
             Keep the SSM branch / the complex Fourier MLP branch of every block. Setting one to `False` is the
             paper's ablation (a block without that branch); at least one must stay.
