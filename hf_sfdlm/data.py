@@ -193,7 +193,6 @@ def find_bad_line(path: str | os.PathLike, builder: str) -> str | None:
     """The first reason `datasets`' `builder` ("text", "json", "csv", "parquet") cannot read `path`, as
     "line N: ..." (None when no line is at fault). Reads line by line: memory follows the longest line."""
     import csv
-    import json
 
     if builder == "parquet":
         import pyarrow.parquet as pq
@@ -207,7 +206,7 @@ def find_bad_line(path: str | os.PathLike, builder: str) -> str | None:
         with open(path, "rb") as handle:
             lines = _decoded_lines(handle)
             if builder == "json":
-                return _find_bad_json_line(path, lines, json)
+                return _find_bad_json_line(path, lines)
             if builder == "csv":
                 reader = csv.reader((text for _, text in lines), strict=True)
                 width = None
@@ -227,7 +226,10 @@ def find_bad_line(path: str | os.PathLike, builder: str) -> str | None:
     return None
 
 
-def _find_bad_json_line(path, lines, json) -> str | None:
+def _find_bad_json_line(path, lines: Iterator[tuple[int, str]]) -> str | None:
+    """JSON lines: each non-blank line an object. A file whose first line opens an array is one JSON document."""
+    import json
+
     first = True
     for number, text in lines:
         if not text.strip():
