@@ -498,3 +498,23 @@ def test_every_scored_position_count_is_the_one_rule():
     model = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)).eval()
     _, tokens = default_evaluate_batch(model, dict(input_ids=ids, labels=labels, attention_mask=mask), 1)
     assert tokens.tolist() == [3, 4]
+
+
+def test_both_heads_refuse_a_mask_id_among_the_scored_clean_tokens():
+    from hf_sfdlm.baselines import TransformerDenoiserConfig, TransformerDenoiserForDiffusionLM
+
+    denoiser = TransformerDenoiserForDiffusionLM(TransformerDenoiserConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, process="absorbing", mask_token_id=31))
+    sfdlm = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31))
+    ids = torch.randint(0, 31, (2, 6))
+    labels = ids.clone()
+    labels[0, 3] = 31
+    for model in (denoiser, sfdlm):  # the Transformer's copy of the head used to skip this check
+        with pytest.raises(ValueError, match="mask token id 31"):
+            model(ids, labels=labels)
+        with pytest.raises(ValueError, match="mask token id 31"):
+            model.nelbo(ids, labels=labels)
+        labels_ok = labels.clone()
+        labels_ok[0, 3] = -100
+        assert torch.isfinite(model(ids, labels=labels_ok).loss)
