@@ -111,8 +111,12 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
         self.cls.predictions.bias = new_embeddings.bias
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) of p_hat(x_0 | x_t) for corrupted ids x_t at noise levels t."""
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for corrupted ids x_t at noise levels t.
+
+        `positions` (B, L) bool: only the logits (N, V) at its N `True` entries, row-major; the output head
+        runs at those positions only (generation asks for the positions it samples).
+        """
         self.check_inputs(noisy_input_ids, attention_mask, timesteps)
         embeds = self.bert.embeddings.word_embeddings(noisy_input_ids)
         if self.time_embed is not None:
@@ -122,6 +126,8 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
             t = t.expand(noisy_input_ids.shape[0])
             embeds = embeds + self.time_embed(timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)).unsqueeze(1)
         hidden = self.bert(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        if positions is not None:
+            hidden = hidden[positions]
         return self.diffusion.restrict_logits(self.cls(hidden))
 
 

@@ -422,9 +422,15 @@ class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTraine
         return result
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) of p_hat(x_0 | x_t) for already-corrupted ids x_t at noise levels t."""
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for already-corrupted ids x_t at noise levels t.
+
+        `positions` (B, L) bool: only the logits (N, V) at its N `True` entries, row-major; the output head
+        runs at those positions only (generation asks for the positions it samples).
+        """
         hidden = self.model(noisy_input_ids, attention_mask=attention_mask, timesteps=timesteps).last_hidden_state
+        if positions is not None:
+            hidden = hidden[positions]
         return self.diffusion.restrict_logits(self.lm_head(hidden))
 
 
