@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "finetune": "hf_sfdlm.commands.finetune",
     "push": "hf_sfdlm.commands.push",
     "eval": "hf_sfdlm.commands.evaluate",
+    "lm-eval": "hf_sfdlm.lm_eval",
 }
 
 
@@ -39,6 +40,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every further flag belongs to lm-evaluation-harness's own parser
+        return importlib.import_module(SUBCOMMANDS["lm-eval"]).main(argv[1:])
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

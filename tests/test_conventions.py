@@ -1,0 +1,190 @@
+"""Hugging Face conventions, through the real clients: the lm-eval CLI, PEFT, AutoTokenizer and
+AutoPeftModel in a process without hf_sfdlm, pipelines, Trainer, torch.compile."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_config
+from test_hub import third_party_path
+
+from hf_sfdlm import SFDLMForDiffusionLM
+from hf_sfdlm.lora import apply_lora, save_adapter
+from hf_sfdlm.synthetic import word_level_tokenizer
+
+
+def open_gates(model, seed: int = 0):
+    """Perturb every weight, as after pretraining (adaLN-Zero blocks are the identity at init)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def train_adapter_by_hand(peft_model, seed: int):
+    """Give the LoRA B matrices (zero at init) values, as a few training steps would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return peft_model
+
+
+@pytest.fixture(scope="module")
+def saved_absorbing(tmp_path_factory):
+    """A tiny absorbing SFDLM over the word-level tokenizer, saved with its tokenizer and generation config."""
+    tokenizer = word_level_tokenizer()
+    config = tiny_config(vocab_size=len(tokenizer), process="absorbing", mask_token_id=tokenizer.mask_token_id)
+    torch.manual_seed(0)
+    model = open_gates(SFDLMForDiffusionLM(config)).eval()
+    path = tmp_path_factory.mktemp("absorbing")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ lm-eval (item 5)
+@pytest.mark.slow  # the harness indexes its ~10k bundled task files on every start: ~15 s of CPU
+def test_lm_eval_cli_runs_the_sfdlm_model_on_a_local_task_and_falls_back_to_cpu(saved_absorbing, tmp_path):
+    from hf_sfdlm.cli import main
+
+    path, model, tokenizer = saved_absorbing
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("[")][:12]
+    rows = [{"question": " ".join(words[i:i + 3]), "choices": [words[i + 3], words[i + 4]], "answer": 0}
+            for i in range(3)]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        f"task: tiny_sfdlm_cli\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'tiny.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\ntarget_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    argv = ["lm-eval", "--model", "sfdlm", "--model_args", f"pretrained={path},num_samples=4,max_length=32",
+            "--tasks", "tiny_sfdlm_cli", "--include_path", str(tmp_path), "--device", "cuda:0",
+            "--output_path", str(tmp_path / "out"), "--log_samples"]
+    if torch.cuda.is_available():
+        assert main(argv) == 0
+    else:  # the harness's usual `--device cuda:0` on a CPU machine
+        with pytest.warns(UserWarning, match="CUDA is not available; running on the CPU"):
+            assert main(argv) == 0
+    (results_file,) = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    assert 0.0 <= json.load(open(results_file))["results"]["tiny_sfdlm_cli"]["acc,none"] <= 1.0
+    (samples_file,) = glob.glob(str(tmp_path / "out" / "*" / "samples_tiny_sfdlm_cli_*.jsonl"))
+    sample = json.loads(open(samples_file).readline())
+    context, continuation = sample["arguments"]["gen_args_0"]["arg_0"], sample["arguments"]["gen_args_0"]["arg_1"]
+    # The loglikelihood the harness recorded is the model's conditional NELBO, computed here directly.
+    ids = tokenizer(context + continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    labels = ids.clone()
+    labels[:, :len(tokenizer(context, add_special_tokens=False)["input_ids"])] = -100
+    expected = -float(model.nelbo(ids, labels=labels, num_samples=4, generator=torch.Generator().manual_seed(0)))
+    assert float(sample["resps"][0][0][0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_python_m_hf_sfdlm_lm_eval_and_sfdlm_help_name_the_wrapper(capsys):
+    from hf_sfdlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "lm-eval" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # every flag goes to the harness's own parser
+        main(["lm-eval", "--help"])
+    assert exit_info.value.code == 0
+    assert "--model_args" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ PEFT (item 4)
+def _input(model):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=generator)
+    ids[ids == model.config.mask_token_id] = 5
+    return ids
+
+
+@pytest.mark.parametrize("task_type", [None, "FEATURE_EXTRACTION"])
+def test_peft_habitual_recipe_trains_for_the_task_types_users_try(task_type):
+    from peft import LoraConfig, get_peft_model
+
+    model = open_gates(SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)))
+    peft_model = get_peft_model(model, LoraConfig(task_type=task_type, target_modules="all-linear", r=2))
+    assert peft_model.targeted_module_names and "lm_head" not in peft_model.targeted_module_names
+    ids = _input(model)
+    loss = peft_model(input_ids=ids, labels=ids, generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    grads = {name: p.grad for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in name for name in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+    out = peft_model.generate(ids[:, :4], max_new_tokens=3, steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 7)
+
+
+def test_auto_peft_model_loads_an_adapter_saved_by_save_adapter(saved_absorbing, tmp_path):
+    from peft import AutoPeftModel
+    from transformers import AutoModel
+
+    path, model, _ = saved_absorbing
+    peft_model = apply_lora(AutoModel.from_pretrained(path, trust_remote_code=True), r=2, target_modules="all-linear")
+    train_adapter_by_hand(peft_model, seed=3)
+    save_adapter(peft_model, tmp_path / "adapter")
+    ids, t = _input(model), torch.tensor([0.3, 0.8])
+    loaded = AutoPeftModel.from_pretrained(tmp_path / "adapter", trust_remote_code=True).eval()
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, timesteps=t).logits
+        torch.testing.assert_close(loaded(input_ids=ids, timesteps=t).logits, expected, rtol=0, atol=1e-5)
+        assert not torch.allclose(expected, model(input_ids=ids, timesteps=t).logits, atol=1e-3)
+
+
+# ------------------------------------------- a process that cannot import hf_sfdlm (items 4 and 7, remote code)
+CLEAN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.extend(json.loads(sys.argv[1]))
+    try:
+        import hf_sfdlm
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"hf_sfdlm is importable from {hf_sfdlm.__file__}")
+    import torch
+    from peft import AutoPeftModel
+    from transformers import AutoTokenizer
+
+    model_dir, adapter_dir = sys.argv[2], sys.argv[3]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    adapted = AutoPeftModel.from_pretrained(adapter_dir, trust_remote_code=True).eval()
+    inputs = torch.load(sys.argv[4])
+    with torch.no_grad():
+        logits = adapted(input_ids=inputs["ids"], timesteps=inputs["t"]).logits
+    json.dump({"mask_token": tokenizer.mask_token, "vocab": len(tokenizer), "logits": logits.tolist(),
+               "base_module": type(adapted.base_model.model).__module__}, open(sys.argv[5], "w"))
+""")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and peft
+def test_tokenizer_and_auto_peft_model_load_without_hf_sfdlm_and_without_a_prompt(saved_absorbing, tmp_path):
+    path, model, tokenizer = saved_absorbing
+    peft_model = apply_lora(model.__class__.from_pretrained(path), r=2, target_modules="all-linear")
+    train_adapter_by_hand(peft_model, seed=4)
+    save_adapter(peft_model, tmp_path / "adapter")
+    ids, t = _input(model), torch.tensor([0.3, 0.8])
+    torch.save({"ids": ids, "t": t}, tmp_path / "inputs.pt")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", CLEAN_SCRIPT, json.dumps(third_party_path()), str(path),
+         str(tmp_path / "adapter"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.json")],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["mask_token"] == "[MASK]" and out["vocab"] == len(tokenizer)
+    assert out["base_module"].startswith("transformers_modules.")
+    peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(out["logits"]), peft_model(input_ids=ids, timesteps=t).logits,
+                                   rtol=0, atol=1e-5)
