@@ -91,7 +91,8 @@ class BidirectionalDiagonalSSM(nn.Module):
         """
         parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c)
         key = (length, self.log_dt.device, tuple((id(p), p._version) for p in parameters))
-        cacheable = not torch.is_grad_enabled()
+        # Not under torch.compile: the key's tensor versions would be data-dependent guards (recompiles).
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable and self._spectrum_cache is not None and self._spectrum_cache[0] == key:
             return self._spectrum_cache[1]
         k_fwd, k_bwd = self.kernel(length)
@@ -341,13 +342,20 @@ class SFDLMModel(SFDLMPreTrainedModel):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`="
                              f"{self.config.max_position_embeddings}.")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
                              f"`input_ids` shape {tuple(input_ids.shape)}.")
+        vocab_size = self.config.vocab_size
+        if torch.compiler.is_compiling():
+            # Under torch.compile a value check that raises in Python needs the ids on the host: a graph
+            # break. The device-side assert keeps the check inside the graph (a RuntimeError, same message).
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                                f"Token ids must lie in [0, vocab_size={vocab_size}).")
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"Token id {bad} is outside [0, vocab_size={vocab_size}).")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None, **kwargs) -> SFDLMModelOutput:

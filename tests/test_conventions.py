@@ -188,3 +188,45 @@ def test_tokenizer_and_auto_peft_model_load_without_hf_sfdlm_and_without_a_promp
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(out["logits"]), peft_model(input_ids=ids, timesteps=t).logits,
                                    rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile (item 6)
+def _denoising_step(model):
+    def step(x_t, t, s):
+        logits = model.denoise(x_t, t)
+        schedule, diffusion = model.diffusion.schedule, model.diffusion
+        probs = diffusion.reverse_probs(diffusion.x0_probs(logits, x_t), x_t, schedule.alpha(s), schedule.alpha(t))
+        return probs.flatten(0, 1).multinomial(1).view(x_t.shape)
+    return step
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_dynamo_finds_no_graph_break_in_forward_and_in_a_denoising_step(process):
+    import torch._dynamo
+
+    model = SFDLMForDiffusionLM(tiny_config(process=process, mask_token_id=31 if process == "absorbing" else None))
+    ids, t, s = torch.randint(0, 31, (2, 12)), torch.tensor([0.7, 0.4]), torch.tensor([0.6, 0.3])
+    calls = {"forward": lambda ids, t: model(input_ids=ids, timesteps=t).logits,
+             "forward+backward": lambda ids, t: model(input_ids=ids, timesteps=t).logits.logsumexp(-1).mean(),
+             "denoising step": lambda ids, t: _denoising_step(model)(ids, t, s)}
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(name == "forward+backward"):
+            explanation = torch._dynamo.explain(call)(ids, t)
+        assert explanation.graph_break_count == 0, (name, [b.reason for b in explanation.break_reasons])
+        assert explanation.graph_count == 1
+
+
+def test_compiled_model_matches_eager_and_still_validates_token_ids():
+    model = open_gates(SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31))).eval()
+    ids, t = torch.randint(0, 31, (2, 12)), torch.tensor([0.7, 0.4])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # inductor is measured in benchmarks/
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, timesteps=t).logits, model(input_ids=ids, timesteps=t).logits)
+        bad = ids.clone()
+        bad[1, 3] = 32
+        with pytest.raises(RuntimeError, match=r"Token ids must lie in \[0, vocab_size=32\)"):
+            compiled(input_ids=bad, timesteps=t)
+    with pytest.raises(ValueError, match="Token id 32 is outside"):  # eager keeps the ValueError naming the id
+        model(input_ids=bad, timesteps=t)
