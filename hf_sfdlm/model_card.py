@@ -338,7 +338,7 @@ def eval_results_from_metrics(metrics: Mapping[str, float], dataset_name: str, *
 
 
 class ModelCardCallback:
-    """A `hf_sfdlm.training.TrainerCallback` that writes the model card into every folder the trainer saves
+    """A `hf_sfdlm.trainer.TrainerCallback` that writes the model card into every folder the trainer saves
     (the final model and `best/`), with the latest held-out metrics as the model-index.
 
     Args:

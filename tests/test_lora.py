@@ -201,7 +201,7 @@ def sft_files(tmp_path):
 def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     from hf_sfdlm.cli import main as cli_main
     from hf_sfdlm.model_card import validate_model_card
-    from hf_sfdlm.training import read_metrics
+    from hf_sfdlm.tracking import read_metrics
 
     base, data = sft_files(tmp_path)
     base_bytes = (base / "model.safetensors").read_bytes()
@@ -221,7 +221,7 @@ def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     assert card.data.base_model == "org/tiny-sfdlm" and card.data.library_name == "peft"
     measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert measured["nelbo"] == evals[-1]["eval/nelbo"] and measured["perplexity"] == evals[-1]["eval/perplexity"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finished.json", "step-2", "step-4"]
 
     fresh = AutoModel.from_pretrained(base, trust_remote_code=True)
     adapted = load_adapter(AutoModel.from_pretrained(base, trust_remote_code=True), out)

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="Where the model, checkpoints and logs go (sets training.output_dir).")
     parser.add_argument("--max-steps", type=int, help="Optimizer steps (sets training.max_steps).")
     parser.add_argument("--resume", action="store_true",
-                        help="Continue from the newest complete checkpoint in <output-dir>/checkpoints.")
+                        help="Continue the run in <output-dir> from its newest usable checkpoint.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete the checkpoints and logs of the run in <output-dir> and start afresh.")
     parser.add_argument("--num-samples", type=int, default=3, help="Samples printed after training (0: none).")
     parser.add_argument("--sample-steps", type=int, default=32, help="Denoising steps of the printed samples.")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
@@ -41,7 +43,7 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..training import load_config
+    from ..train_config import load_config
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.dataset"), ("text_column", "data.text_column"),
@@ -73,11 +75,12 @@ def warn_if_mpi_launch_without_mpi() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import run_training
+    from ..pipelines import run_training
 
     warn_if_mpi_launch_without_mpi()
     config = config_from_args(args)
-    result, trainer = run_training(config, resume=args.resume, callbacks=[model_card_callback(config)])
+    result, trainer = run_training(config, resume=args.resume, overwrite=args.overwrite,
+                                   callbacks=[model_card_callback(config)])
     if trainer.accelerator.is_main_process:
         report = entropy_report(config, result)
         print_report(report)
