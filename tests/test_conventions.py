@@ -230,3 +230,36 @@ def test_compiled_model_matches_eager_and_still_validates_token_ids():
             compiled(input_ids=bad, timesteps=t)
     with pytest.raises(ValueError, match="Token id 32 is outside"):  # eager keeps the ValueError naming the id
         model(input_ids=bad, timesteps=t)
+
+
+def _train_losses(out, **training):
+    from accelerate.state import AcceleratorState
+    from test_training import _losses, make_config
+
+    from hf_sfdlm.pipelines import prepare_pipeline
+    from hf_sfdlm.trainer import DiffusionTrainer
+
+    AcceleratorState._reset_state()
+    config = make_config(out, max_steps=3, eval_every=0, checkpoint_every=0, ema_decay=None, **training)
+    pipeline = prepare_pipeline(config)
+    trainer = DiffusionTrainer(pipeline.model, config.training, pipeline.train_dataset, tokenizer=pipeline.tokenizer)
+    trainer.train()
+    AcceleratorState._reset_state()
+    return trainer, _losses(out)
+
+
+def test_training_compile_compiles_the_model_in_place_and_trains_the_same(tmp_path):
+    from hf_sfdlm.train_config import TrainingConfig, load_config
+
+    _, eager = _train_losses(tmp_path / "eager")
+    torch._dynamo.reset()
+    trainer, compiled = _train_losses(tmp_path / "compiled", compile="aot_eager")  # inductor: benchmarks/
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model._compiled_call_impl is not None  # nn.Module.compile: compiled, names unchanged
+    assert not any(name.startswith("_orig_mod") for name in model.state_dict())
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+    assert load_config(overrides=["training.compile=true"]).training.compile is True
+    with pytest.raises(ValueError, match="training.compile"):
+        TrainingConfig(compile="no-such-backend")
