@@ -7,7 +7,7 @@ Importing the package registers the SFDLM classes with the transformers Auto cla
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_sfdlm import SFDLMConfig
-from .diffusion import DiscreteDiffusion, NoiseSchedule
+from .diffusion import AbsorbingDiffusion, DiscreteDiffusion, NoiseSchedule, UniformDiffusion
 from .generation_sfdlm import SFDLMGenerationConfig, SFDLMGenerationOutput
 from .modeling_sfdlm import SFDLMDiffusionLMOutput, SFDLMForDiffusionLM, SFDLMModel, SFDLMPreTrainedModel
 
@@ -18,6 +18,7 @@ AutoModel.register(SFDLMConfig, SFDLMForDiffusionLM, exist_ok=True)
 AutoModelForMaskedLM.register(SFDLMConfig, SFDLMForDiffusionLM, exist_ok=True)
 
 __all__ = [
+    "AbsorbingDiffusion",
     "DiscreteDiffusion",
     "NoiseSchedule",
     "SFDLMConfig",
@@ -27,4 +28,5 @@ __all__ = [
     "SFDLMGenerationOutput",
     "SFDLMModel",
     "SFDLMPreTrainedModel",
+    "UniformDiffusion",
 ]

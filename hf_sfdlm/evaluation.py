@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .diffusion_lm import scored_positions
+
 LN2 = math.log(2.0)
 
 
@@ -215,10 +217,7 @@ def autoregressive_nll(model, input_ids: torch.Tensor, bos_token_id: int, labels
         mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
     logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
     log_probs = logits.double().log_softmax(-1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)
-    scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
-    if attention_mask is not None:
-        scored = scored & attention_mask.bool()
-    return -(log_probs * scored).sum(-1)
+    return -(log_probs * scored_positions(input_ids, labels, attention_mask)).sum(-1)
 
 
 def sequence_nll_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -34,6 +34,7 @@ from torch import nn
 
 from .checkpointing import Checkpoint, CheckpointManager, check_output_dir, clear_run, fingerprint_hash
 from .data import DiffusionCollator
+from .diffusion_lm import scored_positions
 from .state_files import load_module, load_tree, rng_state, save_module, save_tree, set_rng_state
 from .tracking import JSONLinesTracker, flatten_config
 from .train_config import TrainingConfig
@@ -143,10 +144,7 @@ def default_evaluate_batch(model: nn.Module, batch: dict[str, torch.Tensor], num
     `num_samples` noise levels when it has one, else `num_samples` draws of its per-token training loss."""
     labels = batch.get("labels")
     mask = batch.get("attention_mask")
-    scored = torch.ones_like(batch["input_ids"], dtype=torch.bool) if labels is None else labels != -100
-    if mask is not None:
-        scored &= mask.bool()
-    tokens = scored.sum(-1)
+    tokens = scored_positions(batch["input_ids"], labels, mask).sum(-1)
     if hasattr(model, "nelbo"):
         nats = model.nelbo(batch["input_ids"], attention_mask=mask, labels=labels, num_samples=num_samples)
     else:
@@ -695,13 +693,7 @@ def _no_accelerator() -> bool:
 
 
 def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    labels, mask = batch.get("labels"), batch.get("attention_mask")
-    if labels is not None:
-        scored = labels != -100
-        if mask is not None:
-            scored = scored & mask.bool()
-        return scored.sum().float()
-    return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())).float()
+    return scored_positions(batch["input_ids"], batch.get("labels"), batch.get("attention_mask")).sum().float()
 
 
 __all__ = [

@@ -57,7 +57,9 @@ def test_posterior_matches_bayes_rule_on_explicit_matrices(process):
 
 
 @pytest.mark.parametrize("process", ["uniform", "absorbing"])
-def test_reverse_step_is_the_posterior_mixture(process):
+def test_reverse_step_is_the_normalised_d3pm_kernel(process):
+    """p(x_s = y | x_t = z) proportional to q(z | y) sum_x0 q(y | x0) p_hat(x0), built from explicit matrices;
+    for the absorbing process it is also the posterior mixture sum_x0 q(y | z, x0) p_hat(x0) (MDLM)."""
     diffusion = make_diffusion(process, vocab_size=5)
     alpha_s, alpha_t = torch.tensor([0.6], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
     logits = torch.randn(1, 5, 5, dtype=torch.float64)
@@ -65,14 +67,22 @@ def test_reverse_step_is_the_posterior_mixture(process):
     x0_probs = diffusion.x0_probs(logits, z)
     got = diffusion.reverse_probs(x0_probs, z, alpha_s, alpha_t)
     torch.testing.assert_close(got.sum(-1), torch.ones(1, 5, dtype=torch.float64))
+    step = transition_matrix(diffusion, alpha_t / alpha_s)
+    marginal_s = transition_matrix(diffusion, alpha_s)
     marginal_t = transition_matrix(diffusion, alpha_t)
     for position in range(5):
-        expected = torch.zeros(5, dtype=torch.float64)
+        zi = z[0, position]
+        kernel = step[:, zi] * (x0_probs[0, position] @ marginal_s)
+        torch.testing.assert_close(got[0, position], kernel / kernel.sum())
+        mixture = torch.zeros(5, dtype=torch.float64)
         for x0 in range(5):
-            if x0_probs[0, position, x0] > 0 and marginal_t[x0, z[0, position]] > 0:
+            if x0_probs[0, position, x0] > 0 and marginal_t[x0, zi] > 0:
                 posterior = diffusion.posterior_probs(torch.tensor([[x0]]), z[:, position:position + 1], alpha_s, alpha_t)
-                expected += x0_probs[0, position, x0] * posterior[0, 0]
-        torch.testing.assert_close(got[0, position], expected)
+                mixture += x0_probs[0, position, x0] * posterior[0, 0]
+        if process == "absorbing":
+            torch.testing.assert_close(got[0, position], mixture)
+        else:  # the mixture weights p_hat(x0) by q(z | x0) before normalising: different kernels
+            assert (got[0, position] - mixture).abs().max() > 1e-3
 
 
 def test_absorbing_closed_form_kl_matches_the_vocabulary_sum():
@@ -81,7 +91,7 @@ def test_absorbing_closed_form_kl_matches_the_vocabulary_sum():
     x_t = diffusion.corrupt(x0, torch.full((3,), 0.4))
     logits = torch.randn(3, 7, 6, dtype=torch.float64)
     s, t = torch.full((3,), 0.5, dtype=torch.float64), torch.full((3,), 0.6, dtype=torch.float64)
-    closed = diffusion._discrete_kl(diffusion._x0_log_probs(logits, x_t), x0, x_t, s, t)
+    closed = diffusion._discrete_kl(diffusion.x0_log_probs(logits, x_t), x0, x_t, s, t)
     summed = diffusion.kl_to_reverse(diffusion.x0_probs(logits, x_t), x0, x_t,
                                      diffusion.schedule.alpha(s), diffusion.schedule.alpha(t))
     torch.testing.assert_close(closed, summed)
@@ -240,3 +250,117 @@ def test_continuous_nelbo_is_the_large_T_limit_uniform():
     discrete = exact_discrete_nelbo(denoise, DiscreteDiffusion(4, "uniform", schedule, 1000), x0, 1000)
     continuous = DiscreteDiffusion(4, "uniform", schedule, None)
     assert discrete == pytest.approx(exact_continuous_nelbo(denoise, continuous, x0), rel=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one diffusion-LM head: input checks and the scored-positions rule, for SFDLM and the Transformer.
+
+def head_models():
+    from hf_sfdlm.baselines import TransformerDenoiserConfig, TransformerDenoiserForDiffusionLM
+
+    denoiser = TransformerDenoiserConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=64, process="uniform",
+                                         time_conditioning=True)
+    return {
+        "sfdlm-uniform": SFDLMForDiffusionLM(tiny_config(process="uniform")),
+        "sfdlm-absorbing": SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)),
+        "sedd-uniform": SFDLMForDiffusionLM(tiny_config(process="uniform", objective="score_entropy")),
+        "transformer-uniform": TransformerDenoiserForDiffusionLM(denoiser),
+    }
+
+
+@pytest.mark.parametrize("name", ["sfdlm-uniform", "sfdlm-absorbing", "sedd-uniform", "transformer-uniform"])
+def test_head_refuses_bad_inputs_with_errors_that_name_them(name):
+    model = head_models()[name].eval()
+    ids = torch.randint(0, 31, (2, 6))
+    t = torch.tensor([0.3, 0.7])
+    for bad, error, match in [(torch.tensor([float("nan"), 0.5]), ValueError, "timesteps"),
+                              (torch.tensor([0.5, 1.5]), ValueError, "timesteps"),
+                              (torch.tensor([-0.1, 0.5]), ValueError, "timesteps"),
+                              (torch.zeros(2, 1), ValueError, "timesteps"),
+                              (torch.zeros(3), ValueError, "timesteps"),
+                              ("0.5", TypeError, "timesteps"),
+                              (torch.tensor([True, False]), TypeError, "timesteps")]:
+        with pytest.raises(error, match=match):
+            model(ids, timesteps=bad)
+    model(ids, timesteps=0.5)  # a scalar is one level for every row
+    for mask, error in [([[1] * 6] * 2, TypeError), (torch.full((2, 6), -1), ValueError),
+                        (torch.full((2, 6), 0.5), ValueError), (torch.ones(2, 5), ValueError)]:
+        with pytest.raises(error, match="attention_mask"):
+            model(ids, attention_mask=mask, timesteps=t)
+        with pytest.raises(error, match="attention_mask"):
+            model(ids, attention_mask=mask, labels=ids)
+    with pytest.raises(TypeError, match="labels"):
+        model(ids, labels=ids.float())
+    with pytest.raises(ValueError, match="outside"):
+        model(ids, labels=torch.full_like(ids, 40))
+
+
+@pytest.mark.parametrize("name", ["sfdlm-uniform", "sedd-uniform", "transformer-uniform", "sfdlm-absorbing"])
+def test_int32_ids_give_the_int64_results(name):
+    model = head_models()[name].eval()
+    ids = torch.randint(0, 31, (2, 6))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    for kwargs in (dict(), dict(labels=labels)):
+        wide = model.nelbo(ids, num_samples=2, generator=torch.Generator().manual_seed(0), **kwargs)
+        narrow = model.nelbo(ids.int(), num_samples=2, generator=torch.Generator().manual_seed(0),
+                             **{k: v.int() for k, v in kwargs.items()})
+        torch.testing.assert_close(narrow, wide)
+    wide = model(ids, labels=labels, generator=torch.Generator().manual_seed(1)).loss
+    narrow = model(ids.int(), labels=labels.int(), generator=torch.Generator().manual_seed(1)).loss
+    torch.testing.assert_close(narrow, wide)
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+@pytest.mark.parametrize("objective", ["elbo", "score_entropy"])
+def test_a_mask_id_at_unscored_or_padded_positions_contributes_exactly_zero(process, objective):
+    model = SFDLMForDiffusionLM(tiny_config(process=process, mask_token_id=31, objective=objective)).eval()
+    ids = torch.randint(0, 31, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # right padding holding the mask id
+    with_mask = ids.clone()
+    with_mask[0, -2:] = 31
+    # Padding never reaches the real positions, so the token held there changes nothing.
+    for labels in (None, ids):
+        kwargs = dict(attention_mask=mask, labels=labels)
+        nelbo = model.nelbo(with_mask, num_samples=3, generator=torch.Generator().manual_seed(0), **kwargs)
+        reference = model.nelbo(ids, num_samples=3, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert torch.isfinite(nelbo).all()
+        torch.testing.assert_close(nelbo, reference, rtol=0, atol=0)
+    # A prompt position (label -100) holding the mask id conditions the others and adds exactly 0.
+    labels = ids.clone()
+    labels[:, :2] = -100
+    with_mask[:, :2] = 31
+    out = model(with_mask, labels=labels, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(model.nelbo(with_mask, labels=labels, num_samples=2)).all()
+    process_ = model.diffusion
+    scored = labels != -100
+    logits = torch.randn(3, 8, 32, dtype=torch.float64)
+    process_.restrict_logits(logits)
+    draw = process_.draw_noise(3, generator=torch.Generator().manual_seed(3))
+    x_t = process_.corrupt(with_mask, process_.schedule.alpha(draw.t), corruptible=scored)
+    x0 = torch.where(scored, labels, with_mask)
+    terms = process_.loss_terms(logits, x0, x_t, draw, scored=scored)
+    assert torch.equal(terms[:, :2], torch.zeros(3, 2, dtype=terms.dtype)) and torch.isfinite(terms).all()
+
+
+def test_every_scored_position_count_is_the_one_rule():
+    from hf_sfdlm.diffusion_lm import scored_positions
+    from hf_sfdlm.trainer import _scored_tokens, default_evaluate_batch
+
+    ids = torch.randint(0, 31, (2, 5))
+    labels = ids.clone()
+    labels[0, :2] = -100
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0
+    expected = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(scored_positions(ids, labels, mask), expected)
+    assert float(_scored_tokens(dict(input_ids=ids, labels=labels, attention_mask=mask))) == 7
+    assert float(_scored_tokens(dict(input_ids=ids, attention_mask=mask))) == 9
+    model = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)).eval()
+    _, tokens = default_evaluate_batch(model, dict(input_ids=ids, labels=labels, attention_mask=mask), 1)
+    assert tokens.tolist() == [3, 4]

@@ -23,7 +23,7 @@ from hf_sfdlm.lora import apply_lora, save_adapter
 from hf_sfdlm.model_card import validate_model_card
 from hf_sfdlm.synthetic import word_level_tokenizer
 
-REMOTE_CODE = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py"}
+REMOTE_CODE = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py", "diffusion_lm.py"}
 
 
 
