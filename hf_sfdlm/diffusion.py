@@ -587,10 +587,11 @@ PROCESSES.update({AbsorbingDiffusion.process: AbsorbingDiffusion, UniformDiffusi
 
 # ============================================================================================== estimators
 def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
-                  generator: torch.Generator | None = None):
-    """One training draw: corrupt the scored positions at stratified noise levels, denoise, and return
-    `(loss per scored token, logits, x_t, t)`. `denoise(x_t, t)` returns the model's logits."""
-    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device)
+                  generator: torch.Generator | None = None, u: torch.Tensor | None = None):
+    """One training draw: corrupt the scored positions at stratified noise levels (or at the quantiles
+    `u`, see `draw_noise`), denoise, and return `(loss per scored token, logits, x_t, t)`.
+    `denoise(x_t, t)` returns the model's logits."""
+    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device, u=u)
     noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
     logits = denoise(noisy, draw.t)
     terms = process.loss_terms(logits, x0, noisy, draw, scored=scored)

@@ -106,7 +106,7 @@ def _input(model):
     return ids
 
 
-@pytest.mark.parametrize("task_type", [None, "FEATURE_EXTRACTION"])
+@pytest.mark.parametrize("task_type", [None, "FEATURE_EXTRACTION", "CAUSAL_LM"])
 def test_peft_habitual_recipe_trains_for_the_task_types_users_try(task_type):
     from peft import LoraConfig, get_peft_model
 
@@ -160,13 +160,21 @@ CLEAN_SCRIPT = textwrap.dedent("""
     inputs = torch.load(sys.argv[4])
     with torch.no_grad():
         logits = adapted(input_ids=inputs["ids"], timesteps=inputs["t"]).logits
+    from transformers import pipeline
+    fill = pipeline("fill-mask", model=sys.argv[6], trust_remote_code=True)
+    predictions = fill("the [MASK] dog sees a ball .", top_k=5)
     json.dump({"mask_token": tokenizer.mask_token, "vocab": len(tokenizer), "logits": logits.tolist(),
-               "base_module": type(adapted.base_model.model).__module__}, open(sys.argv[5], "w"))
+               "base_module": type(adapted.base_model.model).__module__,
+               "fill_module": type(fill.model).__module__,
+               "fill": [[p["token"], p["score"]] for p in predictions]}, open(sys.argv[5], "w"))
 """)
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch, transformers and peft
-def test_tokenizer_and_auto_peft_model_load_without_hf_sfdlm_and_without_a_prompt(saved_absorbing, tmp_path):
+def test_tokenizer_auto_peft_model_and_fill_mask_work_without_hf_sfdlm(saved_absorbing, trained_by_sfdlm_train,
+                                                                        tmp_path):
+    from transformers import pipeline
+
     path, model, tokenizer = saved_absorbing
     peft_model = apply_lora(model.__class__.from_pretrained(path), r=2, target_modules="all-linear")
     train_adapter_by_hand(peft_model, seed=4)
@@ -177,13 +185,19 @@ def test_tokenizer_and_auto_peft_model_load_without_hf_sfdlm_and_without_a_promp
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", CLEAN_SCRIPT, json.dumps(third_party_path()), str(path),
-         str(tmp_path / "adapter"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.json")],
+         str(tmp_path / "adapter"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.json"),
+         str(trained_by_sfdlm_train)],
         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["mask_token"] == "[MASK]" and out["vocab"] == len(tokenizer)
     assert out["base_module"].startswith("transformers_modules.")
+    # fill-mask through the saved remote code gives what it gives with the installed package
+    assert out["fill_module"].startswith("transformers_modules.")
+    local = pipeline("fill-mask", model=str(trained_by_sfdlm_train))("the [MASK] dog sees a ball .", top_k=5)
+    assert [token for token, _ in out["fill"]] == [p["token"] for p in local]
+    assert [score for _, score in out["fill"]] == pytest.approx([p["score"] for p in local], rel=1e-4)
     peft_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(out["logits"]), peft_model(input_ids=ids, timesteps=t).logits,
@@ -263,3 +277,179 @@ def test_training_compile_compiles_the_model_in_place_and_trains_the_same(tmp_pa
     assert load_config(overrides=["training.compile=true"]).training.compile is True
     with pytest.raises(ValueError, match="training.compile"):
         TrainingConfig(compile="no-such-backend")
+
+
+# ------------------------------------------------------------------ no timesteps: pipelines, masked-LM clients (item 1)
+@pytest.fixture(scope="module")
+def trained_by_sfdlm_train(tmp_path_factory):
+    """A folder written by `sfdlm train` (the embedded default: absorbing, word-level tokenizer), tiny budget."""
+    from accelerate.state import AcceleratorState
+
+    from hf_sfdlm.cli import main
+
+    out = tmp_path_factory.mktemp("sfdlm_train") / "model"
+    AcceleratorState._reset_state()
+    assert main(["train", "--output-dir", str(out), "--max-steps", "3", "--num-samples", "0",
+                 "model.hidden_size=32", "model.stage_depths=[1,1]", "model.fourier_intermediate_size=64",
+                 "data.synthetic_sentences=300", "data.block_size=16", "training.batch_size=8",
+                 "training.eval_every=0", "training.checkpoint_every=0", "training.progress_bar=false",
+                 "training.log_with=[jsonl]"]) == 0
+    AcceleratorState._reset_state()
+    return out
+
+
+def test_absorbing_model_reads_the_noise_level_from_the_masked_fraction():
+    config = tiny_config(process="absorbing", mask_token_id=31, noise_schedule="cosine")
+    model = open_gates(SFDLMForDiffusionLM(config)).eval()
+    ids = torch.randint(0, 31, (3, 16), generator=torch.Generator().manual_seed(0))
+    ids[0, :4] = 31                       # 4 of 16 masked
+    ids[1, :] = 31                        # all masked
+    attention_mask = torch.ones_like(ids)
+    attention_mask[2, 10:] = 0            # row 2: 10 real positions, 5 of them masked; padding does not count
+    ids[2, :5] = 31
+    ids[2, 12] = 31                       # a mask id at a padded position is not counted
+    fractions = torch.tensor([4 / 16, 1.0, 5 / 10], dtype=torch.float64)
+    t = model.infer_timesteps(ids, attention_mask)
+    # cosine schedule: 1 - alpha(t) = 1 - cos(pi t / 2), inverted independently here
+    expected = torch.arccos(1 - fractions) * 2 / torch.pi
+    torch.testing.assert_close(t.double(), expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attention_mask)
+        torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=attention_mask, timesteps=t).logits)
+    torch.testing.assert_close(out.timesteps, t)
+    discrete = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31, num_timesteps=10,
+                                               noise_schedule="loglinear"))
+    row = torch.full((1, 16), 5)
+    row[0, :5] = 31  # 5/16 masked: t = 0.3125 under loglinear, on the step grid 3/10
+    assert discrete.infer_timesteps(row).tolist() == [pytest.approx(0.3)]
+
+
+def test_uniform_model_without_timesteps_says_what_to_pass():
+    model = SFDLMForDiffusionLM(tiny_config(process="uniform"))
+    with pytest.raises(ValueError, match=r"pass `timesteps`.*pipelines, need an absorbing model"):
+        model(input_ids=torch.randint(0, 32, (2, 8)))
+
+
+def test_fill_mask_pipeline_on_a_model_saved_by_sfdlm_train(trained_by_sfdlm_train):
+    from transformers import pipeline
+
+    fill = pipeline("fill-mask", model=str(trained_by_sfdlm_train))  # remote code: the clean-process test below
+    tokenizer = fill.tokenizer
+    vocabulary = len(tokenizer)
+    predictions = fill("the [MASK] dog sees a ball .", top_k=vocabulary - 1)  # everything but one token
+    assert len(predictions) == vocabulary - 1
+    assert tokenizer.mask_token_id not in {p["token"] for p in predictions}
+    assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+    # The scores are the model's p_hat(x_0 | x_t) at the noise level of 1 masked position in 7.
+    ids = tokenizer("the [MASK] dog sees a ball .", return_tensors="pt")["input_ids"]
+    t = torch.tensor([1 - 6 / 7])  # loglinear schedule: 1 - alpha(t) = t
+    with torch.no_grad():
+        probs = fill.model(input_ids=ids, timesteps=t).logits[0, 1].softmax(-1)
+    best = predictions[0]
+    assert best["token"] == int(probs.argmax()) and best["score"] == pytest.approx(float(probs.max()), rel=1e-4)
+
+
+def test_trainer_with_a_collator_without_labels_says_no_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    tokenizer = word_level_tokenizer()
+    model = SFDLMForDiffusionLM(tiny_config(vocab_size=len(tokenizer), process="absorbing",
+                                            mask_token_id=tokenizer.mask_token_id))
+    data = Dataset.from_dict({"text": ["the small dog sees a ball ."] * 4}).map(
+        lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    trainer = Trainer(model=model, args=TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True),
+                      train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer))
+    with pytest.raises(ValueError, match="did not return a loss"):
+        trainer.train()
+
+
+# ------------------------------------------------------------------ Trainer and gradient accumulation (item 2)
+def _trainer_run(out, accumulation: int):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    torch.manual_seed(0)
+    model = open_gates(SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31)))
+    ids = torch.randint(0, 31, (16, 12), generator=torch.Generator().manual_seed(5))
+    # t = 1 masks every position, so the loss is exactly determined by the data (no random draw to differ
+    # between one batch of 8 and four micro-batches of 2).
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(), "timesteps": [1.0] * 16})
+    args = TrainingArguments(str(out), per_device_train_batch_size=8 // accumulation,
+                             gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], use_cpu=True, seed=0, lr_scheduler_type="constant",
+                             optim="sgd",  # Adam would magnify float rounding where a gradient is ~0
+                             save_strategy="no", dataloader_drop_last=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_trainer_gradient_accumulation_logs_and_steps_the_full_batch_loss(tmp_path):
+    full_losses, full_weights = _trainer_run(tmp_path / "ga1", 1)
+    accumulated_losses, accumulated_weights = _trainer_run(tmp_path / "ga4", 4)
+    assert len(full_losses) == len(accumulated_losses) == 2
+    assert accumulated_losses == pytest.approx(full_losses, rel=1e-4)
+    for name, weight in full_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ return_dict, hidden states, inputs_embeds (item 3)
+def test_return_dict_false_gives_the_tuple_transformers_models_give():
+    model = open_gates(SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31))).eval()
+    ids, t = _input(model), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        as_dict = model(input_ids=ids, timesteps=t)
+        as_tuple = model(input_ids=ids, timesteps=t, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 2  # (logits, timesteps)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits)
+    trained = model(input_ids=ids, labels=ids, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert isinstance(trained, tuple) and trained[0].dim() == 0 and trained[1].shape == (2, 10, 32)
+    backbone = model.model(input_ids=ids, timesteps=t, return_dict=False)
+    assert isinstance(backbone, tuple) and len(backbone) == 1
+
+
+def test_output_hidden_states_gives_every_stage_and_respects_padding():
+    config = tiny_config(process="absorbing", mask_token_id=31, stage_depths=[1, 1, 1], pool_factors=[2, 2])
+    model = open_gates(SFDLMForDiffusionLM(config)).eval()
+    ids, t = torch.randint(0, 31, (2, 10)), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        out = model(input_ids=ids, timesteps=t, output_hidden_states=True)
+        states = out.hidden_states
+        # embeddings, 2 down stages, bottleneck, 2 up stages
+        assert [s.shape[1] for s in states] == [10, 10, 5, 3, 5, 10]
+        torch.testing.assert_close(states[0], model.model.embed_tokens(ids))
+        torch.testing.assert_close(states[-1], model.model(input_ids=ids, timesteps=t).last_hidden_state)
+        torch.testing.assert_close(out.logits, model(input_ids=ids, timesteps=t).logits)
+        # A padded row's states equal the row's states alone (full-length stages at the real positions,
+        # pooled stages from position 0).
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        padded = model(input_ids=ids, attention_mask=mask, timesteps=t, output_hidden_states=True).hidden_states
+        alone = model(input_ids=ids[1:, 3:], timesteps=t[1:], output_hidden_states=True).hidden_states
+        for full, single in zip(padded, alone):
+            if full.shape[1] == 10:
+                torch.testing.assert_close(full[1, 3:], single[0], rtol=1e-5, atol=1e-5)
+                assert full[1, :3].abs().sum() == 0
+            else:
+                torch.testing.assert_close(full[1, :single.shape[1]], single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_embeds_gives_the_logits_of_the_ids_and_is_refused_where_it_cannot_work():
+    model = open_gates(SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=31))).eval()
+    ids, t = _input(model), torch.tensor([0.3, 0.8])
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=embeds, timesteps=t).logits,
+                                   model(input_ids=ids, timesteps=t).logits)
+    with pytest.raises(ValueError, match="exactly one of"):
+        model(input_ids=ids, inputs_embeds=embeds, timesteps=t)
+    with pytest.raises(ValueError, match="pass `timesteps`"):  # a noise level cannot be read from embeddings
+        model(inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="cannot start from `inputs_embeds`"):
+        model(inputs_embeds=embeds, labels=ids)
+    with pytest.raises(ValueError, match="hidden_size=16"):
+        model(inputs_embeds=embeds[..., :8], timesteps=t)
+    with pytest.raises(ValueError, match="no attention layers"):
+        model(input_ids=ids, timesteps=t, output_attentions=True)
