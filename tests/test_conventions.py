@@ -222,10 +222,11 @@ def test_dynamo_finds_no_graph_break_in_forward_and_in_a_denoising_step(process)
     ids, t, s = torch.randint(0, 31, (2, 12)), torch.tensor([0.7, 0.4]), torch.tensor([0.6, 0.3])
     calls = {"forward": lambda ids, t: model(input_ids=ids, timesteps=t).logits,
              "forward+backward": lambda ids, t: model(input_ids=ids, timesteps=t).logits.logsumexp(-1).mean(),
-             "denoising step": lambda ids, t: _denoising_step(model)(ids, t, s)}
+             "denoising step": lambda ids, t: _denoising_step(model)(ids, t, s),
+             "training loss": lambda ids, t: model(input_ids=ids, labels=ids).loss}
     for name, call in calls.items():
         torch._dynamo.reset()
-        with torch.set_grad_enabled(name == "forward+backward"):
+        with torch.set_grad_enabled(name in ("forward+backward", "training loss")):
             explanation = torch._dynamo.explain(call)(ids, t)
         assert explanation.graph_break_count == 0, (name, [b.reason for b in explanation.break_reasons])
         assert explanation.graph_count == 1
