@@ -225,13 +225,14 @@ def populate_hub_cache(cache: Path, repo_id: str, folder: Path, branch: str = "m
 
 
 def third_party_path() -> list[str]:
-    """The running interpreter's import path without the project: every existing entry that does not hold
-    an `hf_sfdlm` package (the checkout itself, for an editable install). The child runs with `-I -S`, so
-    `.pth` hooks (editable finders) do not run either. Taking `sys.path` rather than
-    `site.getsitepackages()` keeps a venv's own site-packages: `-I` ignores the venv, so there
+    """The running interpreter's import path without the project: every existing entry that holds neither
+    an `hf_sfdlm` package (the checkout itself, for an editable install) nor this process's remote-code
+    modules (`transformers_modules`, added once remote code was loaded; the child must use its own). The
+    child runs with `-I -S`, so `.pth` hooks (editable finders) do not run either. Taking `sys.path` rather
+    than `site.getsitepackages()` keeps a venv's own site-packages: `-I` ignores the venv, so there
     `site.getsitepackages()` names only the base interpreter's, which in a fresh venv lacks torch."""
-    return [entry for entry in sys.path
-            if entry and os.path.exists(entry) and not os.path.isdir(os.path.join(entry, "hf_sfdlm"))]
+    return [entry for entry in sys.path if entry and os.path.exists(entry)
+            and not any(os.path.isdir(os.path.join(entry, name)) for name in ("hf_sfdlm", "transformers_modules"))]
 
 
 PULL_SCRIPT = textwrap.dedent("""
