@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "finetune": ("hf_sfdlm.commands.finetune", "LoRA fine-tuning: domain text or instruction (SFT) data."),
     "push": ("hf_sfdlm.commands.push", "Upload a model or adapter folder to the Hugging Face Hub."),
     "eval": ("hf_sfdlm.commands.evaluate", "NELBO / exact perplexity of a model on a text file or dataset."),
+    "lm-eval": ("hf_sfdlm.lm_eval", "lm-evaluation-harness with the `sfdlm` model registered (flags pass through)."),
 }
 # Commands whose Ctrl-C message says how to continue (they checkpoint and accept --resume).
 RESUMABLE = ("train", "finetune")
@@ -118,6 +119,8 @@ def _close_progress_bars() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every further flag belongs to lm-evaluation-harness's own parser
+        return importlib.import_module(SUBCOMMANDS["lm-eval"][0]).main(argv[1:])
     debug = "--debug" in argv or os.environ.get("SFDLM_DEBUG", "").lower() in ("1", "true", "yes")
     argv = [arg for arg in argv if arg != "--debug"]
     command = _command_of(argv)

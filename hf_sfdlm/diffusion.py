@@ -440,9 +440,13 @@ class AbsorbingDiffusion(DiscreteDiffusion):
         return torch.full_like(x0, self.mask_token_id)
 
     def check_clean_ids(self, x0, scored):
-        if bool((x0[scored] == self.mask_token_id).any()):
-            raise ValueError(f"The clean tokens to score contain the mask token id {self.mask_token_id}; an "
-                             "absorbing model's data must not (set those labels to -100 to leave them unscored).")
+        message = (f"The clean tokens to score contain the mask token id {self.mask_token_id}; an absorbing "
+                   "model's data must not (set those labels to -100 to leave them unscored).")
+        scored_mask = ((x0 == self.mask_token_id) & scored).any()
+        if torch.compiler.is_compiling():  # no host sync inside a compiled graph: assert on the device
+            torch._assert_async(~scored_mask, message)
+        elif bool(scored_mask):
+            raise ValueError(message)
 
     def restrict_logits(self, logits):
         logits[..., self.mask_token_id] = -math.inf
@@ -595,10 +599,11 @@ PROCESSES.update({AbsorbingDiffusion.process: AbsorbingDiffusion, UniformDiffusi
 
 # ============================================================================================== estimators
 def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
-                  generator: torch.Generator | None = None):
-    """One training draw: corrupt the scored positions at stratified noise levels, denoise, and return
-    `(loss per scored token, logits, x_t, t)`. `denoise(x_t, t)` returns the model's logits."""
-    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device)
+                  generator: torch.Generator | None = None, u: torch.Tensor | None = None):
+    """One training draw: corrupt the scored positions at stratified noise levels (or at the quantiles
+    `u`, see `draw_noise`), denoise, and return `(loss per scored token, logits, x_t, t)`.
+    `denoise(x_t, t)` returns the model's logits."""
+    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device, u=u)
     noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
     logits = denoise(noisy, draw.t)
     terms = process.loss_terms(logits, x0, noisy, draw, scored=scored)

@@ -27,13 +27,17 @@ class DiffusionLMOutput(ModelOutput):
         loss: NELBO (or CE) per scored token, in nats, when `labels` were given.
         logits: (B, L, V) logits of p_hat(x_0 | x_t). For absorbing models the mask logit is -inf.
         noisy_input_ids: the corrupted x_t the network saw (when `labels` were given).
-        timesteps: (B,) noise levels t of each row (when `labels` were given).
+        timesteps: (B,) noise levels t of each row: drawn (with `labels`), or read from the input (an
+            absorbing model called without `timesteps`, see `DiffusionLMMixin.infer_timesteps`).
+        hidden_states: with `output_hidden_states=True`, the backbone's hidden states (for SFDLM, every
+            U-Net stage's output; see `SFDLMModelOutput`).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     noisy_input_ids: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def scored_positions(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -65,7 +69,8 @@ def _is_compiling() -> bool:
 def check_inputs(config, input_ids, attention_mask=None, timesteps=None) -> None:
     """Raise a clear TypeError/ValueError before any compute when ids, mask or noise levels are not what
     the model accepts. Types and shapes are checked always; values (id range, 0/1 mask, finite t in
-    [0, 1]) with one host synchronisation, skipped while `torch.compile` traces (no graph break)."""
+    [0, 1]) with one host synchronisation; while `torch.compile` traces, only the id range is checked, by a
+    device-side assert (no graph break)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
                         f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
@@ -94,6 +99,10 @@ def check_inputs(config, input_ids, attention_mask=None, timesteps=None) -> None
                 raise ValueError(f"`timesteps` must be a scalar or have shape ({input_ids.shape[0]},) (one noise "
                                  f"level per row), got shape {tuple(timesteps.shape)}.")
     if _is_compiling():
+        # A check that raises in Python needs the values on the host: a graph break. Inside a compiled
+        # graph the id range is asserted on the device instead (a RuntimeError with this message).
+        torch._assert_async(((input_ids >= 0) & (input_ids < config.vocab_size)).all(),
+                            f"Token ids must lie in [0, vocab_size={config.vocab_size}).")
         return
     _check_values(config, input_ids, attention_mask, timesteps)
 
@@ -122,6 +131,17 @@ def _check_values(config, input_ids, attention_mask, timesteps) -> None:
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+
+
+def _invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+    """t in [0, 1] with schedule.one_minus_alpha(t) = target (float64 bisection; 1 - alpha increases)."""
+    low, high = torch.zeros_like(target), torch.ones_like(target)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        below = schedule.one_minus_alpha(middle).to(target.device) < target
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    t = (low + high) / 2
+    return torch.where(target <= 0, torch.zeros_like(t), torch.where(target >= 1, torch.ones_like(t), t))
 
 
 class DiffusionLMMixin:
@@ -172,24 +192,121 @@ class DiffusionLMMixin:
         self._check_clean_ids(x0, scored)
         return x0, scored
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, **kwargs):
+    # `forward` honours `num_items_in_batch`, so `transformers.Trainer` passes it and leaves the loss
+    # unscaled under gradient accumulation (the model divides by the whole accumulated batch's count).
+    accepts_loss_kwargs = True
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, timesteps: torch.Tensor | float | None = None,
+                generator: torch.Generator | None = None, inputs_embeds: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                num_items_in_batch: int | torch.Tensor | None = None, **kwargs):
         """
         Without `labels`: `input_ids` are corrupted ids x_t at noise levels `timesteps`; returns logits.
+        Without `timesteps` either, an absorbing model reads each row's noise level from its input
+        (`infer_timesteps`), so clients that call `model(input_ids, attention_mask)` (the `fill-mask`
+        pipeline, `AutoModelForMaskedLM` users) work; a uniform model raises, saying what to pass.
 
         With `labels` (clean ids, -100 where a position is not scored): positions with a label are
-        corrupted at a random noise level (stratified over the batch), the rest (prompts, padding) stay
-        as given in `input_ids` and condition the prediction. `loss` is the NELBO (or CE) per scored
-        token in nats, so `Trainer` and a plain accelerate loop both work.
+        corrupted at a random noise level (stratified over the batch; or at `timesteps` when given), the
+        rest (prompts, padding) stay as given in `input_ids` and condition the prediction. `loss` is the
+        NELBO (or CE) per scored token in nats, so `Trainer` and a plain accelerate loop both work.
+
+        Args:
+            inputs_embeds: (B, L, H) embeddings instead of `input_ids`, without `labels` (corruption acts
+                on ids) and, for noise-conditioned models, with `timesteps`. Models whose backbone does
+                not take embeddings raise a ValueError.
+            output_hidden_states: also return the backbone's hidden states (`hidden_states`).
+            return_dict: `False` returns the output's non-None fields as a tuple, as transformers models do.
+            num_items_in_batch: scored tokens in the whole accumulated batch (`Trainer` passes it); the loss
+                is then this micro-batch's NELBO sum divided by it, so micro-batch losses add up to the
+                full batch's per-token NELBO. `labels` at padding must be -100, as the collators here set.
         """
-        if labels is None:  # `denoise` checks its inputs
-            return self.output_class(logits=self.denoise(input_ids, timesteps, attention_mask))
+        if kwargs.get("output_attentions"):
+            raise ValueError(f"{type(self).__name__} has no attention layers: `output_attentions=True` is not "
+                             "supported (use `output_hidden_states=True`).")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = bool(self.config.output_hidden_states if output_hidden_states is None
+                                    else output_hidden_states)
+        if labels is None:
+            if timesteps is None and input_ids is not None:
+                timesteps = self.infer_timesteps(input_ids, attention_mask)
+            logits, hidden_states = self.denoise_with_outputs(input_ids, timesteps, attention_mask, inputs_embeds,
+                                                              output_hidden_states)
+            t = None if timesteps is None else torch.as_tensor(timesteps, device=logits.device)
+            output = self.output_class(logits=logits, timesteps=t, hidden_states=hidden_states)
+        else:
+            output = self._training_forward(input_ids, attention_mask, labels, timesteps, generator, inputs_embeds,
+                                            output_hidden_states, num_items_in_batch)
+        return output if return_dict else output.to_tuple()
+
+    def _training_forward(self, input_ids, attention_mask, labels, timesteps, generator, inputs_embeds,
+                          output_hidden_states, num_items_in_batch):
         _check_generator(generator)
+        if inputs_embeds is not None:
+            raise ValueError("`labels` need `input_ids`: the forward process corrupts token ids, so a training "
+                             "loss cannot start from `inputs_embeds`.")
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
-        loss, logits, noisy, t = training_loss(
-            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
-        return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
+        u = None
+        if timesteps is not None:  # fixed noise levels instead of drawn ones
+            self.check_inputs(input_ids, attention_mask, timesteps)
+            u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
+        hidden_states = []
+
+        def denoise(ids, t):
+            logits, states = self.denoise_with_outputs(ids, t, attention_mask, None, output_hidden_states)
+            hidden_states.append(states)
+            return logits
+
+        loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u)
+        if num_items_in_batch is not None:
+            total = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            loss = loss * scored.sum().clamp_min(1) / total
+        return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t,
+                                 hidden_states=hidden_states[-1])
+
+    def denoise_with_outputs(self, input_ids, timesteps=None, attention_mask=None, inputs_embeds=None,
+                             output_hidden_states: bool = False):
+        """`(logits, hidden_states or None)`: `denoise`, for backbones that take neither embeddings nor
+        report hidden states (a backbone that does overrides this)."""
+        if inputs_embeds is not None or output_hidden_states:
+            raise ValueError(f"{type(self).__name__} supports neither `inputs_embeds` nor `output_hidden_states`; "
+                             "pass `input_ids` (SFDLMForDiffusionLM supports both).")
+        return self.denoise(input_ids, timesteps, attention_mask), None
+
+    def infer_timesteps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Each row's noise level t read from its input, or None when the model is not noise-conditioned.
+
+        Absorbing process: every maskable position (a real one: `attention_mask` 1) of x_t is masked
+        independently with probability 1 - alpha(t), so the fraction f of masked ones among them is the
+        maximum-likelihood estimate of 1 - alpha(t), and t = alpha^-1(1 - f) inverts the schedule exactly
+        (bisection in float64; on the step grid i / T for discrete-time models). Uniform process: a
+        corrupted token looks like any other, so the noise level is not identifiable and this raises.
+        """
+        if not getattr(self.config, "time_conditioning", False):
+            return None
+        if self.diffusion.process != "absorbing":
+            raise ValueError(
+                "This uniform-process model is noise-conditioned and its noise level cannot be read from the "
+                "input (a corrupted token looks like any other): pass `timesteps` (a float or a (batch,) tensor "
+                "in [0, 1]) for logits, or `labels` (clean ids) for the training loss; a collator without labels "
+                "(DataCollatorWithPadding) gives no loss, use hf_sfdlm.data.DiffusionCollator. Clients that call "
+                "`model(input_ids, attention_mask)` only, such as transformers pipelines, need an absorbing model "
+                "(its noise level is read from the masked fraction) or one with `time_conditioning=False`.")
+        self.check_inputs(input_ids, attention_mask)
+        maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+        masked = (input_ids == self.diffusion.mask_token_id) & maskable
+        fraction = masked.sum(-1).double() / maskable.sum(-1).clamp_min(1).double()
+        t = _invert_one_minus_alpha(self.diffusion.schedule, fraction)
+        steps = getattr(self.config, "num_timesteps", None)
+        if steps is not None:
+            t = (t * steps).round() / steps
+        return t.float()
+
+    def prepare_inputs_for_generation(self, input_ids=None, **kwargs) -> dict:
+        """The inputs unchanged. PEFT's `CAUSAL_LM` wrapper reads this attribute (and swaps it during its
+        `generate`); diffusion `generate` denoises whole sequences and never calls it."""
+        return {"input_ids": input_ids, **kwargs}
 
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

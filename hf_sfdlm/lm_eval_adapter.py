@@ -4,7 +4,9 @@
     import hf_sfdlm.lm_eval_adapter  # registers "sfdlm"
     lm_eval.simple_evaluate(model="sfdlm", model_args="pretrained=path/to/model,num_samples=32", tasks=[...])
 
-or pass an `SFDLMEvalHarnessLM(pretrained=model, tokenizer=tokenizer)` object as `model`.
+or pass an `SFDLMEvalHarnessLM(pretrained=model, tokenizer=tokenizer)` object as `model`. From the shell,
+`python -m hf_sfdlm.lm_eval ...` or `sfdlm lm-eval ...` is `lm_eval ...` with "sfdlm" registered
+(`hf_sfdlm/lm_eval.py`: the harness has no plugin discovery).
 
 * `loglikelihood(context, continuation)`: minus the Monte Carlo NELBO of the continuation tokens with
   the context tokens fixed (conditioning, not scored): a lower bound on log p(continuation | context),
@@ -19,6 +21,8 @@ Works for every model with `nelbo` and `generate` (SFDLM, and the Transformer de
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -29,6 +33,15 @@ except ImportError as error:  # pragma: no cover - exercised only without lm_eva
                       "(or `pip install 'hf-sfdlm[eval]'`).") from error
 
 from .evaluation import load_model
+
+
+def available_device(device: str | torch.device | None) -> str:
+    """`device`, or "cpu" (with a warning) when it names CUDA and CUDA is not available."""
+    device = str(device or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"Device {device!r} was requested but CUDA is not available; running on the CPU.", stacklevel=3)
+        return "cpu"
+    return device
 
 
 @register_model("sfdlm")
@@ -44,7 +57,9 @@ class SFDLMEvalHarnessLM(LM):
         max_length: longest sequence scored (the context is cut from the left); defaults to 512.
         steps: denoising steps for `generate_until` (defaults to the number of new tokens).
         max_gen_toks: new tokens for `generate_until` when the task does not say.
-        device: where to run the model. seed: seeds the Monte Carlo noise and the sampler.
+        device: where to run the model. A CUDA device on a machine without CUDA (the harness's CLI
+            default is `cuda:0`) falls back to the CPU with a warning, as the harness's `hf` model does.
+        seed: seeds the Monte Carlo noise and the sampler.
         trust_remote_code: allow running code shipped with `pretrained` (see `hf_sfdlm.remote_code`).
     """
 
@@ -54,11 +69,14 @@ class SFDLMEvalHarnessLM(LM):
         super().__init__()
         from transformers import AutoTokenizer
 
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = 1  # the harness's `--batch_size auto`: requests are scored one at a time anyway
         num_samples, batch_size, max_length, max_gen_toks = (int(v) for v in (num_samples, batch_size, max_length, max_gen_toks))
         for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("max_length", max_length),
                             ("max_gen_toks", max_gen_toks)):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        device = available_device(device)
         model = load_model(pretrained, device=device, trust_remote_code=trust_remote_code) \
             if isinstance(pretrained, str) else pretrained
         if not callable(getattr(model, "nelbo", None)) or not callable(getattr(model, "generate", None)):
@@ -162,4 +180,4 @@ class SFDLMEvalHarnessLM(LM):
         return results
 
 
-__all__ = ["SFDLMEvalHarnessLM"]
+__all__ = ["SFDLMEvalHarnessLM", "available_device"]

@@ -188,17 +188,38 @@ def compare_fingerprints(expected: dict, actual: dict) -> str | None:
 
 
 def save_adapter(peft_model: PeftModel, output_dir: str | os.PathLike, **kwargs) -> None:
-    """`peft_model.save_pretrained(output_dir)` plus `sfdlm_adapter.json` (the base fingerprint)."""
+    """`peft_model.save_pretrained(output_dir)` plus `sfdlm_adapter.json` (the base fingerprint).
+
+    The adapter config's `auto_mapping` names `transformers.AutoModel` as the base class, so
+    `peft.AutoPeftModel.from_pretrained(output_dir, trust_remote_code=True)` loads base and adapter with
+    PEFT's default import allowlist, whether the base comes from remote code or from this package (PEFT
+    itself would record the model's own module, `hf_sfdlm...` or `transformers_modules...`, which its
+    allowlist refuses and which a fresh process may not be able to import).
+    """
     fingerprint = getattr(peft_model, "sfdlm_base_fingerprint", None)
     if fingerprint is None:
         raise ValueError("This PeftModel was not made by `apply_lora` or `load_adapter`, so the base it "
                          "belongs to is unknown; wrap the model with `hf_sfdlm.lora.apply_lora`.")
     peft_model.save_pretrained(output_dir, **kwargs)
+    _point_auto_mapping_at_auto_model(os.fspath(output_dir), peft_model)
     with open(os.path.join(output_dir, ADAPTER_METADATA_FILE), "w", encoding="utf-8") as handle:
         json.dump(fingerprint, handle)
     from .integrity import write_checksums
 
     write_checksums(output_dir)  # checksums.json: SHA-256 of adapter_model.safetensors, verified on load
+
+
+def _point_auto_mapping_at_auto_model(output_dir: str, peft_model: PeftModel) -> None:
+    for name, config in peft_model.peft_config.items():
+        folder = output_dir if name == "default" else os.path.join(output_dir, name)
+        path = os.path.join(folder, "adapter_config.json")
+        if config.task_type is not None or not os.path.isfile(path):
+            continue  # task-typed adapters load through AutoPeftModelFor<Task>, not through auto_mapping
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        saved["auto_mapping"] = {"base_model_class": "AutoModel", "parent_library": "transformers"}
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(saved, handle, indent=2, sort_keys=True)
 
 
 def _adapter_weight_shapes(adapter_dir: str) -> dict[str, tuple[int, ...]]:

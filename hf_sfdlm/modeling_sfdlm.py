@@ -90,7 +90,8 @@ class BidirectionalDiagonalSSM(nn.Module):
         """
         parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c)
         key = (length, self.log_dt.device, tuple((id(p), p._version) for p in parameters))
-        cacheable = not torch.is_grad_enabled()
+        # Not under torch.compile: the key's tensor versions would be data-dependent guards (recompiles).
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable and self._spectrum_cache is not None and self._spectrum_cache[0] == key:
             return self._spectrum_cache[1]
         k_fwd, k_bwd = self.kernel(length)
@@ -246,9 +247,16 @@ class SFDLMModelOutput(ModelOutput):
 
     Args:
         last_hidden_state: (B, L, H) hidden states after the final norm; zeros at padded positions.
+        hidden_states: with `output_hidden_states=True`, the output of every U-Net stage: the embeddings,
+            each down stage (before its pooling), the bottleneck, each up stage (after its skip and
+            blocks), the last one after the final norm (so `hidden_states[-1]` is `last_hidden_state`).
+            Pooled stages are shorter: (B, ceil(L / product of the pooling factors so far), H). With
+            padding, full-length stages sit at the real positions like `last_hidden_state`; a pooled
+            stage holds each row's own pooled sequence from position 0, zeros after it.
     """
 
     last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 # Output of `SFDLMForDiffusionLM` (loss, logits, noisy_input_ids, timesteps): the shared head's.
@@ -322,8 +330,10 @@ class SFDLMModel(SFDLMPreTrainedModel):
         """Raise before any compute when ids, mask, noise levels or lengths are not what the model accepts."""
         check_inputs(self.config, input_ids, attention_mask, timesteps)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                timesteps: torch.Tensor | None = None, **kwargs) -> SFDLMModelOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                timesteps: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> SFDLMModelOutput | tuple:
         """
         Args:
             input_ids: (B, L) corrupted token ids x_t.
@@ -331,50 +341,110 @@ class SFDLMModel(SFDLMPreTrainedModel):
                 never changes the outputs at real positions: each row's real tokens are processed as a
                 sequence of their own length (rows of equal length share one pass).
             timesteps: (B,) or scalar noise levels t in [0, 1]; required when `time_conditioning`.
+            inputs_embeds: (B, L, H) input embeddings instead of `input_ids` (exactly one of the two).
+            output_hidden_states: also return every stage's hidden states (see `SFDLMModelOutput`).
+            return_dict: `False` returns the output's non-None fields as a tuple (default: `config.return_dict`).
         """
-        self.check_inputs(input_ids, attention_mask, timesteps)
-        cond = self._noise_condition(timesteps, input_ids.shape[0], input_ids.device)
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        embeds = self._input_embeddings(input_ids, inputs_embeds, attention_mask, timesteps)
+        cond = self._noise_condition(timesteps, embeds.shape[0], embeds.device)
         if attention_mask is None or bool(attention_mask.all()):
-            return SFDLMModelOutput(last_hidden_state=self._backbone(input_ids, cond))
-        mask = attention_mask.bool()
+            hidden, states = self._backbone(embeds, cond, output_hidden_states)
+        else:
+            hidden, states = self._backbone_by_length(embeds, attention_mask.bool(), cond, output_hidden_states)
+        output = SFDLMModelOutput(last_hidden_state=hidden, hidden_states=states)
+        return output if return_dict else output.to_tuple()
+
+    def _input_embeddings(self, input_ids, inputs_embeds, attention_mask, timesteps) -> torch.Tensor:
+        """Checked inputs, embedded: (B, L, H)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None:
+            self.check_inputs(input_ids, attention_mask, timesteps)
+            return self.embed_tokens(input_ids)
+        expected = f"(batch, length, hidden_size={self.config.hidden_size})"
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError(f"`inputs_embeds` must be a float tensor of shape {expected}, got "
+                            f"{type(inputs_embeds).__name__} {getattr(inputs_embeds, 'dtype', '')}.")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or 0 in inputs_embeds.shape:
+            raise ValueError(f"`inputs_embeds` must have shape {expected}, got {tuple(inputs_embeds.shape)}.")
+        # The id-independent checks (length, mask, noise levels) on stand-in ids of the same shape.
+        self.check_inputs(torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device),
+                          attention_mask, timesteps)
+        return inputs_embeds
+
+    def _backbone_by_length(self, embeds, mask, cond, output_hidden_states: bool):
+        """The backbone on each row's real positions only, rows of equal length in one pass."""
         lengths = mask.sum(-1)
-        hidden = torch.zeros(*input_ids.shape, self.config.hidden_size, device=input_ids.device,
-                             dtype=self.embed_tokens.weight.dtype)
+        hidden = embeds.new_zeros(*embeds.shape[:2], self.config.hidden_size)
+        states = None
         for length in lengths.unique().tolist():
             if length == 0:
                 continue
             rows = (lengths == length).nonzero().squeeze(-1)
-            ids = input_ids[rows][mask[rows]].view(len(rows), length)
-            out = self._backbone(ids, None if cond is None else cond[rows])
-            row_hidden = hidden[rows]
-            row_hidden[mask[rows]] = out.reshape(-1, out.shape[-1]).to(hidden.dtype)
-            hidden[rows] = row_hidden
-        return SFDLMModelOutput(last_hidden_state=hidden)
+            out, row_states = self._backbone(embeds[rows][mask[rows]].view(len(rows), length, -1),
+                                             None if cond is None else cond[rows], output_hidden_states)
+            hidden[rows] = self._scatter_rows(hidden[rows], mask[rows], out)
+            if row_states is not None:
+                if states is None:
+                    lengths_full = self._stage_lengths(embeds.shape[1])
+                    states = [embeds.new_zeros(embeds.shape[0], n, self.config.hidden_size) for n in lengths_full]
+                for state, row_state in zip(states, row_states):
+                    if row_state.shape[1] == length:  # a full-length stage: back to the real positions
+                        state[rows] = self._scatter_rows(state[rows], mask[rows], row_state)
+                    else:  # a pooled stage: the row's own pooled sequence, from position 0
+                        state[rows, :row_state.shape[1]] = row_state.to(state.dtype)
+        return hidden, None if states is None else tuple(states)
+
+    @staticmethod
+    def _scatter_rows(target: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        target[mask] = values.reshape(-1, values.shape[-1]).to(target.dtype)
+        return target
+
+    def _stage_lengths(self, length: int) -> list[int]:
+        """Length of every entry of `hidden_states` for an input of `length` positions."""
+        lengths, current = [length], length
+        for pool in self.down_pools:
+            lengths.append(current)
+            current = -(-current // pool.factor)
+        lengths.append(current)  # bottleneck
+        lengths += lengths[1:len(self.down_pools) + 1][::-1]  # up stages, back to full length
+        return lengths
 
     def _noise_condition(self, timesteps, batch_size: int, device) -> torch.Tensor | None:
         if self.time_embed is None:
             return None
         if timesteps is None:
             raise ValueError("This model is noise-conditioned (`time_conditioning=True`): pass `timesteps` "
-                             "(the noise level t in [0, 1] of each row).")
+                             "(the noise level t in [0, 1] of each row, a float or a (batch,) tensor).")
         t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch_size)
         return self.time_embed(timestep_embedding(t, self.config.hidden_size).to(self.embed_tokens.weight.dtype))
 
-    def _backbone(self, input_ids: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def _backbone(self, x: torch.Tensor, cond: torch.Tensor | None, output_hidden_states: bool = False):
+        """Embeddings (B, L, H) -> (final hidden states, every stage's output or None)."""
+        states = [x] if output_hidden_states else None
+        record = states.append if states is not None else (lambda _: None)
         skips = []
         for blocks, pool in zip(self.down_stages, self.down_pools):
             for block in blocks:
                 x = block(x, cond)
             skips.append(x)
+            record(x)
             x = pool(x)
         for block in self.bottleneck:
             x = block(x, cond)
+        record(x)
         for blocks, pool, skip in zip(reversed(self.up_stages), reversed(self.up_pools), reversed(skips)):
             x = pool(x, skip.shape[1]) + skip
             for block in blocks:
                 x = block(x, cond)
-        return self.final_norm(x, cond)[0]
+            record(x)
+        x = self.final_norm(x, cond)[0]
+        if states is not None:
+            states[-1] = x  # the last stage's output is reported after the final norm
+        return x, None if states is None else tuple(states)
 
 
 class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTrainedModel):
@@ -432,6 +502,13 @@ class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTraine
         if positions is not None:
             hidden = hidden[positions]
         return self.diffusion.restrict_logits(self.lm_head(hidden))
+
+    def denoise_with_outputs(self, input_ids, timesteps=None, attention_mask=None, inputs_embeds=None,
+                             output_hidden_states: bool = False):
+        """`(logits, hidden_states or None)`; `inputs_embeds` (B, L, H) may replace `input_ids`."""
+        out = self.model(input_ids, attention_mask=attention_mask, timesteps=timesteps, inputs_embeds=inputs_embeds,
+                         output_hidden_states=output_hidden_states, return_dict=True)
+        return self.diffusion.restrict_logits(self.lm_head(out.last_hidden_state)), out.hidden_states
 
 
 # `save_pretrained` copies the remote-code files and writes `auto_map` for registered classes.

@@ -60,6 +60,9 @@ class TrainingConfig:
         progress_bar: show a tqdm bar on the main process.
         num_workers: DataLoader workers.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        compile: `true` to `torch.compile` the model's forward in place (`nn.Module.compile`, so weights,
+            checkpoints and the EMA keep their names), or the name of a `torch.compile` backend
+            (`inductor`, the default; `aot_eager`, ...). Pays off on GPUs; on CPU it can be slower (README).
         cpu_threads: torch intra-op threads when training on CPU (`None`: torch's default, one per core). Small
             models gain little from more threads, and on a shared machine OpenMP threads that wait for each
             other can make a step several times slower than one thread does.
@@ -93,6 +96,7 @@ class TrainingConfig:
     progress_bar: bool = True
     num_workers: int = 0
     gradient_checkpointing: bool = False
+    compile: bool | str = False
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -131,6 +135,14 @@ class TrainingConfig:
             positive_int("eval_max_sequences")
         if self.cpu_threads is not None:
             positive_int("cpu_threads")
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"`training.compile` must be true, false or a torch.compile backend name, got {self.compile!r}.")
+        if isinstance(self.compile, str):
+            from torch._dynamo import list_backends
+
+            if self.compile not in list_backends(exclude_tags=()):
+                raise ValueError(f"`training.compile` backend {self.compile!r} is not one of "
+                                 f"{list_backends(exclude_tags=())}.")
         if not 0.0 <= self.min_lr_ratio < 1.0:
             raise ValueError(f"`training.min_lr_ratio` must be in [0, 1), got {self.min_lr_ratio!r}.")
         from transformers.trainer_utils import SchedulerType

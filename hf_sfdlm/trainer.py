@@ -236,20 +236,25 @@ class DiffusionTrainer:
         return DiffusionCollator(pad_token_id=pad_id)
 
     def _setup_model(self, model: nn.Module):
-        """Gradient checkpointing if asked; returns the EMA copy of the model (or None)."""
-        args, acc = self.args, self.accelerator
+        """Gradient checkpointing and compilation if asked; returns the EMA copy of the model (or None)."""
+        args = self.args
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if args.ema_decay is None:
-            return None
+        ema = self._make_ema(model) if args.ema_decay is not None else None
+        if args.compile:  # in place (state dict names unchanged), after the EMA copied the eager model
+            model.compile(**({"backend": args.compile} if isinstance(args.compile, str) else {}))
+        return ema
+
+    def _make_ema(self, model: nn.Module):
         from accelerate.utils import DistributedType
 
+        acc = self.accelerator
         if acc.distributed_type == DistributedType.FSDP:
             raise ValueError("`training.ema_decay` is not supported with FSDP (the EMA would hold sharded "
                              "weights); set `training.ema_decay=null` or train with DDP.")
         from .ema import create_ema
 
-        return create_ema(model.to(acc.device), args.ema_decay)
+        return create_ema(model.to(acc.device), self.args.ema_decay)
 
     @property
     def _micro_batch(self) -> int:

@@ -443,9 +443,20 @@ def populate_hub_cache(cache: Path, repo_id: str, folder: Path, branch: str = "m
     return commit
 
 
+def third_party_path() -> list[str]:
+    """The running interpreter's import path without the project: every existing entry that holds neither
+    an `hf_sfdlm` package (the checkout itself, for an editable install) nor this process's remote-code
+    modules (`transformers_modules`, added once remote code was loaded; the child must use its own). The
+    child runs with `-I -S`, so `.pth` hooks (editable finders) do not run either. Taking `sys.path` rather
+    than `site.getsitepackages()` keeps a venv's own site-packages: `-I` ignores the venv, so there
+    `site.getsitepackages()` names only the base interpreter's, which in a fresh venv lacks torch."""
+    return [entry for entry in sys.path if entry and os.path.exists(entry)
+            and not any(os.path.isdir(os.path.join(entry, name)) for name in ("hf_sfdlm", "transformers_modules"))]
+
+
 PULL_SCRIPT = textwrap.dedent("""
-    import site, sys
-    sys.path.extend(site.getsitepackages())  # third-party packages, without .pth hooks such as editable installs
+    import json, sys
+    sys.path.extend(json.loads(sys.argv[1]))  # the parent's third-party packages (`third_party_path`)
     try:
         import hf_sfdlm
     except ModuleNotFoundError:
@@ -501,7 +512,7 @@ def test_pull_by_repo_id_from_a_hub_cache_in_a_process_without_hf_sfdlm(tmp_path
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"),
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-I", "-S", "-c", PULL_SCRIPT], cwd=work, env=env,
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", PULL_SCRIPT, json.dumps(third_party_path())], cwd=work, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((work / "outputs.json").read_text())
