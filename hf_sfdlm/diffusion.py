@@ -311,6 +311,9 @@ class DiscreteDiffusion:
         """Whether `loss_terms` estimate a NELBO (objective "elbo"), not the plain cross-entropy."""
         return self.objective != "ce"
 
+    def check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
+        """Raise a ValueError when a scored clean token is one the process cannot have as x_0."""
+
     # ------------------------------------------------------------------ the reverse process
     def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The denoiser's logits with impossible clean tokens set to -inf (in place); returns them."""
@@ -435,6 +438,11 @@ class AbsorbingDiffusion(DiscreteDiffusion):
 
     def _noise(self, x0, generator):
         return torch.full_like(x0, self.mask_token_id)
+
+    def check_clean_ids(self, x0, scored):
+        if bool((x0[scored] == self.mask_token_id).any()):
+            raise ValueError(f"The clean tokens to score contain the mask token id {self.mask_token_id}; an "
+                             "absorbing model's data must not (set those labels to -100 to leave them unscored).")
 
     def restrict_logits(self, logits):
         logits[..., self.mask_token_id] = -math.inf

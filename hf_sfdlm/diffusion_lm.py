@@ -148,10 +148,7 @@ class DiffusionLMMixin:
 
     def _check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
         self.check_inputs(x0)
-        mask_id = self.diffusion.mask_token_id
-        if self.diffusion.process == "absorbing" and bool((x0[scored] == mask_id).any()):
-            raise ValueError(f"The clean tokens to score contain the mask token id {mask_id}; an absorbing "
-                             "model's data must not (set those labels to -100 to leave them unscored).")
+        self.diffusion.check_clean_ids(x0, scored)
 
     def _clean_batch(self, input_ids, attention_mask, labels):
         """Checked (x_0, scored) with long ids."""
