@@ -110,12 +110,18 @@ def _check_values(config, input_ids, attention_mask, timesteps) -> None:
     values = torch.stack([c.to(device=checks[0].device, dtype=torch.float64) for c in checks]).tolist()
     low, high = int(values[0]), int(values[1])
     if low < 0 or high >= config.vocab_size:
-        raise ValueError(f"Token id {low if low < 0 else high} is outside [0, vocab_size={config.vocab_size}).")
+        raise ValueError(f"Token id {low if low < 0 else high} is outside [0, vocab_size={config.vocab_size}) "
+                         "in `input_ids`.")
     rest = values[2:]
     if attention_mask is not None and rest.pop(0):
         raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real tokens); got other values.")
     if t is not None and rest.pop(0):
         raise ValueError(f"`timesteps` must be finite noise levels in [0, 1], got {t.flatten().tolist()[:8]}.")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
 
 
 class DiffusionLMMixin:
@@ -157,6 +163,11 @@ class DiffusionLMMixin:
                                    or labels.is_complex() or labels.dtype == torch.bool):
             raise TypeError(f"`labels` must be an integer tensor (clean ids, -100 where not scored), got "
                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}.")
+        if labels is not None and not _is_compiling():
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise ValueError(f"Token id {int(bad[0])} is outside [0, vocab_size={self.config.vocab_size}) in "
+                                 "`labels` (use -100 for positions that are not scored).")
         x0, scored = clean_and_scored(input_ids.long(), None if labels is None else labels.long(), attention_mask)
         self._check_clean_ids(x0, scored)
         return x0, scored
@@ -174,6 +185,7 @@ class DiffusionLMMixin:
         """
         if labels is None:  # `denoise` checks its inputs
             return self.output_class(logits=self.denoise(input_ids, timesteps, attention_mask))
+        _check_generator(generator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
         loss, logits, noisy, t = training_loss(
             self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
@@ -196,6 +208,7 @@ class DiffusionLMMixin:
         if not self.diffusion.is_likelihood_bound:
             raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
                              "a 'ce' model's loss is not a likelihood bound.")
+        _check_generator(generator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
         samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
                                     num_samples, generator)

@@ -407,13 +407,19 @@ class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTraine
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus an `auto_map` that sends both `AutoModel` and
         `AutoModelForMaskedLM` to this class, so `trust_remote_code=True` loading finds it either way.
-        The remote-code files (this module and its relative imports) are copied next to the weights."""
+        The remote-code files (this module and its relative imports) are copied next to the weights, and
+        `checksums.json` records the SHA-256 of the weight files (`hf_sfdlm.integrity`)."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         for auto_class in ("AutoModel", "AutoModelForMaskedLM"):
             auto_map[auto_class] = f"modeling_sfdlm.{SFDLMForDiffusionLM.__name__}"
         auto_map["AutoConfig"] = f"configuration_sfdlm.{SFDLMConfig.__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .integrity import write_checksums  # copied with the remote code (standard library only)
+
+            write_checksums(save_directory)  # checksums.json: SHA-256 of the weights, verified on load
+        return result
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:

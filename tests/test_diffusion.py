@@ -484,7 +484,7 @@ def test_a_mask_id_at_unscored_or_padded_positions_contributes_exactly_zero(proc
 
 def test_every_scored_position_count_is_the_one_rule():
     from hf_sfdlm.diffusion_lm import scored_positions
-    from hf_sfdlm.training import _scored_tokens, default_evaluate_batch
+    from hf_sfdlm.trainer import _scored_tokens, default_evaluate_batch
 
     ids = torch.randint(0, 31, (2, 5))
     labels = ids.clone()

@@ -435,7 +435,7 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
     text_file = tmp_path / "eval.txt"
     text_file.write_text(" ".join(words[:7]) + "\n" + " ".join(words[7:10]) + "\n")
     out = tmp_path / "result.json"
-    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--num-samples", "4",
+    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--nelbo-samples", "4",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "word perplexity" in printed and "NELBO upper bound, 4 t samples" in printed
@@ -453,6 +453,7 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
 
 
 def test_benchmark_report_renders_every_json_with_its_command(tmp_path):
+    # (the quality benchmark's own tables are tested in tests/test_quality_benchmark.py)
     import importlib.util
     import json
 
@@ -460,18 +461,6 @@ def test_benchmark_report_renders_every_json_with_its_command(tmp_path):
                                                                                "benchmarks", "report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    test = {"token_perplexity": 100.0, "token_perplexity_stderr": 2.0, "word_perplexity": 300.0,
-            "word_perplexity_stderr": 6.0, "bits_per_byte": 1.5, "bits_per_byte_stderr": 0.01}
-    runs = [{"name": name, "dataset": "ptb", "kind": kind, "parameters": 10, "non_embedding_parameters": 5,
-             "tokens_seen": 64, "train_seconds": 1.0, "test": dict(test, word_perplexity=wp)}
-            for name, kind, wp in (("sfdlm-uniform", "sfdlm", 300.0), ("gpt2-ar", "ar", 150.0))]
-    quality = {"benchmark": "quality", "command": "python benchmarks/quality.py --preset cpu", "preset": "cpu",
-               "settings": {"block_size": 64}, "datasets": {"ptb": {"model_vocabulary": 9, "train_token_coverage": 0.9,
-                                                                    "train_tokens": 100, "test_subset": "all",
-                                                                    "test_words": 50}}, "runs": runs}
-    (tmp_path / "quality_cpu.json").write_text(json.dumps(quality))
     (tmp_path / "speed.json").write_text(json.dumps({"benchmark": "speed", "results": [{"model": "a", "tok_s": 12.5}]}))
     text = report.render(tmp_path)
-    assert "Command: `python benchmarks/quality.py --preset cpu`" in text
-    assert "| sfdlm-uniform | 10 | 5 | 64 | 1 | 100 ± 2 | 300 ± 6 | 1.5 ± 0.01 | 2x |" in text
     assert "Command: not recorded in the JSON" in text and "| a | 12.5 |" in text

@@ -775,8 +775,8 @@ def test_cli_infill_with_a_uniform_model(saved_word_model, capsys):
     assert main(["infill", "--model", str(path), "--text", text, "--steps", "4", "--no-live"]) == 0
     filled = capsys.readouterr().out.strip().split(" ")
     assert "[MASK]" not in filled and filled[0] == "the" and filled[2] == "dog"
-    with pytest.raises(SystemExit, match="placeholder"):
-        main(["infill", "--model", str(path), "--text", "no holes here", "--no-live"])
+    assert main(["infill", "--model", str(path), "--text", "no holes here", "--no-live"]) == 2
+    assert "sfdlm infill: error: --text contains no '[MASK]' placeholder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ a trained model
