@@ -22,6 +22,7 @@ generates the full length: no EOS). Writes benchmarks/results/sampling_speed_<gr
 
     python benchmarks/sampling_speed.py --quick --threads 1          # a few minutes
     python benchmarks/sampling_speed.py --grid full --threads 1      # ~50 min on a loaded 2-core machine
+    python benchmarks/sampling_speed.py --grid precision --threads 1 # CPU bf16 vs float32, same rounds
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ MODEL = dict(hidden_size=128, fourier_intermediate_size=256, stage_depths=[1, 1]
 BACKBONE_PASSES = 32
 
 
-def point(vocab, length, batch, dtype, steps, uniform_steps=None):
+def point(vocab, length, batch, dtype, steps, uniform_steps=None, also_bf16=False):
+    """A grid point; `also_bf16` adds SFDLM absorbing and the backbone under bf16 autocast as contenders of a
+    float32 point (bf16 against float32 in the same rounds)."""
     return dict(vocab=vocab, length=length, batch=batch, dtype=dtype, steps=steps,
-                uniform_steps=steps if uniform_steps is None else uniform_steps)
+                uniform_steps=steps if uniform_steps is None else uniform_steps, also_bf16=also_bf16)
 
 
 GRIDS = {
@@ -73,6 +76,9 @@ GRIDS = {
         point(2048, 256, 1, "bfloat16", [32]),
         point(2048, 1024, 16, "float32", [8, 32], uniform_steps=[]),
     ],
+    # CPU bf16 autocast against float32, side by side in the same rounds (absorbing, 32 steps).
+    "precision": [point(2048, length, batch, "float32", [32], uniform_steps=[], also_bf16=True)
+                  for length, batch in ((256, 1), (256, 16), (1024, 1))],
 }
 
 
@@ -98,9 +104,18 @@ class Models:
 
 def contenders(models: Models, p: dict, device: torch.device) -> dict:
     """name -> a function that runs it once and returns (forward passes per row, head positions per row)."""
-    length, batch, dtype = p["length"], p["batch"], getattr(torch, p["dtype"])
+    runs = dtype_contenders(models, p, device, p["dtype"])
+    if p.get("also_bf16"):
+        bf16 = dtype_contenders(models, p, device, "bfloat16")
+        runs.update({name.replace("@", "-bf16@"): run for name, run in bf16.items()
+                     if name.startswith(("sfdlm-absorbing", "backbone"))})
+    return runs
+
+
+def dtype_contenders(models: Models, p: dict, device: torch.device, dtype_name: str) -> dict:
+    length, batch, dtype = p["length"], p["batch"], getattr(torch, dtype_name)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    compute_dtype = None if dtype == torch.float32 else p["dtype"]
+    compute_dtype = None if dtype == torch.float32 else dtype_name
 
     def gpt2():
         bos = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -116,6 +116,18 @@ class SamplingStep:
         mask is never a clean token and unmasked positions carry over)."""
         return self.diffusion.x0_probs(self.logits(positions), self.canvas[positions])
 
+    def draw_unmasked(self, positions: torch.BoolTensor) -> torch.LongTensor:
+        """(N,) clean tokens for masked `positions`: the argmax of p_hat when greedy, else a draw (inverse CDF
+        with each row's generator, as `categorical`). At a masked position p_hat is the softmax of the logits
+        without the mask token (`x0_probs`); here it is formed in place of the logits, unnormalised."""
+        logits = self.logits(positions)
+        if self.mask_token_id is not None:
+            logits[:, self.mask_token_id] = -math.inf
+        if self.greedy:
+            return logits.argmax(-1)
+        weights = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        return inverse_cdf(weights, self.uniform(positions), overwrite=True)
+
     def rows(self, positions: torch.BoolTensor) -> torch.Tensor:
         """(N,) row index of each selected position."""
         return positions.nonzero()[:, 0]
@@ -232,7 +244,7 @@ class AncestralSampler(Sampler):
         if not positions.any():
             return step.canvas
         new = step.canvas.clone()
-        new[positions] = step.choose(step.x0_probs(positions), positions)
+        new[positions] = step.draw_unmasked(positions)
         return new
 
     @staticmethod
