@@ -14,6 +14,7 @@ This file is "remote code": it imports only torch, transformers and its sibling 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from .score_entropy import ScoreEntropy
 
 def _fft_precision(x: torch.Tensor):
     """FFTs run in float32 even under bf16/fp16 autocast (cuFFT half precision is limited and lossy)."""
+    if not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta", as FLOP counters use
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
