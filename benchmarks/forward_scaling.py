@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--long-from", type=int, default=16384,
                         help="from this length on: one timed repeat, warm-up at 4096 tokens")
-    parser.add_argument("--max-step-seconds", type=float, default=60.0,
+    parser.add_argument("--max-step-seconds", type=float, default=150.0,
                         help="skip a model at a length where its predicted forward+backward CPU time exceeds this")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
@@ -227,7 +227,15 @@ def main(argv=None) -> int:
                       f"{point['seconds_max'] * 1e3:.0f}] x{point['repeats']}  "
                       f"{point['peak_memory_mib']:8.1f} MiB  {point['achieved_gflops']:6.1f} GFLOP/s "
                       f"({100 * point['fraction_of_peak']:.0f}% of {point['matmul_peak_gflops']:.0f})", flush=True)
+            save(points, skipped, args, argv, started)
 
+    path = save(points, skipped, args, argv, started)
+    print(f"wrote {path} in {round(time.time() - started)} s")
+    return 0
+
+
+def save(points: list[dict], skipped: list[dict], args, argv, started: float) -> Path:
+    """Write the JSON and PNG (after every worker, so an interrupted run keeps what it measured)."""
     summary = summarise(points)
     name = "forward_scaling" + (f"_{args.tag}" if args.tag else "")
     command = "python " + " ".join(["benchmarks/forward_scaling.py"] + (sys.argv[1:] if argv is None else argv))
@@ -236,8 +244,7 @@ def main(argv=None) -> int:
                "points": points}
     path = write_json(name, payload)
     plot(points, path.with_suffix(".png"), args)
-    print(f"wrote {path} in {payload['seconds']} s")
-    return 0
+    return path
 
 
 def summarise(points: list[dict]) -> list[dict]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -175,7 +176,9 @@ class BidirectionalDiagonalSSM(nn.Module):
         with _fft_precision(u):
             x = u.float().transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
             if torch.is_grad_enabled():
-                y = _FFTConvolution.apply(x, self.two_sided_kernel(length))
+                # The kernel's (H, N, sqrt L) tables are cheap to recompute and costly to keep for backward.
+                kernel = checkpoint(self.two_sided_kernel, length, use_reentrant=False)
+                y = _FFTConvolution.apply(x, kernel)
             else:
                 y = _convolve(x, self.kernel_spectrum(length), fast_fft_size(2 * length - 1))
         return y.transpose(1, 2).to(u.dtype)
@@ -209,6 +212,49 @@ class SequenceMixerBranch(nn.Module):
         return self.out_proj(F.gelu(self.mixer(self.in_proj(h))))
 
 
+def _one_sided_weights(spectrum: torch.Tensor, length: int, interior: float) -> torch.Tensor:
+    """Scale the bins that a one-sided spectrum of a real length-`length` signal stands for twice (all but
+    DC and, for even lengths, Nyquist) by `interior`, along dim 1, in place."""
+    last = spectrum.shape[1] - (1 if length % 2 == 0 else 0)
+    spectrum[:, 1:last] *= interior
+    return spectrum
+
+
+class _SpectrumFeatures(torch.autograd.Function):
+    """[Re, Im] of the orthonormal rFFT along dim 1: (B, L, H) -> (B, L // 2 + 1, 2H).
+
+    Its backward is an irFFT of half the size (the adjoint of the one-sided DFT: halve the bins irFFT
+    counts twice), where autograd's rFFT backward runs a full-size complex FFT."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.length = h.shape[1]
+        spectrum = torch.fft.rfft(h, dim=1, norm="ortho")
+        return torch.cat([spectrum.real, spectrum.imag], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        real, imag = grad.chunk(2, dim=-1)
+        spectrum = _one_sided_weights(torch.complex(real, imag), ctx.length, 0.5)
+        return torch.fft.irfft(spectrum, n=ctx.length, dim=1, norm="ortho")
+
+
+class _SignalFromFeatures(torch.autograd.Function):
+    """Inverse of `_SpectrumFeatures`: (B, F, 2H) [Re, Im] -> orthonormal irFFT (B, L, H) along dim 1.
+    Its backward is the rFFT with the twice-counted bins doubled."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, length: int) -> torch.Tensor:
+        ctx.length = length
+        real, imag = features.chunk(2, dim=-1)
+        return torch.fft.irfft(torch.complex(real, imag), n=length, dim=1, norm="ortho")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        spectrum = _one_sided_weights(torch.fft.rfft(grad, dim=1, norm="ortho"), ctx.length, 2.0)
+        return torch.cat([spectrum.real, spectrum.imag], dim=-1), None
+
+
 class ComplexFourierMLP(nn.Module):
     """The f_Fourier branch (paper Eq. 8-10): rFFT along the sequence, an MLP on the concatenated
     real and imaginary parts of each frequency, back to complex, irFFT to the original length."""
@@ -222,12 +268,10 @@ class ComplexFourierMLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         length = h.shape[1]
         with _fft_precision(h):
-            spectrum = torch.fft.rfft(h.float(), dim=1, norm="ortho")  # (B, L//2 + 1, H)
-        features = torch.cat([spectrum.real, spectrum.imag], dim=-1).to(h.dtype)
+            features = _SpectrumFeatures.apply(h.float()).to(h.dtype)  # (B, L//2 + 1, 2H)
         features = self.fc_out(F.gelu(self.fc_in(features)))
         with _fft_precision(h):
-            real, imag = features.float().chunk(2, dim=-1)
-            out = torch.fft.irfft(torch.complex(real, imag), n=length, dim=1, norm="ortho")
+            out = _SignalFromFeatures.apply(features.float(), length)
         return out.to(h.dtype)
 
 

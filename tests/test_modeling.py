@@ -316,3 +316,14 @@ def test_resizing_the_vocabulary_rebuilds_the_diffusion_process():
     assert torch.allclose(model.diffusion.prior(), torch.full((40,), 1 / 40))
     ids = torch.randint(0, 40, (2, 6))
     assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 8])
+def test_fourier_transforms_hand_written_backwards_pass_gradcheck(length):
+    """The rFFT/irFFT feature maps' backward passes (half-size transforms) against finite differences."""
+    from hf_sfdlm.modeling_sfdlm import _SignalFromFeatures, _SpectrumFeatures
+
+    signal = torch.randn(2, length, 3, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, length // 2 + 1, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SpectrumFeatures.apply, (signal,))
+    assert torch.autograd.gradcheck(lambda f: _SignalFromFeatures.apply(f, length), (features,))
