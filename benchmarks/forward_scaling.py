@@ -177,10 +177,14 @@ def main(argv=None) -> int:
                         help="skip a model at a length where its predicted forward+backward CPU time exceeds this")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--resummarise", type=Path, help="recompute the summary of a written JSON and exit")
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)  # internal: one worker
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.resummarise:
+        resummarise(args.resummarise)
+        return 0
     if args.length:
         print("POINTS " + json.dumps(run_worker(args)), flush=True)
         return 0
@@ -247,6 +251,17 @@ def save(points: list[dict], skipped: list[dict], args, argv, started: float) ->
     return path
 
 
+def resummarise(path: Path) -> None:
+    """Recompute a written JSON's summary and headline from its points (after a change to this script's
+    reporting, without re-measuring)."""
+    import json as json_module
+
+    payload = json_module.loads(path.read_text())
+    payload["summary"] = summarise(payload["points"])
+    payload["headline"] = headline(payload["summary"], payload["points"])
+    path.write_text(json_module.dumps(payload, indent=2) + "\n")
+
+
 def summarise(points: list[dict]) -> list[dict]:
     """Per (dtype, mode, length): each contender's time and memory as a multiple of SFDLM's."""
     rows = []
@@ -298,9 +313,14 @@ def headline(summary: list[dict], points: list[dict]) -> list[str]:
                     continue
                 where = crossover(summary, name, dtype, mode)
                 ratios = ", ".join(f"{r['length']}: x{r[f'{name}_time_over_sfdlm']:.2f}" for r in rows)
+                if where is None:
+                    verdict = "SFDLM slower at every measured length"
+                elif where == rows[0]["length"]:
+                    verdict = f"SFDLM faster from the shortest measured length ({rows[0]['length']}) on"
+                else:
+                    verdict = f"crossover at ~{where:.0f} tokens"
                 lines.append(f"{dtype} {'forward+backward' if mode == 'train' else 'forward'}, {name} time / SFDLM "
-                             f"time: {ratios}; crossover "
-                             + (f"at ~{where:.0f} tokens" if where else "not reached in the measured range"))
+                             f"time: {ratios}; {verdict}")
     return lines
 
 
