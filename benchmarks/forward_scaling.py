@@ -189,6 +189,7 @@ def main(argv=None) -> int:
         print("POINTS " + json.dumps(run_worker(args)), flush=True)
         return 0
 
+    torch.set_num_threads(args.threads)  # as the workers, so the JSON's machine record says so
     started = time.time()
     points, skipped = [], []
     last_train = {}  # model -> (length, seconds) of its last float32 forward+backward
