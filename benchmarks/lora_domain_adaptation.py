@@ -1,6 +1,6 @@
 """LoRA against full fine-tuning for domain adaptation, same data, loop, steps and budget.
 
-1. Pretrain a base SFDLM (the `tiny` preset of `hf_sfdlm.training`, shortened) on the synthetic grammar corpus.
+1. Pretrain a base SFDLM (the `tiny` preset of `hf_sfdlm.train_config`, shortened) on the synthetic grammar corpus.
 2. New domain: the same grammar with every sentence's word order reversed (same vocabulary, new syntax).
 3. Adapt the base for the same number of steps with (a) LoRA (`hf_sfdlm.lora.apply_lora`, default targets,
    and with `--train-ssm`) and (b) full fine-tuning, through the same `DiffusionTrainer`.
@@ -27,17 +27,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hf_sfdlm.commands.finetune import add_arguments, build_datasets  # noqa: E402
 from hf_sfdlm.lora import apply_lora  # noqa: E402
 from hf_sfdlm.synthetic import SyntheticGrammar  # noqa: E402
-from hf_sfdlm.training import DiffusionTrainer, TrainingConfig, load_config, read_metrics, run_training  # noqa: E402
+from hf_sfdlm.pipelines import build_finetune_datasets, run_training  # noqa: E402
+from hf_sfdlm.tracking import read_metrics  # noqa: E402
+from hf_sfdlm.train_config import FinetuneConfig, TrainingConfig, load_config  # noqa: E402
+from hf_sfdlm.trainer import DiffusionTrainer  # noqa: E402
 
 
 def pretrain(work: Path, steps: int) -> Path:
     config = load_config(None, [f"training.max_steps={steps}", f"training.output_dir={work / 'base'}",
                                 "training.progress_bar=false", "training.log_with=[jsonl]",
                                 "training.eval_every=0", f"training.checkpoint_every={steps}"])
-    result, _ = run_training(config)
+    result, _ = run_training(config, overwrite=True)  # scratch folders: a rerun replaces the last one
     return Path(result.output_dir)
 
 
@@ -50,9 +52,6 @@ def reversed_corpus(path: Path, sentences: int) -> Path:
 def adapt(base: Path, data: Path, out: Path, method: str, steps: int, seed: int) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
-    args = argparse.ArgumentParser()
-    add_arguments(args)
-    args = args.parse_args(["--model", str(base), "--data", str(data), "--block-size", "64"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModel.from_pretrained(base, trust_remote_code=True)
@@ -61,7 +60,8 @@ def adapt(base: Path, data: Path, out: Path, method: str, steps: int, seed: int)
         lr = 3e-3
     else:
         lr = 1e-3
-    train, evaluation, collator = build_datasets(args, "text", tokenizer, seed)
+    train, evaluation, collator = build_finetune_datasets(FinetuneConfig(model=str(base), data=str(data), block_size=64),
+                                                          "text", tokenizer, seed)
     config = TrainingConfig(output_dir=str(out / method), max_steps=steps, batch_size=32, learning_rate=lr,
                             warmup_steps=10, ema_decay=None, eval_every=max(steps // 6, 1), checkpoint_every=steps,
                             eval_max_sequences=64, eval_num_samples=4, progress_bar=False, log_with=["jsonl"],
@@ -71,7 +71,7 @@ def adapt(base: Path, data: Path, out: Path, method: str, steps: int, seed: int)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n and "modules_to_save" not in n)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(overwrite=True)
     seconds = time.perf_counter() - start
     curve = [(m["step"], m["eval/nelbo"]) for m in read_metrics(out / method / "logs" / "metrics.jsonl")
              if "eval/nelbo" in m]

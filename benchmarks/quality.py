@@ -1,90 +1,119 @@
-"""Quality benchmark: SFDLM against an autoregressive and a Transformer-denoiser baseline, same everything.
+"""Quality benchmark: does SFDLM model language, and how far is it from an AR model trained the same way?
 
-Trains, on PTB and WikiText-2 (from ../shared/data) under the GPT-2 tokenizer, with one data stream,
-one token budget and one optimiser recipe:
+Two settings with closed vocabularies (so every likelihood is exact, and published numbers apply):
 
-    sfdlm-uniform     SFDLM, uniform process (the paper's), linear schedule, continuous-time NELBO
-    sfdlm-absorbing   SFDLM, absorbing process, log-linear schedule, continuous time (MDLM's objective)
-    mdlm-transformer  a BERT encoder under the same absorbing objective (MDLM), matched parameters
-    sedd-absorbing    SFDLM trained as SEDD: log-scores, score entropy, absorbing graph, log-linear schedule
-    sedd-uniform      SFDLM trained as SEDD: uniform graph, geometric schedule (Tweedie/Euler samplers)
-    gpt2-ar           GPT2LMHeadModel, exact likelihood, matched parameters
+    ptb-word   Mikolov's PTB, 10k words with <unk>, one <eos> per line: test perplexity per word
+               (82,430 test tokens, <eos> included). Published anchors: Kneser-Ney 5-gram 141.2
+               (Mikolov & Zweig 2012), small 2-layer LSTM 114.5 (Zaremba et al. 2014).
+    ptb-char   character-level PTB ('_' is the space), one <eos> per line: test bits per character.
 
-and the paper's ablations of sfdlm-uniform on PTB (no Fourier MLP, no SSM, cosine schedule,
-T in {4, 10, 100} against continuous time). Reports test perplexity (token-level under GPT-2 BPE,
-word-level, bits per byte; diffusion figures are NELBO upper bounds with Monte Carlo standard errors),
-parameters, tokens seen and wall time; on PTB also generation quality (generative perplexity under
-the AR model as judge, unigram entropy, distinct-n, against sampler and steps, sampled in float64)
-and infilling (exact match and NLL of a masked span of held-out text). Writes
-benchmarks/results/quality_<preset>.json and a learning-curve PNG.
+Baselines computed here on the same splits (`benchmarks/ngram.py`): a unigram model and an
+interpolated Kneser-Ney 5-gram, scored on the test stream (the published convention) and with the
+history emptied at every block boundary (the conditioning the neural models get).
 
-Vocabulary: small models over GPT-2's 50,257 ids spend almost all parameters and compute on the
-output layer, so every model predicts the `vocab_size` most frequent training ids plus one "other"
-id spread uniformly over the rest (`hf_sfdlm.evaluation.CompactVocabulary`). Likelihoods stay exact
-likelihoods of GPT-2 token sequences; the "other" penalty is the same for every model.
+Models, trained on the same data stream (random crops of `block_size` tokens, same seed), with the same
+optimiser recipe (AdamW, warm-up + cosine, clip 1.0) and the same number of tokens, matched in trained
+parameters (within 10 %, checked), each at its best learning rate from a short sweep on the validation split:
 
-    python benchmarks/quality.py --preset cpu --eval-samples 16   # the run in RESULTS.md (~27 min on 2 cores)
-    python benchmarks/quality.py --preset gpu          # where a GPU is lent
+    gpt2-ar           GPT2LMHeadModel: exact likelihood
+    mdlm-transformer  a BERT encoder under the absorbing continuous-time NELBO (MDLM)
+    sfdlm-absorbing   SFDLM, absorbing process, log-linear schedule, continuous-time NELBO
+    sfdlm-uniform     SFDLM, uniform process (the paper's), UDLM/Duo reverse kernel, continuous time
+    sedd-absorbing    the SFDLM backbone trained as SEDD (score entropy, absorbing graph)
+
+plus the paper's ablations of sfdlm-uniform (no Fourier MLP, no SSM) at the same budget and seeds.
+Diffusion figures are NELBO upper bounds (Monte Carlo over noise levels; the standard error is given).
+On ptb-word, the seed-0 models are also measured for generation (samples' perplexity under the trained
+AR model, unigram entropy, distinct-2 at 8/32/128 steps) and length generalisation (trained on blocks
+of L tokens, scored on blocks of 4L and 16L; the Transformers' position tables are extended with
+untrained rows, SFDLM has none).
+
+Each invocation writes one JSON (seeds and settings may run as separate invocations; `report.py` merges
+them):
+
+    python benchmarks/quality.py --setting ptb-word --seeds 0 1 2    # word level, 3 seeds
+    python benchmarks/quality.py --setting ptb-char --seeds 0        # character level, 1 seed
+    python benchmarks/quality.py --preset gpu ...                     # where a GPU is lent (bf16)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gzip
 import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
 import torch
 import transformers
-from transformers import AutoTokenizer, GPT2LMHeadModel, get_cosine_schedule_with_warmup
+from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
-from hf_sfdlm import SFDLMConfig, SFDLMForDiffusionLM
-from hf_sfdlm.baselines import (TransformerDenoiserForDiffusionLM, count_parameters, matched_gpt2_config,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ngram import KneserNeyModel, UnigramModel  # noqa: E402
+
+from hf_sfdlm import SFDLMConfig, SFDLMForDiffusionLM  # noqa: E402
+from hf_sfdlm.baselines import (TransformerDenoiserForDiffusionLM, count_parameters, matched_gpt2_config,  # noqa: E402
                                 matched_transformer_denoiser_config)
-from hf_sfdlm.evaluation import (CompactVocabulary, autoregressive_nll, distinct_n, evaluate_perplexity,
-                                 generative_perplexity, infilling_exact_match, make_blocks, read_text, span_nll,
-                                 tokenize_lines, unigram_entropy)
+from hf_sfdlm.evaluation import distinct_n, generative_perplexity, score_blocks, unigram_entropy  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
-DATASETS = {
-    "ptb": ("ptb/ptb.train.txt", "ptb/ptb.test.txt"),
-    "wikitext-2": ("wikitext-2/wiki.train.tokens", "wikitext-2/wiki.test.tokens"),
+EOS = "<eos>"
+LN2 = math.log(2.0)
+
+SETTINGS = {
+    "ptb-word": dict(
+        splits={"train": "ptb/ptb.train.txt", "valid": "ptb/ptb.valid.txt", "test": "ptb/ptb.test.txt"},
+        unit="word", metric="test perplexity per word",
+        anchors={"Kneser-Ney 5-gram (Mikolov & Zweig 2012)": 141.2,
+                 "small 2-layer LSTM (Zaremba et al. 2014)": 114.5}),
+    "ptb-char": dict(
+        splits={"train": "ptb-char/ptb.char.train.txt.gz", "valid": "ptb-char/ptb.char.valid.txt.gz",
+                "test": "ptb-char/ptb.char.test.txt.gz"},
+        unit="character", metric="test bits per character", anchors={}),
 }
-PRESETS = {
-    # Sized for 2 shared CPU cores: ~0.5M-parameter models, 60 steps of 16 x 64 tokens (61k tokens) each;
-    # the whole run takes ~20-40 min depending on how busy the cores are.
-    "cpu": dict(hidden_size=64, fourier_intermediate_size=128, stage_depths=[1, 1], pool_factors=[2],
-                ssm_state_size=16, block_size=64, batch_size=16, steps=60, lr=3e-3, warmup=6, vocab_size=4096,
-                eval_lines={"ptb": 120, "wikitext-2": 40}, eval_samples=4, num_heads=4,
-                gen_samples=4, gen_steps=[8, 16], infill_rows=16, infill_span=8, device="cpu"),
-    "gpu": dict(hidden_size=256, fourier_intermediate_size=1024, stage_depths=[2, 2, 2], pool_factors=[2, 2],
-                ssm_state_size=32, block_size=256, batch_size=64, steps=5000, lr=1e-3, warmup=200,
-                vocab_size=None, eval_lines={"ptb": None, "wikitext-2": None}, eval_samples=16, num_heads=4,
-                gen_samples=64, gen_steps=[16, 64, 256], infill_rows=256, infill_span=16, device="cuda"),
-}
-MAIN_RUNS = {
-    "sfdlm-uniform": dict(kind="sfdlm", process="uniform", noise_schedule="linear", num_timesteps=None),
-    "sfdlm-absorbing": dict(kind="sfdlm", process="absorbing", noise_schedule="loglinear", num_timesteps=None),
+MODELS = {
+    "gpt2-ar": dict(kind="ar"),
     "mdlm-transformer": dict(kind="transformer", process="absorbing", noise_schedule="loglinear", num_timesteps=None),
+    "sfdlm-absorbing": dict(kind="sfdlm", process="absorbing", noise_schedule="loglinear", num_timesteps=None),
+    "sfdlm-uniform": dict(kind="sfdlm", process="uniform", noise_schedule="cosine", num_timesteps=None),
     "sedd-absorbing": dict(kind="sfdlm", process="absorbing", noise_schedule="loglinear", num_timesteps=None,
                            objective="score_entropy"),
-    "sedd-uniform": dict(kind="sfdlm", process="uniform", noise_schedule="geometric", num_timesteps=None,
-                         objective="score_entropy"),
-    "gpt2-ar": dict(kind="ar"),
 }
-ABLATIONS = {  # of sfdlm-uniform, on PTB
-    "no-fourier-mlp": dict(use_fourier_mlp=False),
-    "no-ssm": dict(use_ssm=False),
-    "cosine": dict(noise_schedule="cosine"),
-    "T=4": dict(num_timesteps=4),
-    "T=10": dict(num_timesteps=10),
-    "T=100": dict(num_timesteps=100),
+ABLATIONS = {  # of sfdlm-uniform, the paper's Table 3
+    "sfdlm-uniform no-fourier-mlp": dict(MODELS["sfdlm-uniform"], use_fourier_mlp=False),
+    "sfdlm-uniform no-ssm": dict(MODELS["sfdlm-uniform"], use_ssm=False),
 }
-TOKENIZER_NAME = "gpt2 (GPT-2 BPE, 50,257 ids)"
+_CPU_MODEL = dict(hidden_size=128, fourier_intermediate_size=256, stage_depths=[1, 1], pool_factors=[2],
+                  ssm_state_size=16, num_heads=4, batch_size=32, warmup=50, eval_samples=4, eval_batch_size=64,
+                  device="cpu", dtype="float32")
+PRESETS = {
+    # Two shared CPU cores, the whole benchmark (5 models x 3 seeds + 2 ablations x 3 seeds on ptb-word,
+    # 5 models x 1 seed on ptb-char, sweeps, generation, length generalisation) in about 100 minutes.
+    "cpu": {
+        "ptb-word": dict(_CPU_MODEL, block_size=64, steps=600, sweep_steps=150, lrs=[1e-3, 3e-3, 1e-2],
+                         gen_samples=8, gen_steps=[8, 32, 128], length_factors=[4, 16]),
+        "ptb-char": dict(_CPU_MODEL, block_size=256, steps=400, sweep_steps=100, lrs=[1e-3, 3e-3, 1e-2],
+                         gen_samples=0, gen_steps=[], length_factors=[]),
+    },
+    # One GPU, bf16 autocast, >= 50M training tokens per model, under 30 minutes (never run in CI).
+    "gpu": {
+        setting: dict(_CPU_MODEL, hidden_size=512, fourier_intermediate_size=2048, stage_depths=[2, 2, 2],
+                      pool_factors=[2, 2], ssm_state_size=64, num_heads=8, batch_size=128,
+                      block_size=128 if setting == "ptb-word" else 512,
+                      steps=4000 if setting == "ptb-word" else 800, sweep_steps=500, warmup=200,
+                      lrs=[3e-4, 1e-3, 3e-3], eval_samples=16, eval_batch_size=128, device="cuda", dtype="bfloat16",
+                      gen_samples=64 if setting == "ptb-word" else 0,
+                      gen_steps=[8, 32, 128] if setting == "ptb-word" else [],
+                      length_factors=[4, 16] if setting == "ptb-word" else [])
+        for setting in SETTINGS
+    },
+}
 
 
 def log(message: str) -> None:
@@ -92,20 +121,40 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_ids(tokenizer, path: str, cache_dir: str) -> torch.Tensor:
-    """GPT-2 ids of a text file, tokenized line by line (cached: tokenizing WikiText-2 takes ~20 s)."""
-    os.makedirs(cache_dir, exist_ok=True)
-    stat = os.stat(path)
-    cache = os.path.join(cache_dir, f"{os.path.basename(path)}.{stat.st_size}.{int(stat.st_mtime)}.pt")
-    if os.path.exists(cache):
-        return torch.load(cache)
-    ids = torch.tensor(tokenize_lines(read_text(path), tokenizer), dtype=torch.long)
-    torch.save(ids, cache)
-    return ids
+def read_symbols(path: str) -> list[str]:
+    """A split as one stream of symbols: each line's whitespace-separated symbols, then <eos>."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return [symbol for line in handle for symbol in line.split() + [EOS]]
 
 
-def batches(ids: torch.Tensor, batch_size: int, block_size: int, steps: int, seed: int):
-    """The same stream of random crops for every model of a dataset."""
+class SymbolVocabulary:
+    """The closed vocabulary of a training split: symbol <-> id, sorted, <eos> included."""
+
+    def __init__(self, train_symbols: list[str]):
+        self.symbols = sorted(set(train_symbols))
+        self.index = {symbol: i for i, symbol in enumerate(self.symbols)}
+        self.eos_id = self.index[EOS]
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, symbols: list[str], split: str) -> torch.Tensor:
+        unknown = sorted({s for s in symbols if s not in self.index})
+        if unknown:
+            raise ValueError(f"The {split} split has {len(unknown)} symbols outside the training vocabulary "
+                             f"(first: {unknown[:5]}); a closed-vocabulary benchmark needs none.")
+        return torch.tensor([self.index[s] for s in symbols], dtype=torch.long)
+
+
+def load_setting(setting: str, data_dir: str) -> tuple[SymbolVocabulary, dict[str, torch.Tensor]]:
+    streams = {split: read_symbols(os.path.join(data_dir, path)) for split, path in SETTINGS[setting]["splits"].items()}
+    vocab = SymbolVocabulary(streams["train"])
+    return vocab, {split: vocab.encode(symbols, split) for split, symbols in streams.items()}
+
+
+def crops(ids: torch.Tensor, batch_size: int, block_size: int, steps: int, seed: int):
+    """The same stream of random crops for every model of a setting and seed."""
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(block_size)
     for _ in range(steps):
@@ -113,233 +162,281 @@ def batches(ids: torch.Tensor, batch_size: int, block_size: int, steps: int, see
         yield ids[starts.unsqueeze(-1) + offsets]
 
 
+def blocks_of(ids: torch.Tensor, block_size: int, whole_only: bool = False) -> list[torch.Tensor]:
+    """Consecutive non-overlapping blocks covering the stream (the last one may be shorter, unless
+    `whole_only`, which drops it)."""
+    blocks = list(ids.split(block_size))
+    return blocks[:-1] if whole_only and len(blocks[-1]) < block_size else blocks
+
+
 # ---------------------------------------------------------------------------------------------- models
-def sfdlm_config(preset: dict, vocab: CompactVocabulary, **overrides) -> SFDLMConfig:
+def sfdlm_config(preset: dict, vocab_size: int, **overrides) -> SFDLMConfig:
     # Every diffusion model gets one extra id: the mask (absorbing state, or the infilling marker).
-    values = dict(vocab_size=vocab.size + 1, mask_token_id=vocab.size, hidden_size=preset["hidden_size"],
+    values = dict(vocab_size=vocab_size + 1, mask_token_id=vocab_size, hidden_size=preset["hidden_size"],
                   stage_depths=preset["stage_depths"], pool_factors=preset["pool_factors"],
-                  ssm_state_size=preset["ssm_state_size"],
-                  fourier_intermediate_size=preset["fourier_intermediate_size"])
+                  ssm_state_size=preset["ssm_state_size"], fourier_intermediate_size=preset["fourier_intermediate_size"])
     values.update(overrides)
     return SFDLMConfig(**values)
 
 
-def build_model(spec: dict, preset: dict, vocab: CompactVocabulary, target_parameters: int):
+def build_model(name: str, spec: dict, preset: dict, vocab_size: int, max_length: int):
+    """The model `name`, with position tables (Transformers) long enough for `max_length` tokens.
+
+    Parameters are matched to sfdlm-absorbing at the training length `block_size`: the position rows
+    beyond it are extra, never trained, and not counted (`trained_parameters`)."""
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind == "sfdlm":
-        return SFDLMForDiffusionLM(sfdlm_config(preset, vocab, **spec))
+        return SFDLMForDiffusionLM(sfdlm_config(preset, vocab_size, **spec))
+    target = matching_target(preset, vocab_size)
+    block = preset["block_size"]
     if kind == "transformer":
-        return TransformerDenoiserForDiffusionLM(matched_transformer_denoiser_config(
-            target_parameters, vocab.size + 1, preset["hidden_size"], preset["block_size"],
-            num_heads=preset["num_heads"], mask_token_id=vocab.size, **spec))
-    return GPT2LMHeadModel(matched_gpt2_config(target_parameters, vocab.size, preset["hidden_size"],
-                                               preset["block_size"], num_heads=preset["num_heads"]))
+        config = matched_transformer_denoiser_config(target, vocab_size + 1, preset["hidden_size"], block,
+                                                     num_heads=preset["num_heads"], mask_token_id=vocab_size, **spec)
+        config.max_position_embeddings = max_length
+        return TransformerDenoiserForDiffusionLM(config)
+    config = matched_gpt2_config(target, vocab_size, preset["hidden_size"], block, num_heads=preset["num_heads"])
+    config.n_positions = max_length + 1
+    return GPT2LMHeadModel(config)
 
 
-def train(model, kind: str, stream, preset: dict, bos_id: int, seed: int) -> dict:
-    """The one training loop for every model: AdamW, warmup + cosine, clip 1.0; loss in nats/token."""
+def matching_target(preset: dict, vocab_size: int) -> int:
+    """The parameter count every model is matched to: sfdlm-absorbing's."""
+    spec = {k: v for k, v in MODELS["sfdlm-absorbing"].items() if k != "kind"}
+    return count_parameters(SFDLMForDiffusionLM(sfdlm_config(preset, vocab_size, **spec)))
+
+
+def trained_parameters(model, preset: dict) -> int:
+    """Parameters that training can reach: position rows beyond the training length are excluded."""
+    total = count_parameters(model)
+    config = model.config
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if isinstance(model, SFDLMForDiffusionLM) or positions is None:
+        return total
+    used = preset["block_size"] + (1 if isinstance(model, GPT2LMHeadModel) else 0)
+    return total - (positions - used) * config.hidden_size
+
+
+def training_loss(model, kind: str, x: torch.Tensor, bos_id: int, generator: torch.Generator) -> torch.Tensor:
+    """nats/token: exact NLL (AR, each crop after a BOS) or the NELBO (diffusion)."""
+    if kind == "ar":
+        inputs = torch.cat([torch.full_like(x[:, :1], bos_id), x], dim=1)
+        labels = torch.cat([torch.full_like(x[:, :1], -100), x], dim=1)
+        return model(input_ids=inputs, labels=labels).loss
+    return model(x, labels=x, generator=generator).loss
+
+
+def train(model, kind: str, stream, steps: int, lr: float, preset: dict, bos_id: int, seed: int) -> dict:
+    """The one training loop for every model: AdamW, warm-up + cosine, clip 1.0."""
     device = preset["device"]
+    dtype = getattr(torch, preset["dtype"])
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, preset["warmup"], preset["steps"])
-    noise = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(preset["warmup"], steps // 10), steps)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
     curve, tokens, start = [], 0, time.perf_counter()
     for step, x in enumerate(stream, 1):
         x = x.to(device)
-        if kind == "ar":
-            inputs = torch.cat([torch.full_like(x[:, :1], bos_id), x], dim=1)
-            labels = torch.cat([torch.full_like(x[:, :1], -100), x], dim=1)
-            loss = model(input_ids=inputs, labels=labels).loss
-        else:
-            loss = model(x, labels=x, generator=noise).loss
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = training_loss(model, kind, x, bos_id, noise)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step} (lr {lr})")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += x.numel()
-        curve.append({"step": step, "tokens": tokens, "loss": loss.item(),
-                      "seconds": round(time.perf_counter() - start, 3)})
+        if step % 10 == 0 or step == steps:
+            curve.append({"step": step, "tokens": tokens, "loss": loss.item(),
+                          "seconds": round(time.perf_counter() - start, 3)})
     model.eval()
-    return {"tokens_seen": tokens, "train_seconds": time.perf_counter() - start, "curve": curve,
-            "final_train_loss": sum(c["loss"] for c in curve[-10:]) / min(10, len(curve))}
+    seconds = time.perf_counter() - start
+    return {"tokens_seen": tokens, "train_seconds": seconds, "tokens_per_second": tokens / seconds, "curve": curve}
 
 
-# ---------------------------------------------------------------------------------------------- generation quality
-def generation_quality(model, judge, vocab: CompactVocabulary, preset: dict, bos_id: int, seed: int) -> list[dict]:
-    """Unconditional samples (float64) against sampler and steps, judged by the AR model (float64)."""
+def nll(model, blocks: list[torch.Tensor], preset: dict, bos_id: int, seed: int) -> dict:
+    """Total NLL in nats of `blocks` (exact for AR, NELBO for diffusion) with its Monte Carlo error."""
+    if not blocks:
+        raise ValueError("No block to score.")
+    totals, variances = score_blocks(model, blocks, batch_size=preset["eval_batch_size"],
+                                     num_samples=preset["eval_samples"], seed=seed, bos_token_id=bos_id)
+    tokens = sum(len(b) for b in blocks)
+    return {"total_nll": float(totals.sum()), "total_nll_stderr": float(variances.sum().sqrt()), "tokens": tokens,
+            "nll_per_token": float(totals.sum()) / tokens, "blocks": len(blocks), "block_size": len(blocks[0])}
+
+
+def figures(result: dict, unit: str) -> dict:
+    """Perplexity per word (word level) or bits per character, with their standard errors."""
+    per, err = result["nll_per_token"], result["total_nll_stderr"] / result["tokens"]
+    if unit == "word":
+        return {"perplexity": math.exp(per), "perplexity_stderr": math.exp(per) * err}
+    return {"bits_per_character": per / LN2, "bits_per_character_stderr": err / LN2}
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generation_quality(model, judge, preset: dict, bos_id: int, seed: int) -> list[dict]:
+    """Unconditional samples of `block_size` tokens against steps, judged by the trained AR model."""
+    if model.config.objective == "score_entropy":
+        sampler = "tweedie"
+    else:
+        sampler = "ancestral" if model.config.process == "absorbing" else "uniform"
     rows = []
-    samplers = ["ancestral", "confidence"] if model.config.process == "absorbing" else ["uniform", "ancestral"]
-    if getattr(model.config, "objective", None) == "score_entropy":  # SEDD: log-scores, not logits of p_hat
-        samplers = ["tweedie", "euler"]
-    model = model.double()
-    for sampler in samplers:
-        for steps in preset["gen_steps"]:
-            generator = torch.Generator().manual_seed(seed)
-            start = time.perf_counter()
-            samples = model.generate(max_new_tokens=preset["block_size"], steps=steps, sampler=sampler,
-                                     num_return_sequences=preset["gen_samples"], generator=generator).cpu()
-            seconds = time.perf_counter() - start
-            samples = samples.clamp(max=vocab.other_id)  # a leftover mask would be "other" for the judge
-            rows.append({"sampler": sampler, "steps": steps, "seconds": seconds, **_sample_scores(samples, judge, bos_id)})
-    model.float()
+    for steps in preset["gen_steps"]:
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        samples = model.generate(max_new_tokens=preset["block_size"], steps=steps, sampler=sampler,
+                                 num_return_sequences=preset["gen_samples"], generator=generator).cpu()
+        seconds = time.perf_counter() - start
+        samples = samples.clamp(max=judge.config.vocab_size - 1)  # a leftover mask id would be out of the judge's range
+        rows.append({"sampler": sampler, "steps": steps, "seconds": seconds,
+                     "gen_ppl": generative_perplexity(judge, samples, bos_token_id=bos_id),
+                     "unigram_entropy": unigram_entropy(samples), "distinct_2": distinct_n(samples, 2)})
     return rows
 
 
-def _sample_scores(samples: torch.Tensor, judge, bos_id: int) -> dict:
-    return {"gen_ppl": generative_perplexity(judge, samples, bos_token_id=bos_id),
-            "unigram_entropy": unigram_entropy(samples), "distinct_2": distinct_n(samples, 2),
-            "distinct_3": distinct_n(samples, 3)}
-
-
-def ar_self_samples(judge, preset: dict, bos_id: int, seed: int) -> dict:
-    """The AR model's own ancestral samples (KV cache), scored by itself: a reference, not a fair judge."""
+@torch.no_grad()
+def ar_reference_samples(judge, preset: dict, bos_id: int, seed: int) -> dict:
+    """The AR model's own ancestral samples (KV cache) scored by itself: a reference, not a fair judge."""
     torch.manual_seed(seed)
     prompt = torch.full((preset["gen_samples"], 1), bos_id)
-    out = judge.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=preset["block_size"], min_new_tokens=preset["block_size"],
-                         top_k=0, pad_token_id=bos_id, eos_token_id=None)[:, 1:]
-    return {"sampler": "autoregressive (self-judged)", "steps": preset["block_size"], **_sample_scores(out, judge, bos_id)}
-
-
-def infilling(model, kind: str, blocks: torch.Tensor, preset: dict, bos_id: int, seed: int) -> dict:
-    """Mask a span in the middle of held-out blocks: greedy fill (exact match) and NLL of the true span.
-
-    Diffusion models see both sides of the span; the AR model only the left context (its greedy
-    continuation and its exact NLL of the span given the left context).
-    """
-    span = preset["infill_span"]
-    begin = (blocks.shape[1] - span) // 2
-    mask = torch.zeros_like(blocks, dtype=torch.bool)
-    mask[:, begin:begin + span] = True
-    generator = torch.Generator().manual_seed(seed)
-    if kind == "ar":
-        context = torch.cat([torch.full_like(blocks[:, :1], bos_id), blocks[:, :begin]], dim=1)
-        out = model.generate(context, attention_mask=torch.ones_like(context), do_sample=False,
-                             max_new_tokens=span, min_new_tokens=span,
-                             pad_token_id=bos_id, eos_token_id=None)
-        predictions = blocks.clone()
-        predictions[:, begin:begin + span] = out[:, context.shape[1]:]
-        nll = autoregressive_nll(model, blocks, bos_id, labels=torch.where(mask, blocks, -100))
-    else:
-        masked = blocks.masked_fill(mask, model.config.mask_token_id)
-        sampler = "confidence" if model.config.process == "absorbing" else "uniform"
-        sampler = "tweedie" if getattr(model.config, "objective", None) == "score_entropy" else sampler
-        predictions = model.generate(masked, steps=span, sampler=sampler, temperature=0.0, generator=generator)
-        nll = span_nll(model, blocks, mask, num_samples=preset["eval_samples"], generator=generator)
-    scores = infilling_exact_match(predictions.cpu(), blocks, mask)
-    return {**scores, "span_nll_per_token": float(nll.sum()) / int(mask.sum()), "rows": blocks.shape[0],
-            "span_tokens": span, "conditioning": "left context only" if kind == "ar" else "both sides"}
+    out = judge.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                         max_new_tokens=preset["block_size"], min_new_tokens=preset["block_size"],
+                         pad_token_id=bos_id, eos_token_id=None)[:, 1:]
+    return {"sampler": "autoregressive (self-judged)", "steps": preset["block_size"],
+            "gen_ppl": generative_perplexity(judge, out, bos_token_id=bos_id),
+            "unigram_entropy": unigram_entropy(out), "distinct_2": distinct_n(out, 2)}
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_one(name: str, spec: dict, dataset: str, ctx: dict, preset: dict, args) -> dict:
-    vocab, tokenizer = ctx["vocab"], ctx["tokenizer"]
-    torch.manual_seed(args.seed)
-    model = build_model(spec, preset, vocab, ctx["target_parameters"])
-    kind = spec["kind"]
-    log(f"{dataset} / {name}: {count_parameters(model):,} parameters, training {preset['steps']} steps")
-    stream = batches(ctx["train_ids"], preset["batch_size"], preset["block_size"], preset["steps"], args.seed)
-    record = {"name": name, "dataset": dataset, "kind": kind, "spec": {k: v for k, v in spec.items()},
-              "parameters": count_parameters(model),
-              "non_embedding_parameters": count_parameters(model, exclude_embeddings=True),
-              "config": model.config.to_diff_dict()}
-    record.update(train(model, kind, stream, preset, ctx["bos_id"], args.seed))
+def sweep(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int) -> dict:
+    """Short runs at each learning rate (seed 0), scored on the first validation blocks: the best lr wins."""
+    valid = blocks_of(data["valid"], preset["block_size"])[:128]
+    results = {}
+    for lr in preset["lrs"]:
+        torch.manual_seed(0)
+        model = build_model(name, spec, preset, vocab_size, preset["block_size"])
+        stream = crops(data["train"], preset["batch_size"], preset["block_size"], preset["sweep_steps"], seed=0)
+        try:
+            train(model, spec["kind"], stream, preset["sweep_steps"], lr, preset, bos_id, seed=0)
+            results[lr] = nll(model, valid, preset, bos_id, seed=0)["nll_per_token"]
+        except FloatingPointError as error:
+            results[lr] = math.inf
+            log(f"  {name} lr {lr}: {error}")
+        log(f"  sweep {setting} / {name}: lr {lr:g} -> valid {results[lr]:.4f} nats/token")
+    best = min(results, key=results.get)
+    return {"lrs": {f"{lr:g}": v for lr, v in results.items()}, "best_lr": best, "steps": preset["sweep_steps"]}
+
+
+def run_model(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int,
+              lr: float, seed: int) -> tuple[dict, torch.nn.Module]:
+    factors = preset["length_factors"]
+    max_length = preset["block_size"] * max([1] + factors)
+    torch.manual_seed(seed)
+    model = build_model(name, spec, preset, vocab_size, max_length)
+    record = {"name": name, "setting": setting, "seed": seed, "kind": spec["kind"], "lr": lr,
+              "spec": {k: v for k, v in spec.items() if k != "kind"},
+              "parameters": trained_parameters(model, preset), "config": model.config.to_diff_dict()}
+    record["parameter_ratio"] = record["parameters"] / matching_target(preset, vocab_size)
+    if spec["kind"] != "sfdlm" and abs(record["parameter_ratio"] - 1) > 0.10:
+        raise ValueError(f"{name} has {record['parameters']:,} trained parameters, more than 10 % from the target.")
+    log(f"{setting} / {name} / seed {seed}: {record['parameters']:,} trained parameters, lr {lr:g}")
+    stream = crops(data["train"], preset["batch_size"], preset["block_size"], preset["steps"], seed)
+    record.update(train(model, spec["kind"], stream, preset["steps"], lr, preset, bos_id, seed))
     start = time.perf_counter()
-    result = evaluate_perplexity(model, tokenizer, ctx["test_text"], block_size=preset["block_size"], batch_size=32,
-                                 num_samples=preset["eval_samples"], seed=args.seed, vocabulary=vocab,
-                                 bos_token_id=ctx["bos_id"], tokenizer_name=TOKENIZER_NAME)
-    record["test"] = result.to_dict()
+    record["test"] = nll(model, blocks_of(data["test"], preset["block_size"]), preset, bos_id, seed)
+    record["test"].update(figures(record["test"], SETTINGS[setting]["unit"]))
     record["eval_seconds"] = time.perf_counter() - start
-    log(f"  {result.summary()} (train {record['train_seconds']:.0f} s, eval {record['eval_seconds']:.0f} s)")
+    log(f"  test {record['test']} (train {record['train_seconds']:.0f} s)")
+    if factors:  # k = 1 is the test figure above; longer blocks drop the stream's last partial block
+        unit = SETTINGS[setting]["unit"]
+        record["length_generalisation"] = [{"factor": 1, **figures(record["test"], unit)}] + [
+            {"factor": k, **figures(nll(model, blocks_of(data["test"], k * preset["block_size"], whole_only=True),
+                                        preset, bos_id, seed), unit)}
+            for k in factors if len(data["test"]) >= k * preset["block_size"]]
     return record, model
+
+
+def count_based_baselines(setting: str, data: dict, vocab_size: int, block_size: int) -> list[dict]:
+    train_ids, test_ids = data["train"].tolist(), data["test"].tolist()
+    rows = []
+    for name, model in (("unigram (add-one)", UnigramModel(train_ids, vocab_size)),
+                        ("interpolated Kneser-Ney 5-gram", KneserNeyModel(train_ids, vocab_size, order=5))):
+        for conditioning, reset in (("test stream", None), (f"blocks of {block_size}", block_size)):
+            total = model.score(test_ids, reset_every=reset)
+            result = {"total_nll": total, "total_nll_stderr": 0.0, "tokens": len(test_ids),
+                      "nll_per_token": total / len(test_ids)}
+            rows.append({"name": name, "conditioning": conditioning, **figures(result, SETTINGS[setting]["unit"])})
+            log(f"{setting} / {name} ({conditioning}): {rows[-1]}")
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["ptb", "wikitext-2"])
-    parser.add_argument("--steps", type=int, help="override the preset's training steps")
-    parser.add_argument("--eval-samples", type=int, help="override the preset's t samples per test block")
-    parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--no-generation", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="ptb-word")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS) + sorted(ABLATIONS),
+                        help="default: every model, and the ablations on ptb-word")
+    parser.add_argument("--lr", type=float, help="skip the sweep and train every model at this learning rate")
+    parser.add_argument("--steps", type=int, help="override the preset's training steps (smoke runs)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     parser.add_argument("--data-dir", default=DATA)
-    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_sfdlm_bench"))
-    parser.add_argument("--output", help="JSON path (default benchmarks/results/quality_<preset>.json)")
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/quality_<preset>_<setting>_seeds<..>.json)")
     args = parser.parse_args(argv)
-    preset = dict(PRESETS[args.preset])
+    preset = dict(PRESETS[args.preset][args.setting])
     if args.steps:
-        preset["steps"] = args.steps
-    if args.eval_samples:
-        preset["eval_samples"] = args.eval_samples
+        preset.update(steps=args.steps, sweep_steps=max(1, args.steps // 4))
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--preset gpu needs CUDA; no GPU is visible.")
     if preset["device"] == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
-    output = args.output or os.path.join(HERE, "results", f"quality_{args.preset}.json")
+        torch.set_num_threads(args.threads)
+    names = args.models or list(MODELS) + (list(ABLATIONS) if args.setting == "ptb-word" else [])
+    specs = {**MODELS, **ABLATIONS}
+    seeds = "-".join(map(str, args.seeds))
+    output = args.output or os.path.join(HERE, "results", f"quality_{args.preset}_{args.setting}_seeds{seeds}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data_dir, "gpt2-tokenizer"))
+
     started = time.perf_counter()
+    vocab, data = load_setting(args.setting, args.data_dir)
+    unit = SETTINGS[args.setting]["unit"]
     report = {
         "benchmark": "quality", "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_at_start": os.getloadavg(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "preset": args.preset, "settings": preset, "tokenizer": TOKENIZER_NAME, "runs": [], "generation": [],
-        "infilling": [], "datasets": {},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "preset": args.preset, "setting": args.setting, "unit": unit, "metric": SETTINGS[args.setting]["metric"],
+        "settings": preset, "seeds": args.seeds, "anchors": SETTINGS[args.setting]["anchors"],
+        "data": {split: len(ids) for split, ids in data.items()} | {"vocabulary": len(vocab)},
+        "baselines": [], "sweeps": {}, "runs": [], "generation": [],
     }
-    for dataset in args.datasets:
-        train_path, test_path = (os.path.join(args.data_dir, p) for p in DATASETS[dataset])
-        train_ids = load_ids(tokenizer, train_path, args.cache_dir)
-        eos = tokenizer.eos_token_id
-        vocab = CompactVocabulary.from_token_ids(train_ids.tolist(), len(tokenizer), always_keep=[eos],
-                                                 max_kept=preset["vocab_size"])
-        test_text = read_text(test_path, max_lines=preset["eval_lines"][dataset])
-        covered = vocab.encode(train_ids) != vocab.other_id
-        ctx = {"tokenizer": tokenizer, "vocab": vocab, "train_ids": vocab.encode(train_ids), "test_text": test_text,
-               "bos_id": int(vocab.encode(torch.tensor(eos)))}
-        ctx["target_parameters"] = count_parameters(SFDLMForDiffusionLM(sfdlm_config(preset, vocab)))
-        report["datasets"][dataset] = {
-            "train_tokens": len(train_ids), "test_lines": test_text.count("\n"),
-            "test_words": len(test_text.split()) + test_text.count("\n"), "model_vocabulary": vocab.size,
-            "train_token_coverage": float(covered.double().mean()),
-            "test_subset": f"first {preset['eval_lines'][dataset]} lines of {DATASETS[dataset][1]}"
-            if preset["eval_lines"][dataset] else f"all of {DATASETS[dataset][1]}"}
-        log(f"{dataset}: {len(train_ids):,} train tokens, vocabulary {vocab.size} ids "
-            f"({covered.double().mean():.1%} of train tokens), test subset {report['datasets'][dataset]['test_subset']}")
-        models = {}
-        for name, spec in MAIN_RUNS.items():
-            record, model = run_one(name, spec, dataset, ctx, preset, args)
+    log(f"{args.setting}: vocabulary {len(vocab)}, {report['data']}")
+    if 0 in args.seeds:
+        report["baselines"] = count_based_baselines(args.setting, data, len(vocab), preset["block_size"])
+    _save(report, output, started)
+    models_seed0 = {}
+    for name in names:
+        lr = args.lr
+        if lr is None:
+            report["sweeps"][name] = sweep(name, specs[name], args.setting, data, preset, len(vocab), vocab.eos_id)
+            lr = report["sweeps"][name]["best_lr"]
+        for seed in args.seeds:
+            record, model = run_model(name, specs[name], args.setting, data, preset, len(vocab), vocab.eos_id, lr, seed)
             report["runs"].append(record)
-            models[name] = model
+            if seed == args.seeds[0]:
+                models_seed0[name] = model
             _save(report, output, started)
-        if dataset == "ptb" and not args.no_ablations:
-            for name, overrides in ABLATIONS.items():
-                spec = {**MAIN_RUNS["sfdlm-uniform"], **overrides}
-                record, _ = run_one(f"sfdlm-uniform {name}", spec, dataset, ctx, preset, args)
-                record["ablation"] = name
-                report["runs"].append(record)
-                _save(report, output, started)
-        if dataset == "ptb" and not args.no_generation:
-            judge = models["gpt2-ar"].double()
-            blocks = torch.stack([b for b in make_blocks(vocab.encode(torch.tensor(tokenize_lines(test_text, tokenizer))).tolist(),
-                                                         preset["block_size"]) if len(b) == preset["block_size"]])
-            blocks = blocks[:preset["infill_rows"]]
-            for name in ("sfdlm-uniform", "sfdlm-absorbing", "mdlm-transformer", "sedd-absorbing", "sedd-uniform"):
-                log(f"generation quality: {name}")
-                for row in generation_quality(models[name], judge, vocab, preset, ctx["bos_id"], args.seed):
-                    report["generation"].append({"model": name, "dataset": dataset, **row})
-                report["infilling"].append({"model": name, "dataset": dataset,
-                                            **infilling(models[name], "diffusion", blocks, preset, ctx["bos_id"], args.seed)})
-                _save(report, output, started)
-            report["generation"].append({"model": "gpt2-ar", "dataset": dataset,
-                                         **ar_self_samples(judge, preset, ctx["bos_id"], args.seed)})
-            report["infilling"].append({"model": "gpt2-ar", "dataset": dataset,
-                                        **infilling(judge.float(), "ar", blocks, preset, ctx["bos_id"], args.seed)})
-            _save(report, output, started)
+    judge = models_seed0.get("gpt2-ar")
+    if preset["gen_steps"] and judge is not None:
+        for name, model in models_seed0.items():
+            if name == "gpt2-ar" or name in ABLATIONS:
+                continue
+            log(f"generation quality: {name}")
+            for row in generation_quality(model, judge, preset, vocab.eos_id, args.seeds[0]):
+                report["generation"].append({"model": name, **row})
+        report["generation"].append({"model": "gpt2-ar", **ar_reference_samples(judge, preset, vocab.eos_id, args.seeds[0])})
     _save(report, output, started)
     plot(report, output.replace(".json", ".png"))
     log(f"wrote {output} in {time.perf_counter() - started:.0f} s")
@@ -348,8 +445,10 @@ def main(argv=None) -> int:
 
 def _save(report: dict, path: str, started: float) -> None:
     report["total_seconds"] = time.perf_counter() - started
-    with open(path, "w") as handle:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
         json.dump(report, handle, indent=1)
+    os.replace(tmp, path)
 
 
 def plot(report: dict, path: str) -> None:
@@ -359,25 +458,20 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(d, [r for r in report["runs"] if r["dataset"] == d and "ablation" not in r]) for d in report["datasets"]]
-    ablations = [r for r in report["runs"] if "ablation" in r or (r["dataset"] == "ptb" and r["name"] == "sfdlm-uniform")]
-    if len(ablations) > 1:
-        panels.append(("ptb: sfdlm-uniform ablations", ablations))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (title, runs) in zip(axes[0], panels):
-        for run in runs:
-            losses = [c["loss"] for c in run["curve"]]
-            smooth, value = [], losses[0]
-            for loss in losses:  # exponential moving average, to read trends through the noise of single batches
-                value = 0.9 * value + 0.1 * loss
-                smooth.append(value)
-            ax.plot([c["tokens"] for c in run["curve"]], smooth, label=run["name"])
-        ax.set_title(title)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("train loss, nats/token (EMA)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"quality benchmark, preset {report['preset']}: {report['command']}", fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in report["runs"]:
+        ax.plot([c["tokens"] for c in run["curve"]], [c["loss"] for c in run["curve"]],
+                label=f"{run['name']} (seed {run['seed']})", linewidth=1)
+    for row in report["baselines"]:
+        if row["conditioning"] == "test stream":
+            value = math.log(row["perplexity"]) if "perplexity" in row else row["bits_per_character"] * LN2
+            ax.axhline(value, linestyle="--", color="gray", linewidth=0.8)
+            ax.annotate(f"{row['name']} (test)", (0, value), fontsize=7, color="gray")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("train loss, nats/token")
+    ax.set_title(f"{report['setting']}: {report['command']}", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,9 +4,10 @@
     python benchmarks/report.py --check    # exit 1 if RESULTS.md is out of date
 
 Each JSON file becomes a section headed by the command that made it (its `command` field) and the
-machine it ran on. The quality benchmark (`benchmarks/quality.py`) gets dedicated tables (test
-perplexities with standard errors and ratios to the AR baseline, ablations, generation quality,
-infilling); every other benchmark (speed, scaling, throughput, ...) is rendered generically: its
+machine it ran on. The quality benchmark (`benchmarks/quality.py`) gets dedicated tables, one section per
+setting with every seed's JSON merged (mean ± standard deviation over seeds, Monte Carlo error, n-gram
+baselines and published anchors, ratios to the AR model, the learning-rate sweep, length generalisation,
+generation); every other benchmark (speed, scaling, throughput, ...) is rendered generically: its
 `headline` if it has one, then each list of flat records as a table. A PNG next to a JSON with the
 same stem is linked, and a `<stem>.notes.md` (a person's reading of that run) is appended.
 """
@@ -74,72 +75,81 @@ def heading(path: Path, data: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- quality
-def with_err(test: dict, name: str) -> str:
-    value, err = test[name], test.get(f"{name}_stderr", 0.0)
-    return fmt(value) if not err else f"{fmt(value)} ± {fmt(err)}"
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return fmt(values[0])
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{fmt(mean)} ± {fmt(std)}"
 
 
-def quality_section(data: dict) -> list[str]:
-    settings = data.get("settings", {})
-    gpu = (data.get("machine") or {}).get("gpu")
-    lines = [f"Device: {gpu or 'CPU only (no GPU was used for this run)'}.", ""]
-    lines += [f"Settings: preset `{data.get('preset')}`, tokenizer {data.get('tokenizer')}, "
-             f"{settings.get('steps')} steps of {settings.get('batch_size')} x {settings.get('block_size')} tokens, "
-             f"width {settings.get('hidden_size')}, lr {settings.get('lr')}, "
-             f"{settings.get('eval_samples')} t samples per test block. Diffusion figures are NELBO upper bounds "
-             "(± Monte Carlo standard error); AR figures are exact. Token-level perplexity is per GPT-2 BPE "
-             "token; word-level is total NLL / (words + one <eos> per line).", ""]
-    for dataset, info in data.get("datasets", {}).items():
-        runs = [r for r in data["runs"] if r["dataset"] == dataset and "ablation" not in r]
-        if not runs:
-            continue
-        lines += [f"### {dataset}: test perplexity", "",
-                  f"Model vocabulary: {info['model_vocabulary']:,} ids (the most frequent training tokens + one "
-                  f"'other' id spread uniformly over the rest; covers {info['train_token_coverage']:.1%} of training "
-                  f"tokens); {info['train_tokens']:,} training tokens available; test: {info['test_subset']} "
-                  f"({info['test_words']:,} words).", ""]
-        lines.append(_perplexity_table(runs))
-        lines.append("")
-        ablations = [r for r in data["runs"] if r["dataset"] == dataset
-                     and ("ablation" in r or r["name"] == "sfdlm-uniform")]
-        if len(ablations) > 1:
-            lines += [f"### {dataset}: ablations of sfdlm-uniform (same budget)", "", _perplexity_table(ablations), ""]
-    generation = data.get("generation", [])
-    if generation:
-        lines += ["### Generation quality (unconditional, sampled in float64, judged by the trained gpt2-ar)", "",
-                  table(["model", "sampler", "steps", "gen. ppl (judge)", "unigram entropy", "distinct-2",
-                         "distinct-3", "seconds"],
-                        [[g["model"], g["sampler"], g["steps"], g["gen_ppl"], g["unigram_entropy"], g["distinct_2"],
-                          g["distinct_3"], g.get("seconds")] for g in generation]), "",
-                  "Natural text scores a unigram entropy of about 5.6 nats over ~1000 tokens; these samples are "
-                  f"{settings.get('block_size')} tokens long, so their entropy is bounded by "
-                  f"log({settings.get('block_size')}) = {math.log(settings.get('block_size', 1)):.2f}. "
-                  "The AR row is the judge scoring its own samples (a reference, not a fair comparison).", ""]
-    infilling = data.get("infilling", [])
-    if infilling:
-        lines += ["### Infilling (a span in the middle of held-out test blocks, greedy fill)", "",
-                  table(["model", "conditioning", "rows", "span tokens", "exact match", "token accuracy",
-                         "span NLL (nats/token)"],
-                        [[r["model"], r["conditioning"], r["rows"], r["span_tokens"], r["exact_match"],
-                          r["token_accuracy"], r["span_nll_per_token"]] for r in infilling]), ""]
-    return lines
-
-
-def _perplexity_table(runs: list[dict]) -> str:
-    reference = next((r for r in runs if r["kind"] == "ar"), None)
-    header = ["model", "params", "non-emb. params", "tokens seen", "train s", "token ppl", "word ppl", "bits/byte"]
-    if reference:
-        header.append("word ppl / AR")
-    rows = []
+def quality_section(files: list[dict]) -> list[str]:
+    """One section for every quality JSON of a (preset, setting): seeds merged, mean ± std over seeds."""
+    first = files[0]
+    unit, settings = first["unit"], first.get("settings", {})
+    figure = "perplexity" if unit == "word" else "bits_per_character"
+    label = "test perplexity per word" if unit == "word" else "test bits per character"
+    runs = [run for data in files for run in data.get("runs", [])]
+    by_model: dict[str, list[dict]] = {}
     for run in runs:
-        test = run["test"]
-        row = [run["name"], run["parameters"], run["non_embedding_parameters"], run["tokens_seen"],
-               run["train_seconds"], with_err(test, "token_perplexity"), with_err(test, "word_perplexity"),
-               with_err(test, "bits_per_byte")]
-        if reference:
-            row.append(f"{test['word_perplexity'] / reference['test']['word_perplexity']:.3g}x")
-        rows.append(row)
-    return table(header, rows)
+        by_model.setdefault(run["name"], []).append(run)
+    reference = [r["test"][figure] for r in by_model.get("gpt2-ar", [])]
+    gpu = (first.get("machine") or {}).get("gpu")
+    lines = [f"Device: {gpu or 'CPU only'}. Vocabulary {first['data']['vocabulary']:,} symbols (closed); "
+             f"{first['data']['train']:,} training / {first['data']['test']:,} test tokens. Every model: "
+             f"{settings.get('steps')} steps of {settings.get('batch_size')} x {settings.get('block_size')} tokens, "
+             f"width {settings.get('hidden_size')}, its best learning rate of {settings.get('lrs')} "
+             f"({settings.get('sweep_steps')}-step sweep on validation, seed 0), {settings.get('eval_samples')} "
+             "t samples per test block. Diffusion rows are NELBO **upper bounds** (MC = Monte Carlo standard "
+             "error of one seed's estimate); AR and n-gram rows are exact. ± after the figure: standard "
+             "deviation over seeds.", ""]
+    rows = []
+    for name, model_runs in by_model.items():
+        values = [r["test"][figure] for r in model_runs]
+        mc = sum(r["test"].get(f"{figure}_stderr", 0.0) for r in model_runs) / len(model_runs)
+        ratio = (f"{(sum(values) / len(values)) / (sum(reference) / len(reference)):.3g}x" if reference else "")
+        rows.append([name, "bound" if model_runs[0]["kind"] != "ar" else "exact", len(model_runs), _mean_std(values),
+                     fmt(mc) if mc else "", model_runs[0]["parameters"], model_runs[0]["tokens_seen"],
+                     f"{model_runs[0]['lr']:g}", _mean_std([r["train_seconds"] for r in model_runs]),
+                     _mean_std([r["tokens_per_second"] for r in model_runs]), ratio])
+    for data in files:
+        for row in data.get("baselines", []):
+            rows.append([f"{row['name']} ({row['conditioning']})", "exact", "", fmt(row[figure]), "", "", "", "", "",
+                         "", ""])
+        for name, value in (data.get("anchors") or {}).items():
+            rows.append([f"published: {name}", "exact", "", fmt(value), "", "", "", "", "", "", ""])
+        if data.get("baselines"):
+            break  # the count-based rows and anchors once
+    lines += [f"### {first['setting']}: {label}", "",
+              table(["model", "estimate", "seeds", label, "MC err", "params", "tokens", "lr", "train s", "tokens/s",
+                     "vs AR"], rows), ""]
+    sweeps = {name: sweep for data in files for name, sweep in data.get("sweeps", {}).items()}
+    if sweeps:
+        lrs = sorted({lr for sweep in sweeps.values() for lr in sweep["lrs"]}, key=float)
+        lines += ["Learning-rate sweep (validation nats/token after the sweep steps; best in bold):", "",
+                  table(["model"] + [f"lr {lr}" for lr in lrs],
+                        [[name] + [(f"**{fmt(s['lrs'][lr])}**" if float(lr) == s["best_lr"] else fmt(s["lrs"].get(lr)))
+                                   for lr in lrs] for name, s in sweeps.items()]), ""]
+    lengths = [(r["name"], r["seed"], g) for r in runs for g in r.get("length_generalisation", [])]
+    if lengths:
+        factors = sorted({g["factor"] for _, _, g in lengths})
+        table_rows = {}
+        for name, seed, g in lengths:
+            table_rows.setdefault((name, seed), {})[g["factor"]] = g[figure]
+        lines += [f"Length generalisation ({label} on test blocks of k x {settings.get('block_size')} tokens; "
+                  "the Transformers' positions beyond the training length are untrained rows, SFDLM has no "
+                  "position table):", "",
+                  table(["model", "seed"] + [f"k = {f}" for f in factors],
+                        [[name, seed] + [values.get(f) for f in factors] for (name, seed), values in table_rows.items()]),
+                  ""]
+    generation = [g for data in files for g in data.get("generation", [])]
+    if generation:
+        lines += ["Generation (unconditional samples, judged by the trained gpt2-ar; the AR row is the judge "
+                  "scoring its own samples, a reference):", "",
+                  table(["model", "sampler", "steps", "gen. ppl (judge)", "unigram entropy", "distinct-2", "seconds"],
+                        [[g["model"], g["sampler"], g["steps"], g["gen_ppl"], g["unigram_entropy"], g["distinct_2"],
+                          g.get("seconds")] for g in generation]), ""]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- generic
@@ -182,11 +192,12 @@ def generic_section(data: dict) -> list[str]:
 def render(results: Path = RESULTS) -> str:
     lines = ["# Benchmark results", "",
              "Generated by `python benchmarks/report.py` from the JSON files in `benchmarks/results/`; do not edit "
-             "by hand. Each section names the command that produced it. The machines are shared and noisy: "
+             "by hand. Each section names the command(s) that produced it. The machines are shared and noisy: "
              "compare within a section (one run, side by side), not across sections.", ""]
     paths = sorted(results.glob("*.json"))
     if not paths:
         lines.append("No benchmark results yet.")
+    quality: dict[tuple, list[tuple[Path, dict]]] = {}
     for path in paths:
         try:
             data = json.loads(path.read_text())
@@ -195,15 +206,30 @@ def render(results: Path = RESULTS) -> str:
             continue
         if not isinstance(data, dict):
             continue
-        lines += heading(path, data)
-        lines += quality_section(data) if data.get("benchmark") == "quality" else generic_section(data)
-        png = path.with_suffix(".png")
-        if png.exists():
-            lines += [f"![{path.stem}](results/{png.name})", ""]
-        notes = path.with_suffix(".notes.md")
-        if notes.exists():  # a person's reading of that run, kept next to its data
-            lines += [notes.read_text().strip(), ""]
+        if data.get("benchmark") == "quality" and "setting" in data:  # seeds of one setting merge into one section
+            quality.setdefault((data.get("preset"), data["setting"]), []).append((path, data))
+            continue
+        lines += heading(path, data) + generic_section(data) + _attachments(path)
+    for (preset, setting), group in sorted(quality.items(), key=lambda item: str(item[0])):
+        names = ", ".join(f"`results/{path.name}`" for path, _ in group)
+        lines += [f"## quality: {setting}, preset {preset} ({names})", ""]
+        lines += [f"Command: `{data.get('command')}`" for _, data in group] + ["", machine_line(group[0][1]), ""]
+        lines += quality_section([data for _, data in group])
+        for path, _ in group:
+            lines += _attachments(path)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _attachments(path: Path) -> list[str]:
+    """The plot next to a JSON (same stem) and a person's reading of that run (`<stem>.notes.md`)."""
+    lines = []
+    png = path.with_suffix(".png")
+    if png.exists():
+        lines += [f"![{path.stem}](results/{png.name})", ""]
+    notes = path.with_suffix(".notes.md")
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    return lines
 
 
 def main(argv=None) -> int:

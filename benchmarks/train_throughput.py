@@ -1,6 +1,6 @@
 """Training throughput and peak memory: SFDLM vs Transformer denoisers of equal parameter count.
 
-All models train under the very same loop (`hf_sfdlm.training.DiffusionTrainer`), data (the synthetic
+All models train under the very same loop (`hf_sfdlm.trainer.DiffusionTrainer`), data (the synthetic
 grammar corpus, word-level tokenizer), batch (tokens per step held fixed across lengths) and objective:
 the absorbing-diffusion NELBO of `hf_sfdlm.diffusion.DiscreteDiffusion`. The Transformers, configured as
 their users train them (dropout 0 like SFDLM, attention on the flash SDPA kernel; see
@@ -60,7 +60,8 @@ def _reset_peak_rss() -> None:
 
 
 def sfdlm_model_config(args, tokenizer):
-    from hf_sfdlm.training import TINY_MODEL, build_model_config
+    from hf_sfdlm.pipelines import build_model_config
+    from hf_sfdlm.train_config import TINY_MODEL
 
     return build_model_config(dict(TINY_MODEL, hidden_size=args.hidden_size,
                                    fourier_intermediate_size=2 * args.hidden_size), tokenizer)
@@ -96,8 +97,9 @@ def run_one(args) -> dict:
     import torch
 
     from hf_sfdlm.diffusion import DiscreteDiffusion
-    from hf_sfdlm.training import (DiffusionTrainer, TrainerCallback, TrainingConfig, build_model, load_config,
-                                   prepare_pipeline)
+    from hf_sfdlm.pipelines import build_model, prepare_pipeline
+    from hf_sfdlm.train_config import TrainingConfig, load_config
+    from hf_sfdlm.trainer import DiffusionTrainer, TrainerCallback
 
     torch.set_num_threads(args.threads)
     batch = max(1, args.tokens_per_step // args.length)
@@ -164,7 +166,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     setup_rss = _rss_kib("VmRSS")
     _reset_peak_rss()  # the peak from here on is what training itself needs on top of the built model
-    trainer.train()
+    trainer.train(overwrite=True)  # a benchmark scratch folder: a rerun replaces the last one
     seconds = times[-1] - times[args.warmup - 1]
     tokens = args.steps * batch * args.length
     record = {"model": args.model, "length": args.length, "batch": batch, "parameters": parameters,

@@ -14,18 +14,14 @@ Importing this module registers `TransformerDenoiserConfig` with `AutoConfig` an
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config,
                           GPT2LMHeadModel)
 from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
-from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
-from .diffusion import DiscreteDiffusion, NoiseSchedule, clean_and_scored, monte_carlo_nelbo, training_loss
+from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput
 from .generation_sfdlm import SFDLMGenerationMixin
 from .modeling_sfdlm import timestep_embedding
 
@@ -76,24 +72,18 @@ class TransformerDenoiserConfig(BertConfig):
                              f"got {mask_token_id!r}.")
 
 
-@dataclass
-class TransformerDenoiserOutput(ModelOutput):
-    """As `SFDLMDiffusionLMOutput`: NELBO per scored token, logits of p_hat(x_0 | x_t), x_t and t."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    noisy_input_ids: torch.Tensor | None = None
-    timesteps: torch.Tensor | None = None
+# As `SFDLMDiffusionLMOutput`: NELBO per scored token, logits of p_hat(x_0 | x_t), x_t and t.
+TransformerDenoiserOutput = DiffusionLMOutput
 
 
-class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedModel):
+class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, BertPreTrainedModel):
     """A bidirectional Transformer (BERT) that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
 
-    Same interface as `SFDLMForDiffusionLM`: `denoise(noisy_ids, timesteps, attention_mask)`,
-    `forward(input_ids, attention_mask, labels, timesteps, generator)` and
-    `nelbo(input_ids, attention_mask, labels, num_samples, generator, return_samples)`; the estimator
-    is the same draw for draw (same stratification, corruption and loss terms). `generate` is SFDLM's
-    (iterative denoising with the same samplers), so generation quality compares like with like.
+    The diffusion-LM head (`forward(labels=...)`, `nelbo`, input checks) is the shared
+    `diffusion_lm.DiffusionLMMixin` of `SFDLMForDiffusionLM`, so the estimator is the same draw for draw
+    (same stratification, corruption and loss terms); this class adds the BERT backbone and `denoise`.
+    `generate` is SFDLM's (iterative denoising with the same samplers), so generation quality compares
+    like with like.
     """
 
     config_class = TransformerDenoiserConfig
@@ -110,7 +100,7 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
         hidden = config.hidden_size
         self.time_embed = (nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
                            if config.time_conditioning else None)
-        self.diffusion = DiscreteDiffusion.from_config(config)
+        self.init_diffusion()
         self.post_init()
 
     def get_output_embeddings(self):
@@ -120,31 +110,14 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
         self.cls.predictions.decoder = new_embeddings
         self.cls.predictions.bias = new_embeddings.bias
 
-    @property
-    def noise_schedule(self) -> NoiseSchedule:
-        return self.diffusion.schedule
-
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Raise before any compute when ids, shapes or lengths are not what the model accepts."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
-                            f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
-        if input_ids.dim() != 2 or 0 in input_ids.shape:
-            raise ValueError(f"`input_ids` must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`="
-                             f"{self.config.max_position_embeddings}.")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"Token id {low if low < 0 else high} is outside [0, vocab_size={self.config.vocab_size}).")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
-                             f"`input_ids` shape {tuple(input_ids.shape)}.")
-
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) of p_hat(x_0 | x_t) for corrupted ids x_t at noise levels t."""
-        self.check_inputs(noisy_input_ids, attention_mask)
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for corrupted ids x_t at noise levels t.
+
+        `positions` (B, L) bool: only the logits (N, V) at its N `True` entries, row-major; the output head
+        runs at those positions only (generation asks for the positions it samples).
+        """
+        self.check_inputs(noisy_input_ids, attention_mask, timesteps)
         embeds = self.bert.embeddings.word_embeddings(noisy_input_ids)
         if self.time_embed is not None:
             if timesteps is None:
@@ -153,44 +126,9 @@ class TransformerDenoiserForDiffusionLM(SFDLMGenerationMixin, BertPreTrainedMode
             t = t.expand(noisy_input_ids.shape[0])
             embeds = embeds + self.time_embed(timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)).unsqueeze(1)
         hidden = self.bert(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        logits = self.cls(hidden)
-        if self.config.process == "absorbing":
-            logits[..., self.config.mask_token_id] = -math.inf
-        return logits
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, **kwargs) -> TransformerDenoiserOutput:
-        """Without `labels`: logits for corrupted `input_ids` at `timesteps`. With `labels` (clean ids,
-        -100 where not scored): corrupt the scored positions at a random level; `loss` is the NELBO per
-        scored token in nats (as `SFDLMForDiffusionLM.forward`)."""
-        if labels is None:
-            return TransformerDenoiserOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
-        self.check_inputs(input_ids, attention_mask)
-        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
-        self.check_inputs(x0)
-        loss, logits, noisy, t = training_loss(
-            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
-        return TransformerDenoiserOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
-
-    @torch.no_grad()
-    def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None, num_samples: int = 16,
-              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
-        """Each sequence's NELBO in nats by stratified Monte Carlo over t, exactly as `SFDLMForDiffusionLM.nelbo`.
-
-        Returns (B,) means, or (B, num_samples) single-draw estimates if `return_samples`.
-        """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-        if self.config.objective != "elbo":
-            raise ValueError(f"`nelbo` needs objective='elbo', got {self.config.objective!r}.")
-        self.check_inputs(input_ids, attention_mask)
-        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
-        continuous_uniform = self.config.num_timesteps is None and self.config.process == "uniform"
-        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
-                                    num_samples, generator, exact_reconstruction=continuous_uniform)
-        return samples if return_samples else samples.mean(-1)
+        if positions is not None:
+            hidden = hidden[positions]
+        return self.diffusion.restrict_logits(self.cls(hidden))
 
 
 # ---------------------------------------------------------------------------------------------- parameter matching

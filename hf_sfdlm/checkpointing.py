@@ -1,16 +1,20 @@
-"""Fault-tolerant training checkpoints on top of `accelerator.save_state`.
+"""Fault-tolerant training checkpoints.
 
 Layout under `root` (usually `<output_dir>/checkpoints`):
 
     .tmp-step-120/     being written; never read, removed at the next start
-    step-100/          accelerate state (model, optimizer, scheduler, RNG, registered objects) + complete.json
+    step-100/          the training state (written by the trainer: safetensors + JSON, no pickle) + complete.json
+    finished.json      written once the run's final model is saved: the run is done
 
 A checkpoint is written into `.tmp-step-N`, its `complete.json` marker (step, compatibility fingerprint,
 size and SHA-256 of every file) is written last and synced, and only then is the folder renamed to
 `step-N` (an atomic rename). A process killed at any moment therefore leaves either the previous set of
 checkpoints or the new complete one. On resume the newest `step-N` whose marker exists, parses, matches
 the files on disk and matches the run's fingerprint is loaded; every newer one that fails is reported
-with its reason.
+with its reason. Pruning keeps the newest `keep_last` *usable* checkpoints and deletes the rest, so a
+corrupt newest checkpoint never displaces a good one.
+
+Format 1 checkpoints (accelerate's `save_state`, with pickled custom objects) are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MARKER = "complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FINISHED = "finished.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp-step-(\d+)$")
 
@@ -100,18 +106,22 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.checksums = checksums
+        self._verified: dict[Path, tuple[int, int] | None] = {}
 
     # ------------------------------------------------------------------ writing
-    def save(self, accelerator, step: int, metadata: dict[str, Any] | None = None) -> Path:
-        """Save the accelerator's full state as `step-{step}`; every process must call this."""
+    def save(self, accelerator, step: int, write_state: Callable[[Path], None],
+             metadata: dict[str, Any] | None = None) -> Path:
+        """Save checkpoint `step-{step}`: `write_state(folder)` writes the state files (it runs on every
+        process, each writing its own files); then the marker, then the rename. Every process must call this."""
         tmp = self.root / f".tmp-step-{step}"
         final = self.root / f"step-{step}"
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        write_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self._write_marker(tmp, step, metadata or {})
@@ -125,6 +135,7 @@ class CheckpointManager:
             else:
                 os.replace(tmp, final)
             _fsync_dir(self.root)
+            self._verified[final] = self._marker_stamp(final)  # its sums were just computed from these files
             self.prune()
         accelerator.wait_for_everyone()
         return final
@@ -146,13 +157,39 @@ class CheckpointManager:
         os.replace(tmp_marker, directory / MARKER)
 
     def prune(self) -> list[Path]:
-        """Delete all but the newest `keep_last` complete checkpoints, and leftover temporary folders of
-        steps at or below the newest complete one. Returns what was deleted."""
-        complete = [path for path in self.checkpoint_dirs() if (path / MARKER).exists()]
-        doomed = complete[self.keep_last:]
+        """Keep the newest `keep_last` usable checkpoints; delete older ones and unusable ones (each named in a
+        warning with its reason). Returns what was deleted."""
+        kept, doomed = 0, []
+        for path in self.checkpoint_dirs():
+            if kept >= self.keep_last:
+                doomed.append(path)
+                continue
+            try:
+                self._verify_cached(path)
+                kept += 1
+            except CheckpointError as error:
+                logger.warning("Deleting unusable checkpoint: %s", error)
+                doomed.append(path)
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
+            self._verified.pop(path, None)
         return doomed
+
+    @staticmethod
+    def _marker_stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            stat = (path / MARKER).stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _verify_cached(self, path: Path) -> None:
+        """`verify`, skipped for a checkpoint this manager already verified (or wrote) and whose marker is unchanged."""
+        stamp = self._marker_stamp(path)
+        if stamp is not None and self._verified.get(path) == stamp:
+            return
+        self.verify(path)
+        self._verified[path] = stamp
 
     def remove_temporary(self) -> list[Path]:
         """Delete `.tmp-step-*` folders left by an interrupted save (call before training, main process)."""
@@ -187,6 +224,10 @@ class CheckpointManager:
             step, files = int(marker["step"]), marker["files"]
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"Checkpoint {path} is corrupt: unreadable {MARKER} ({error}).") from error
+        if marker.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"Checkpoint {path} has format {marker.get('format')!r}, not {FORMAT_VERSION}: it was "
+                                  "written by another hf_sfdlm version (format 1 holds pickles, which are never "
+                                  "loaded). Start a new run (`overwrite=True` / --overwrite).")
         if (m := _STEP_DIR.match(path.name)) and int(m.group(1)) != step:
             raise CheckpointError(f"Checkpoint {path} is corrupt: its {MARKER} says step {step}.")
         for name, expected in files.items():
@@ -219,15 +260,15 @@ class CheckpointManager:
                 rejected.append(error)
         return None, rejected
 
-    def load_latest(self, accelerator) -> Checkpoint | None:
-        """Load the newest usable checkpoint into `accelerator` (model, optimizer, scheduler, RNG, registered
-        objects) and return it; warn about each newer one that was skipped. Returns None when there is no
-        checkpoint at all; raises `CheckpointError` when checkpoints exist but none can be used."""
+    def load_latest(self, read_state: Callable[[Path], None]) -> Checkpoint | None:
+        """Verify the newest checkpoint, call `read_state(folder)` to load it, and return it; on failure warn
+        and try the next older one. Returns None when there is no checkpoint at all; raises
+        `CheckpointError` when checkpoints exist but none can be used."""
         rejected: list[CheckpointError] = []
         for path in self.checkpoint_dirs():
             try:
                 checkpoint = self.verify(path)
-                accelerator.load_state(str(path))
+                read_state(path)
             except CheckpointError as error:
                 rejected.append(error)
                 logger.warning("Skipping checkpoint: %s", error)
@@ -240,10 +281,81 @@ class CheckpointManager:
                 continue
             if rejected:
                 logger.warning("Resuming from %s, the newest usable checkpoint.", path)
+            self._verified[path] = self._marker_stamp(path)
             return checkpoint
         if rejected:
             raise CheckpointError(f"No usable checkpoint in {self.root}:\n  " + "\n  ".join(map(str, rejected)))
         return None
 
+    # ------------------------------------------------------------------ the end of a run
+    def mark_finished(self, step: int, result: dict[str, Any]) -> None:
+        """Record that the run finished at `step` with its final model saved (main process)."""
+        record = {"step": step, "fingerprint": self.fingerprint, "result": result}
+        tmp = self.root / f".{FINISHED}.tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as handle:
+            json.dump(record, handle, indent=1, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.root / FINISHED)
+        _fsync_dir(self.root)
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointManager", "MARKER", "fingerprint_hash"]
+    def finished(self) -> dict[str, Any] | None:
+        """The record of `mark_finished` if this run (same fingerprint) finished, else None."""
+        try:
+            record = json.loads((self.root / FINISHED).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("fingerprint") != self.fingerprint:
+            return None
+        return record
+
+    def clear_finished(self) -> None:
+        (self.root / FINISHED).unlink(missing_ok=True)
+
+
+def run_traces(output_dir: str | os.PathLike) -> list[str]:
+    """What in `output_dir` shows that a training run already used it: checkpoints (complete or being
+    written), the finished marker, logged metrics. Empty for a fresh folder."""
+    output_dir = Path(output_dir)
+    root = output_dir / "checkpoints"
+    traces = []
+    if root.is_dir():
+        traces += sorted(p.name for p in root.iterdir() if _STEP_DIR.match(p.name) or _TMP_DIR.match(p.name)
+                         or p.name == FINISHED)
+    metrics = output_dir / "logs" / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        traces.append("logs/metrics.jsonl")
+    return [f"checkpoints/{t}" if not t.startswith("logs/") else t for t in traces]
+
+
+def check_output_dir(output_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to start a new run in a folder another run used, unless `resume` (continue it: the checkpoints
+    must then match this run's fingerprint) or `overwrite` (delete its checkpoints and logs first)."""
+    if resume and overwrite:
+        raise ValueError("`resume` and `overwrite` exclude each other: resume continues the run in the output "
+                         "folder, overwrite deletes it.")
+    if resume or overwrite:
+        return
+    traces = run_traces(output_dir)
+    if traces:
+        shown = ", ".join(traces[:4]) + (f" and {len(traces) - 4} more" if len(traces) > 4 else "")
+        raise ValueError(f"The output folder {str(output_dir)!r} holds another run ({shown}). Pass --resume "
+                         "(`resume=True`) to continue that run, --overwrite (`overwrite=True`) to delete its "
+                         "checkpoints and logs and start afresh, or choose another output folder.")
+
+
+def clear_run(output_dir: str | os.PathLike, also: tuple[str, ...] = ()) -> list[Path]:
+    """Delete what a previous run left in `output_dir` that a new run would mix with: checkpoints, logs,
+    `best/`, unfinished saves and the folders named in `also` (the model files themselves are replaced by
+    the new run's final save)."""
+    output_dir = Path(output_dir)
+    doomed = [output_dir / name for name in ("checkpoints", "logs", "best", *also)]
+    doomed += sorted(output_dir.glob(".tmp-save-*")) if output_dir.is_dir() else []
+    removed = [path for path in doomed if path.exists()]
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removed
+
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointManager", "FINISHED", "MARKER", "check_output_dir", "clear_run",
+           "fingerprint_hash", "run_traces"]

@@ -3,10 +3,15 @@
 One pipeline, built on `datasets`, from a source name to batches the model can read:
 
     load_text_dataset   local text / JSON lines / CSV / Parquet files or folders, Hub dataset names, streaming,
-                        or the embedded synthetic grammar corpus; checked before anything expensive runs
+                        or the embedded synthetic grammar corpus; checked before anything expensive runs; a file
+                        that cannot be read (binary, bad UTF-8, bad JSON line, malformed CSV) is named with its
+                        line, also mid-stream (`find_bad_line`)
     split_heldout       an existing validation split, or a held-out slice of the training split
-    tokenize_dataset    batched `map` (cached on disk for file-backed datasets), then either packing into
-                        fixed-length blocks with EOS separators or one padded example per document
+    tokenize_dataset    documents longer than `MAX_PIECE_CHARS` cut into pieces at whitespace (bounded memory
+                        whatever the line length), text encoded as text (`encode_plain_text`: a literal "[MASK]"
+                        is never the mask token), batched `map` (cached on disk for file-backed datasets), then
+                        either packing into fixed-length blocks with EOS separators or one padded example per
+                        document
     DiffusionCollator   batches with `attention_mask` and `labels` (-100 at padding: never corrupted, never scored)
 
 and the tokenizer side:
@@ -20,6 +25,7 @@ and the tokenizer side:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from itertools import chain
@@ -33,6 +39,12 @@ SYNTHETIC = "synthetic"
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".tokens": "text", ".raw": "text", ".json": "json",
                  ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "mask_token": "[MASK]", "eos_token": "[EOS]"}
+# Documents longer than this many characters are cut into pieces (just before a whitespace character) before
+# tokenisation, so memory per `map` batch stays bounded whatever the length of a line (see `split_long_text`).
+MAX_PIECE_CHARS = 4096
+# Characters handed to the tokenizer in one call (its intermediate encodings take ~100 bytes per character).
+TOKENIZER_CHARS_PER_CALL = 1 << 18
+DOCUMENT_END = "_document_end"  # column of split documents: whether a piece is its document's last
 
 
 @dataclass
@@ -150,7 +162,136 @@ def _check_local_files(path: Path) -> list[Path]:
                          f"{sorted(FILE_BUILDERS)}.")
     if not any(_has_content(f) for f in files):
         raise ValueError(f"Data {str(path)!r} is empty (no non-blank text in {len(files)} file(s)).")
+    for file in files:
+        if FILE_BUILDERS[file.suffix.lower()] != "parquet":
+            _refuse_binary(file)
     return files
+
+
+def _refuse_binary(path: Path, sniff: int = 8192) -> None:
+    """Refuse a text/JSON/CSV file whose first `sniff` bytes hold a NUL byte (as git tells binary files)."""
+    with open(path, "rb") as handle:
+        head = handle.read(sniff)
+    if b"\0" in head:
+        line = head[:head.index(b"\0")].count(b"\n") + 1
+        raise ValueError(f"Data file {str(path)!r}, line {line}: a NUL byte; this looks like a binary file, not text.")
+
+
+def _decoded_lines(handle) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a binary file handle; raises `ValueError` at the first NUL byte or bad UTF-8."""
+    for number, raw in enumerate(handle, 1):
+        if b"\0" in raw:
+            raise ValueError(f"line {number}: a NUL byte; this looks like a binary file, not text")
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"line {number}, byte {error.start + 1} of the line: not valid UTF-8 ({error.reason}); "
+                             "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def find_bad_line(path: str | os.PathLike, builder: str) -> str | None:
+    """The first reason `datasets`' `builder` ("text", "json", "csv", "parquet") cannot read `path`, as
+    "line N: ..." (None when no line is at fault). Reads line by line: memory follows the longest line."""
+    import csv
+
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(path)
+        except Exception as error:  # noqa: BLE001 - any failure means "not Parquet"
+            return f"not a readable Parquet file ({error})"
+        return None
+    try:
+        with open(path, "rb") as handle:
+            lines = _decoded_lines(handle)
+            if builder == "json":
+                return _find_bad_json_line(path, lines)
+            if builder == "csv":
+                reader = csv.reader((text for _, text in lines), strict=True)
+                width = None
+                try:
+                    for row in reader:
+                        if width is None:
+                            width = len(row)
+                        elif len(row) > width:
+                            return f"line {reader.line_num}: {len(row)} fields, but the header has {width}"
+                except csv.Error as error:
+                    return f"line {reader.line_num}: malformed CSV ({error})"
+                return None
+            for _ in lines:
+                pass
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _find_bad_json_line(path, lines: Iterator[tuple[int, str]]) -> str | None:
+    """JSON lines: each non-blank line an object. A file whose first line opens an array is one JSON document."""
+    import json
+
+    first = True
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text.rstrip("\r\n"))
+        except json.JSONDecodeError as error:
+            if first and text.lstrip().startswith("["):  # one JSON document (an array) spread over lines
+                try:
+                    with open(path, encoding="utf-8") as handle:
+                        json.load(handle)
+                    return None
+                except json.JSONDecodeError as whole:
+                    return f"line {whole.lineno}, column {whole.colno}: invalid JSON ({whole.msg})"
+            return f"line {number}, column {error.colno}: invalid JSON ({error.msg})"
+        if not isinstance(value, (dict, list)) or not first and not isinstance(value, dict):
+            return (f"line {number}: a JSON {type(value).__name__}, but each line must be an object such as "
+                    '{"text": ...}')
+        first = False
+    return None
+
+
+def read_error(files: list[Path], builder: str, error: Exception) -> ValueError:
+    """A `ValueError` naming the file and line that made `datasets` fail to read `files` (or the files and the
+    original error when no line is at fault)."""
+    for file in files:
+        reason = find_bad_line(file, builder)
+        if reason is not None:
+            return ValueError(f"Data file {str(file)!r}, {reason}.")
+    names = [str(f) for f in files]
+    return ValueError(f"Could not read {builder} data {names[0] if len(names) == 1 else names}: "
+                      f"{type(error).__name__}: {error}")
+
+
+def _load_local(builder: str, files: list[Path], split: str, streaming: bool, cache_dir: str | None):
+    """`datasets.load_dataset` of local files whose read errors name the file and line; a stream is wrapped so
+    the same holds when the error surfaces mid-iteration."""
+    import datasets
+
+    data_files = {split: [str(f) for f in files]}
+    if streaming:
+        stream = datasets.IterableDataset.from_generator(
+            _guarded_rows, gen_kwargs={"files": [str(f) for f in files], "builder": builder, "split": split})
+        return datasets.IterableDatasetDict({split: stream})
+    try:
+        raw = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
+        for split_data in raw.values():
+            split_data.data.validate(full=True)  # Arrow's JSON reader keeps invalid UTF-8 that fails only on use
+    except Exception as error:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError, ParserError...
+        raise read_error(files, builder, error) from error
+    return raw
+
+
+def _guarded_rows(files: list[str], builder: str, split: str) -> Iterator[dict]:
+    """Rows of a streamed local dataset (one shard per file list), errors explained by `read_error`."""
+    import datasets
+
+    stream = datasets.load_dataset(builder, data_files={split: files}, streaming=True)[split]
+    try:
+        yield from stream
+    except Exception as error:  # noqa: BLE001 - re-raised with the file and line
+        raise read_error([Path(f) for f in files], builder, error) from error
 
 
 def _has_content(path: Path, chunk: int = 1 << 16) -> bool:
@@ -180,8 +321,7 @@ def load_text_dataset(config: DataConfig, work_dir: str | os.PathLike | None = N
         builders = {FILE_BUILDERS[f.suffix.lower()] for f in files}
         if len(builders) > 1:
             raise ValueError(f"Data folder {str(path)!r} mixes formats {sorted(builders)}; keep one format per folder.")
-        raw = datasets.load_dataset(builders.pop(), data_files={config.train_split: [str(f) for f in files]},
-                                    streaming=config.streaming, cache_dir=config.cache_dir)
+        raw = _load_local(builders.pop(), files, config.train_split, config.streaming, config.cache_dir)
     else:
         try:
             raw = datasets.load_dataset(config.dataset, config.dataset_config, streaming=config.streaming,
@@ -253,9 +393,11 @@ def tokenize_dataset(dataset, tokenizer, config: DataConfig, desc: str = "Tokeni
     map_kwargs = {} if streaming else {"num_proc": config.num_proc, "desc": desc}
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        texts = [text for text in batch[column] if isinstance(text, str) and text.strip()]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return {"input_ids": [doc + [eos_id] if add_eos else doc for doc in ids if doc]}
+        ends = batch.get(DOCUMENT_END) or [True] * len(batch[column])
+        kept = [(text, end) for text, end in zip(batch[column], ends) if isinstance(text, str) and text.strip()]
+        ids = encode_plain_text(tokenizer, [text for text, _ in kept])
+        docs = (doc + [eos_id] if add_eos and end else doc for doc, (_, end) in zip(ids, kept))
+        return {"input_ids": [doc for doc in docs if doc]}
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
         stream = list(chain.from_iterable(batch["input_ids"]))
@@ -265,6 +407,7 @@ def tokenize_dataset(dataset, tokenizer, config: DataConfig, desc: str = "Tokeni
     def split_long(batch: dict[str, list]) -> dict[str, list]:
         return {"input_ids": [doc[i:i + block] for doc in batch["input_ids"] for i in range(0, len(doc), block)]}
 
+    dataset = split_long_documents(dataset, column, streaming, map_kwargs)
     columns = dataset.column_names
     if columns is None:  # a stream with unknown features: read them off the first example
         columns = list(next(iter(dataset), {}))
@@ -276,6 +419,106 @@ def tokenize_dataset(dataset, tokenizer, config: DataConfig, desc: str = "Tokeni
         raise ValueError(f"{config.dataset!r} yields no {'block' if config.packing else 'example'} of "
                          f"{block} tokens: the text is shorter than `data.block_size`={block}.")
     return shaped
+
+
+def split_long_text(text: str, limit: int | None = None) -> list[str]:
+    """Cut `text` into pieces of at most `limit` (default `MAX_PIECE_CHARS`) characters.
+
+    Each cut falls just before the last whitespace character of the window that is followed by a non-space
+    (the start of the next word), so tokenizers that split on whitespace first (byte-level BPE such as GPT-2's,
+    whose pre-tokenizer keeps one space with the next word; word-level; Metaspace) give the pieces exactly the
+    ids of the whole text. A window without such a whitespace character (e.g. unbroken CJK or binary-like text)
+    is cut hard at `limit`.
+    """
+    limit = MAX_PIECE_CHARS if limit is None else limit
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        # Reversed window text[start + 1 .. start + limit]: "\S\s" there is a whitespace followed by a word here.
+        window = text[start + 1:start + limit + 1][::-1]
+        match = _WORD_AFTER_SPACE.search(window)
+        cut = start + limit if match is None else start + limit - 1 - match.start()
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_WORD_AFTER_SPACE = re.compile(r"\S\s")
+
+
+def split_long_documents(dataset, column: str, streaming: bool, map_kwargs: dict):
+    """Rows longer than `MAX_PIECE_CHARS` become several rows (`split_long_text`) with a `_document_end` flag on
+    each document's last piece, so one huge line never meets the tokenizer (or a `map` batch) whole. A file-backed
+    dataset without such rows is returned unchanged (checked with one Arrow pass, nothing cached)."""
+    if not streaming:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        texts = dataset.data.column(column) if column in dataset.column_names else None
+        if texts is None or not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+            return dataset  # no text to split (`encode` skips what is not a string)
+        longest = pc.max(pc.utf8_length(texts)).as_py() if len(dataset) else None
+        if longest is None or longest <= MAX_PIECE_CHARS:
+            return dataset
+
+    def split(batch: dict[str, list]) -> dict[str, list]:
+        texts, ends = [], []
+        for text in batch[column]:
+            if isinstance(text, str) and text.strip():
+                pieces = split_long_text(text)
+                texts.extend(pieces)
+                ends.extend([False] * (len(pieces) - 1) + [True])
+        return {column: texts, DOCUMENT_END: ends}
+
+    columns = dataset.column_names
+    if columns is None:
+        columns = list(next(iter(dataset), {}))
+    kwargs = dict(map_kwargs, desc="Splitting long lines") if not streaming else map_kwargs
+    return dataset.map(split, batched=True, remove_columns=columns, **kwargs)
+
+
+def encode_plain_text(tokenizer, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of `texts` read as ordinary text.
+
+    Special-token strings inside the text ("[MASK]", "[PAD]", "[EOS]", ...) are encoded as the characters they
+    are, never as control tokens (`split_special_tokens=True`): a literal "[MASK]" in a corpus or a prompt is
+    not a position to fill. A tokenizer whose own vocabulary maps such a string to a special id anyway (a
+    word-level vocabulary that lists "[MASK]" as a word) gets its unknown token there instead.
+    `add_special_tokens=True` adds what the tokenizer's post-processor adds (BOS, ...) around the text.
+    Texts are sent to the tokenizer in groups of at most `TOKENIZER_CHARS_PER_CALL` characters.
+    """
+    ids: list[list[int]] = []
+    group: list[str] = []
+    size = 0
+    for text in [*texts, None]:
+        if text is None or (group and size + len(text) > TOKENIZER_CHARS_PER_CALL):
+            if group:
+                ids.extend(tokenizer(group, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+            group, size = [], 0
+        if text is not None:
+            group.append(text)
+            size += len(text)
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    if special and any(i in special for doc in ids for i in doc):
+        if tokenizer.unk_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} encodes special-token text as control tokens even with "
+                             "`split_special_tokens=True` and has no unknown token to use instead.")
+        ids = [[tokenizer.unk_token_id if i in special else i for i in doc] for doc in ids]
+    if add_special_tokens:
+        ids = [_with_added_special_tokens(tokenizer, text, doc) for text, doc in zip(texts, ids)]
+    return ids
+
+
+def _with_added_special_tokens(tokenizer, text: str, plain: list[int]) -> list[int]:
+    """`plain` inside the special tokens the tokenizer adds around `text` (e.g. BOS)."""
+    full = tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    plain_raw = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain_raw) + 1):
+        if full[start:start + len(plain_raw)] == plain_raw:
+            return full[:start] + plain + full[start + len(plain_raw):]
+    return full
 
 
 def build_datasets(config: DataConfig, tokenizer, seed: int = 0, work_dir: str | os.PathLike | None = None):
@@ -394,7 +637,7 @@ class _count_texts:
         for text in self.texts:
             if isinstance(text, str) and text.strip():
                 self.count += 1
-                yield text
+                yield from split_long_text(text)  # the trainer's memory follows the longest string it sees
 
 
 def load_tokenizer(name_or_path: str | None, data: DataConfig, raw_train=None, vocab_size: int = 4096,
@@ -432,9 +675,11 @@ __all__ = [
     "align_model_with_tokenizer",
     "build_datasets",
     "load_text_dataset",
+    "encode_plain_text",
     "load_tokenizer",
     "prepare_tokenizer",
     "split_heldout",
+    "split_long_text",
     "synthetic_corpus_path",
     "tokenize_dataset",
     "train_bpe_tokenizer",

@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .diffusion_lm import scored_positions
+
 LN2 = math.log(2.0)
 
 
@@ -215,10 +217,7 @@ def autoregressive_nll(model, input_ids: torch.Tensor, bos_token_id: int, labels
         mask = torch.cat([torch.ones_like(attention_mask[:, :1]), attention_mask], dim=1)
     logits = model(input_ids=inputs, attention_mask=mask).logits[:, :-1]
     log_probs = logits.double().log_softmax(-1).gather(-1, input_ids.unsqueeze(-1)).squeeze(-1)
-    scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
-    if attention_mask is not None:
-        scored = scored & attention_mask.bool()
-    return -(log_probs * scored).sum(-1)
+    return -(log_probs * scored_positions(input_ids, labels, attention_mask)).sum(-1)
 
 
 def sequence_nll_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -251,6 +250,7 @@ class PerplexityResult:
         num_samples: noise levels t drawn per block (None when exact).
         tokenizer: name or path of the tokenizer the token-level figures refer to.
         estimator: ``"nelbo"`` (diffusion, Monte Carlo upper bound) or ``"exact"`` (autoregressive).
+        num_unk_tokens: tokens of the text the tokenizer mapped to its unknown token (see `unk_share`).
     """
 
     total_nll: float
@@ -263,6 +263,13 @@ class PerplexityResult:
     num_samples: int | None
     tokenizer: str
     estimator: str
+    num_unk_tokens: int = 0
+
+    @property
+    def unk_share(self) -> float:
+        """Fraction of the text's tokens that are the unknown token: a model is only scored on what its
+        tokenizer can represent, so a large share makes every figure here meaningless."""
+        return self.num_unk_tokens / self.num_tokens if self.num_tokens else 0.0
 
     @property
     def nll_per_token(self) -> float:
@@ -301,6 +308,7 @@ class PerplexityResult:
         for name in ("nll_per_token", "token_perplexity", "word_perplexity", "bits_per_byte", "bits_per_token"):
             record[name] = getattr(self, name)
             record[f"{name}_stderr"] = self.stderr(name)
+        record["unk_share"] = self.unk_share
         return record
 
     def summary(self) -> str:
@@ -313,12 +321,14 @@ class PerplexityResult:
 
 
 def score_blocks(model, blocks: Sequence[torch.Tensor], *, batch_size: int = 16, num_samples: int = 16,
-                 seed: int = 0, bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int = 0, bos_token_id: int | None = None,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL estimate and its Monte Carlo variance for every block (model-space ids), float64 (N,) each.
 
     Blocks of equal length are batched together (no padding anywhere). The variance of a diffusion
     block is the sample variance of its `num_samples` draws divided by `num_samples`; the draws are
     stratified over t, so this overestimates the true variance (a conservative error bar).
+    `progress` shows a tqdm bar (blocks scored) on stderr.
     """
     for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -333,6 +343,9 @@ def score_blocks(model, blocks: Sequence[torch.Tensor], *, batch_size: int = 16,
     by_length: dict[int, list[int]] = {}
     for index, block in enumerate(blocks):
         by_length.setdefault(len(block), []).append(index)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(blocks), desc="scoring", unit="block", disable=not progress, dynamic_ncols=True)
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
@@ -342,6 +355,8 @@ def score_blocks(model, blocks: Sequence[torch.Tensor], *, batch_size: int = 16,
             totals[chunk] = samples.mean(-1)
             if samples.shape[-1] > 1:
                 variances[chunk] = samples.var(-1, unbiased=True) / samples.shape[-1]
+            bar.update(len(chunk))
+    bar.close()
     return totals, variances
 
 
@@ -351,7 +366,8 @@ def _tokenizer_name(tokenizer) -> str:
 
 def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, batch_size: int = 16,
                         num_samples: int = 16, seed: int = 0, vocabulary: CompactVocabulary | None = None,
-                        bos_token_id: int | None = None, tokenizer_name: str | None = None) -> PerplexityResult:
+                        bos_token_id: int | None = None, tokenizer_name: str | None = None,
+                        progress: bool = False) -> PerplexityResult:
     """Token-level and word-level perplexity and bits per byte of `text` under `model`.
 
     Args:
@@ -364,6 +380,9 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
             the tokenizer's ids.
         bos_token_id: the model-space id preceding each block for AR models; defaults to the
             tokenizer's BOS (or EOS) token, mapped through `vocabulary`.
+        progress: show a tqdm bar while the blocks are scored.
+
+    The result also counts the tokens the tokenizer mapped to its unknown token (`unk_share`).
     """
     if not isinstance(text, str) or not text.strip():
         raise ValueError("`text` must be a non-empty string of evaluation text.")
@@ -380,7 +399,7 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
         model.eval()
     try:
         totals, variances = score_blocks(model, blocks, batch_size=batch_size, num_samples=num_samples,
-                                         seed=seed, bos_token_id=bos_token_id)
+                                         seed=seed, bos_token_id=bos_token_id, progress=progress)
     finally:
         if was_training:
             model.train()
@@ -394,25 +413,37 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
         num_samples=num_samples if diffusion else None,
         tokenizer=tokenizer_name or _tokenizer_name(tokenizer),
         estimator="nelbo" if diffusion else "exact",
+        num_unk_tokens=_count_unknown(full_ids, tokenizer),
     )
 
 
-def load_model(path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+def _count_unknown(token_ids: torch.Tensor, tokenizer) -> int:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return 0 if unk is None else int((token_ids == unk).sum())
+
+
+def load_model(path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
     """Load a saved model for evaluation: SFDLM, the Transformer denoiser, or any transformers causal LM.
 
-    Diffusion models resolve through `AutoModel` (the hf_sfdlm classes are registered locally);
-    other configurations are loaded with `AutoModelForCausalLM`. Returns the model in eval mode.
+    Diffusion models load through `hf_sfdlm.hub.load_pretrained` (file checks, installed classes, no folder
+    code without `trust_remote_code=True`); other configurations with `AutoModelForCausalLM`, passing
+    `trust_remote_code` on. Returns the model in eval mode.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
+    from . import register_auto_classes
+    from .hub import load_pretrained
+
+    register_auto_classes()
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
-    loader = AutoModel if config.model_type in diffusion_types else AutoModelForCausalLM
-    model = loader.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
+    loader = load_pretrained if config.model_type in diffusion_types else AutoModelForCausalLM.from_pretrained
+    model = loader(path, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype is not None else {}))
     if device is not None:
         model.to(device)
     return model.eval()

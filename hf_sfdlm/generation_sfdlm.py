@@ -2,54 +2,54 @@
 
 Prompting and infilling are one operation. Every position given in the input stays fixed; the positions
 to generate are the mask tokens anywhere in the input plus `max_new_tokens` positions appended after it.
-Generation runs the reverse chain on a time grid t = k / steps, s = (k - 1) / steps for k = steps..1
-(per block, with semi-autoregressive `block_length`); at each step a *sampler* turns x_t into x_s.
+Generation runs the reverse chain on the sampler's time grid (t = k / steps, s = (k - 1) / steps for
+k = steps..1 by default), per block with semi-autoregressive `block_length`; at each step a *sampler*
+(`sampling_sfdlm.py`) turns x_t into x_s.
 
-Samplers are small classes in the `SAMPLERS` registry, keyed by name:
-
-    "ancestral"   x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) (D3PM/MDLM), both processes
-    "uniform"     the same for the uniform process, with Duo's greedy final step (x_0 = argmax p_hat)
-    "confidence"  absorbing: unmask the most confident positions, a per-row budget that follows the
-                  noise schedule (MaskGIT / LLaDA low-confidence / Dream's max-prob, margin and entropy)
-    "threshold"   absorbing: also unmask every position whose confidence passes a threshold (Fast-dLLM)
-    "tweedie"     score models (SEDD, objective="score_entropy"): Tweedie tau-leaping, both processes
-    "euler"       score models: SEDD's Euler step, both processes
-
-To add one, subclass `Sampler`, give it a `name` and the `processes` it supports, implement
-`__call__(step: SamplingStep) -> new canvas`, and decorate it with `@register_sampler`. A `SamplingStep`
-gives the canvas x_t, the positions the step may change, t, s and their alphas, the (processed) logits
-and x_0 probabilities of the denoiser, the model's raw denoise function, the diffusion maths
-(`DiscreteDiffusion.reverse_probs`, ...) and one `torch.Generator` per row with helpers that draw from it.
-
-Randomness is drawn per row, from that row's own generator and only at that row's generated positions,
-so a row gives exactly the result it gives alone with the same generator, whatever the padding.
+This file holds the generation config (`SFDLMGenerationConfig`), the output, and the mixin whose
+`generate` plans the canvas, then runs `_denoising_step` until every block is done. The network is seen
+through a `Denoiser`: logits at the positions a sampler asks for, MDLM's cache, the pass counters and the
+logits processors.
 
 This file is "remote code": it imports only torch, transformers and its sibling files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.utils import ModelOutput, logging
 
-from .diffusion import DiscreteDiffusion
+from .sampling_sfdlm import (  # noqa: F401  (re-exported: the public names of generation)
+    CONFIDENCE_MEASURES,
+    MIN_TEMPERATURE,
+    SAMPLERS,
+    AncestralSampler,
+    ConfidenceSampler,
+    EulerSampler,
+    Sampler,
+    SamplingStep,
+    ThresholdSampler,
+    TweedieSampler,
+    UniformSampler,
+    confidence,
+    default_sampler,
+    filter_logits,
+    register_sampler,
+)
 
 logger = logging.get_logger(__name__)
 
-CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 DEFAULT_MAX_NEW_TOKENS = 128
 
-# Fields of a plain `GenerationConfig` that carry over when one is passed to `generate`.
-_SHARED_FIELDS = ("max_new_tokens", "max_length", "temperature", "top_k", "top_p", "num_return_sequences",
-                  "return_dict_in_generate", "bos_token_id", "pad_token_id", "eos_token_id")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class SFDLMGenerationConfig(GenerationConfig):
@@ -69,12 +69,17 @@ class SFDLMGenerationConfig(GenerationConfig):
         > The reverse chain
 
         steps (`int`, *optional*, defaults to 64):
-            Number of denoising steps (network evaluations at most), shared among the semi-AR blocks.
+            Number of denoising steps (network evaluations at most), shared among the semi-AR blocks. The
+            `"uniform"` sampler adds Duo's greedy tail, one argmax pass at t_min, per block.
         sampler (`str`, *optional*):
             Name of a sampler in `SAMPLERS`: `"ancestral"`, `"uniform"`, `"confidence"` or `"threshold"`.
             Unset: `"ancestral"` for absorbing models, `"uniform"` for uniform ones.
+        do_sample (`bool`, *optional*):
+            As in transformers: `False` means greedy decoding (the same as `temperature=0`), `True` sampling
+            at `temperature`. Unset: sampling unless `temperature` is 0.
         temperature (`float`, *optional*, defaults to 1.0):
-            Logits are divided by it before p_hat(x_0 | x_t) is formed. `0` means greedy: tokens are the
+            Logits are divided by it before p_hat(x_0 | x_t) is formed. `0`, and any temperature below
+            `MIN_TEMPERATURE` (1e-3, where float32 logits would overflow), means greedy: tokens are the
             argmax of p_hat (confidences still use the untempered probabilities).
         top_k (`int`, *optional*, defaults to 0):
             Keep only the k most probable clean tokens per position (0: all).
@@ -93,6 +98,12 @@ class SFDLMGenerationConfig(GenerationConfig):
         stop_when_stable (`int`, *optional*, defaults to 0):
             Finish a row's block once its canvas holds no mask token and has not changed for this many
             consecutive steps (0: never; the criterion of DiffusionGemma's stable-and-confident stop).
+
+        compute_dtype (`str`, *optional*):
+            `"bfloat16"` or `"float16"`: run the network under `torch.autocast` of that dtype (the SSM's FFTs
+            stay float32; logits are cast to float32 before sampling). Unset or `"float32"`: the model's own
+            dtype. On CPU float32 is the default and usually the faster (see the README's sampling-speed
+            table); on a GPU bfloat16 is the usual choice.
 
         > Output
 
@@ -120,6 +131,7 @@ class SFDLMGenerationConfig(GenerationConfig):
 
         self.steps: int | None = kwargs.pop("steps", None)
         self.sampler: str | None = kwargs.pop("sampler", None)
+        self.do_sample: bool | None = kwargs.pop("do_sample", None)
         self.temperature: float | None = kwargs.pop("temperature", None)
         self.top_k: int | None = kwargs.pop("top_k", None)
         self.top_p: float | None = kwargs.pop("top_p", None)
@@ -127,6 +139,10 @@ class SFDLMGenerationConfig(GenerationConfig):
         self.confidence_threshold: float | None = kwargs.pop("confidence_threshold", None)
         self.block_length: int | None = kwargs.pop("block_length", None)
         self.stop_when_stable: int | None = kwargs.pop("stop_when_stable", None)
+        compute_dtype = kwargs.pop("compute_dtype", None)
+        if isinstance(compute_dtype, torch.dtype):
+            compute_dtype = str(compute_dtype).removeprefix("torch.")
+        self.compute_dtype: str | None = compute_dtype
 
         self.num_return_sequences: int | None = kwargs.pop("num_return_sequences", None)
         self.output_history: bool | None = kwargs.pop("output_history", None)
@@ -202,7 +218,12 @@ class SFDLMGenerationConfig(GenerationConfig):
             fail("confidence_measure", f"one of {CONFIDENCE_MEASURES}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
             fail("sampler", f"one of {sorted(SAMPLERS)}")
-        for name in ("output_history", "return_dict_in_generate"):
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            fail("compute_dtype", f"one of {COMPUTE_DTYPES}")
+        if self.do_sample is True and self.temperature is not None and self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"`do_sample=True` asks for sampling but `temperature`={self.temperature} means greedy "
+                             f"(below {MIN_TEMPERATURE}); pass `do_sample=False` for greedy decoding.")
+        for name in ("do_sample", "output_history", "return_dict_in_generate"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 fail(name, "a bool")
@@ -217,8 +238,17 @@ class SFDLMGenerationConfig(GenerationConfig):
                 fail("eos_token_id", "a token id or a non-empty list of token ids")
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """Only the fields that are set (unset fields mean "use the defaults" and need no saving)."""
-        return {key: value for key, value in super().to_diff_dict().items() if value is not None}
+        """Only the fields that are set (unset fields mean "use the defaults" and need no saving). Without
+        `_from_model_config`, which would make a plain `GenerationConfig.from_pretrained` drop our fields."""
+        return {key: value for key, value in super().to_diff_dict().items()
+                if value is not None and key != "_from_model_config"}
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> "SFDLMGenerationConfig":
+        """The fields of a plain `GenerationConfig` that this class has and that are set (a plain config
+        loaded by `GenerationConfig.from_pretrained` from a saved SFDLM model carries all of ours)."""
+        names = [name for name in vars(cls()) if not name.startswith("_") and name != "transformers_version"]
+        return cls(**{name: getattr(config, name) for name in names if getattr(config, name, None) is not None})
 
     def get_generation_mode(self, *args, **kwargs):
         raise NotImplementedError("SFDLMGenerationConfig drives SFDLM's iterative denoising, not a GenerationMode.")
@@ -243,344 +273,16 @@ class SFDLMGenerationOutput(ModelOutput):
     history: tuple[torch.LongTensor, ...] | None = None
 
 
-# ---------------------------------------------------------------------------------------------- sampling steps
-@dataclass
-class SamplingStep:
-    """Everything a sampler sees at one reverse step x_t -> x_s (rows are the batch, B rows of length L).
-
-    Attributes:
-        canvas: (B, L) the current x_t. Positions outside `update_mask` must be returned unchanged.
-        update_mask: (B, L) bool, the positions this step may change: generated positions of the current
-            block, in rows that are not finished. (Absorbing samplers act on its masked subset.)
-        t, s: (B,) float64 times of x_t and of the target x_s (s = 0 at a block's last step).
-        alpha_t, alpha_s: (B,) float64 signal levels alpha(t), alpha(s) of the model's noise schedule.
-        is_last: whether s == 0 (the block's final step: every position must end clean).
-        greedy: temperature 0: tokens should be the argmax of p_hat (see `choose`).
-        diffusion: the model's `DiscreteDiffusion` (`reverse_probs`, `x0_probs`, `process`, `mask_token_id`).
-        generators: one `torch.Generator` per row; draw only through `uniform`/`categorical`/`choose`
-            (or in row order at the row's own positions) to keep rows independent of the batch.
-        config: the resolved `SFDLMGenerationConfig`.
-    """
-
-    canvas: torch.LongTensor
-    update_mask: torch.BoolTensor
-    t: torch.Tensor
-    s: torch.Tensor
-    alpha_t: torch.Tensor
-    alpha_s: torch.Tensor
-    is_last: bool
-    greedy: bool
-    diffusion: DiscreteDiffusion
-    generators: list
-    config: SFDLMGenerationConfig
-    _logits_at: Callable[..., torch.Tensor]
-    _denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-    @property
-    def mask_token_id(self) -> int | None:
-        return self.diffusion.mask_token_id
-
-    def masked(self) -> torch.BoolTensor:
-        """(B, L) positions of `update_mask` that still hold the mask token."""
-        if self.mask_token_id is None:
-            return torch.zeros_like(self.update_mask)
-        return self.update_mask & (self.canvas == self.mask_token_id)
-
-    def logits(self, positions: torch.BoolTensor) -> torch.Tensor:
-        """(N, V) processed logits (logits processors, top-k, top-p, temperature) at `positions` (B, L),
-        in row-major order. Calls the network only for rows whose prediction is not cached."""
-        return self._logits_at(positions)
-
-    def raw_logits(self, positions: torch.BoolTensor) -> torch.Tensor:
-        """(N, V) the network's outputs at `positions`, unprocessed (for samplers of score-parameterised
-        models, whose outputs are log-scores rather than logits of p_hat)."""
-        return self._logits_at(positions, processed=False)
-
-    def x0_probs(self, positions: torch.BoolTensor) -> torch.Tensor:
-        """(N, V) p_hat(x_0 | x_t) at `positions`, via `DiscreteDiffusion.x0_probs` (absorbing: the mask is
-        never a clean token and unmasked positions carry over)."""
-        return self.diffusion.x0_probs(self.logits(positions), self.canvas[positions])
-
-    def rows(self, positions: torch.BoolTensor) -> torch.Tensor:
-        """(N,) row index of each selected position."""
-        return positions.nonzero()[:, 0]
-
-    def denoise(self, canvas: torch.LongTensor, t: torch.Tensor) -> torch.Tensor:
-        """Raw logits (B, L, V) of the network for another canvas and noise levels (counted as a forward
-        pass of every row), for samplers that need more than one evaluation per step."""
-        return self._denoise(canvas, t)
-
-    def uniform(self, positions: torch.BoolTensor) -> torch.Tensor:
-        """(N,) float64 uniforms in [0, 1) for `positions`, each row's drawn from its own generator."""
-        counts = positions.sum(-1).tolist()
-        draws = [torch.rand(n, generator=g, dtype=torch.float64, device=g.device)
-                 for n, g in zip(counts, self.generators) if n]
-        if not draws:
-            return torch.zeros(0, dtype=torch.float64, device=positions.device)
-        return torch.cat([d.to(positions.device) for d in draws])
-
-    def categorical(self, probs: torch.Tensor, positions: torch.BoolTensor) -> torch.LongTensor:
-        """(N,) ids drawn from the rows of `probs` (N, V) (inverse CDF with each row's generator).
-        Zero-probability ids are never drawn, also when the rows do not sum to one exactly."""
-        cdf = probs.cumsum(-1)
-        target = self.uniform(positions).to(cdf.dtype) * cdf[:, -1]
-        ids = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-        # rounding can land u * total on the flat tail of zero-probability ids: take the last possible id
-        impossible = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
-        if impossible.any():
-            last = probs.shape[-1] - 1 - (probs[impossible] > 0).flip(-1).long().argmax(-1)
-            ids[impossible] = last
-        return ids
-
-    def choose(self, probs: torch.Tensor, positions: torch.BoolTensor) -> torch.LongTensor:
-        """Clean tokens from p_hat (N, V): the argmax when greedy, else a draw."""
-        return probs.argmax(-1) if self.greedy else self.categorical(probs, positions)
-
-
-class Sampler:
-    """One reverse step of the chain. Subclass, set `name`, `processes` and `parameterizations`, implement
-    `__call__`, and register with `@register_sampler`.
-
-    `__call__(step)` gets a [`SamplingStep`] and returns the new canvas x_s (B, L); it may change only
-    positions in `step.update_mask` (the generation loop raises otherwise), and at the last step of a block
-    (`step.is_last`) it must leave no mask token there.
-    """
-
-    name: ClassVar[str] = ""
-    processes: ClassVar[tuple[str, ...]] = ("absorbing", "uniform")
-    # what the network's outputs must be: "x0" (logits of p_hat(x_0 | x_t)) or "score" (SEDD log-scores)
-    parameterizations: ClassVar[tuple[str, ...]] = ("x0",)
-
-    def __init__(self, config: SFDLMGenerationConfig):
-        self.config = config
-
-    def __call__(self, step: SamplingStep) -> torch.LongTensor:
-        raise NotImplementedError
-
-
-SAMPLERS: dict[str, type[Sampler]] = {}
-
-
-def register_sampler(cls: type[Sampler]) -> type[Sampler]:
-    """Class decorator adding a sampler to `SAMPLERS` under `cls.name`."""
-    if not cls.name:
-        raise ValueError(f"Sampler {cls.__name__} needs a non-empty `name`.")
-    SAMPLERS[cls.name] = cls
-    return cls
-
-
-@register_sampler
-class AncestralSampler(Sampler):
-    """x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) at every updatable position (D3PM, MDLM).
-
-    Absorbing: masked positions unmask with probability (alpha_s - alpha_t) / (1 - alpha_t) to a draw of
-    p_hat, unmasked ones stay. Uniform: every position may change at every step. The posterior is
-    `DiscreteDiffusion.reverse_probs`; at s = 0 it equals p_hat, so the last step draws from p_hat.
-    """
-
-    name = "ancestral"
-    greedy_last_step = False
-
-    def __call__(self, step: SamplingStep) -> torch.LongTensor:
-        positions = step.masked() if step.diffusion.process == "absorbing" else step.update_mask
-        if not positions.any():
-            return step.canvas
-        x0 = step.x0_probs(positions)
-        new = step.canvas.clone()
-        if step.is_last and self.greedy_last_step:
-            new[positions] = x0.argmax(-1)
-            return new
-        if step.greedy:
-            x0 = F.one_hot(x0.argmax(-1), x0.shape[-1]).to(x0.dtype)
-        rows = step.rows(positions)
-        probs = step.diffusion.reverse_probs(x0.unsqueeze(1), step.canvas[positions].unsqueeze(1),
-                                             step.alpha_s[rows], step.alpha_t[rows]).squeeze(1)
-        new[positions] = step.categorical(probs, positions)
-        return new
-
-
-@register_sampler
-class UniformSampler(AncestralSampler):
-    """The uniform process's sampler: generated positions start from random tokens, every one of them may
-    change at every ancestral step, and the final step is greedy (x_0 = argmax p_hat), as in Duo."""
-
-    name = "uniform"
-    processes = ("uniform",)
-    greedy_last_step = True
-
-
-def confidence(probs: torch.Tensor, measure: str) -> torch.Tensor:
-    """(N,) confidence in [0, 1] of each row of probabilities (N, V); 1 means certain."""
-    if measure == "max_prob":
-        return probs.max(-1).values
-    if measure == "margin":
-        top = probs.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1]
-    if measure == "entropy":
-        return torch.exp(-(-torch.special.xlogy(probs, probs)).sum(-1))
-    raise ValueError(f"`confidence_measure` must be one of {CONFIDENCE_MEASURES}, got {measure!r}.")
-
-
-def _scatter_rows(values: torch.Tensor, positions: torch.BoolTensor, fill: float) -> torch.Tensor:
-    out = torch.full(positions.shape, fill, dtype=values.dtype, device=values.device)
-    out[positions] = values
-    return out
-
-
-@register_sampler
-class ConfidenceSampler(Sampler):
-    """Absorbing: unmask the most confident masked positions (MaskGIT, LLaDA, Dream).
-
-    Each row unmasks round(m * (alpha_s - alpha_t) / (1 - alpha_t)) of its m masked positions, its own
-    share under the noise schedule (not the batch average: Dream's bug with ragged prompts), all at the
-    last step. Ties go to the leftmost position. Chosen positions get a draw of p_hat (argmax if greedy).
-    """
-
-    name = "confidence"
-    processes = ("absorbing",)
-
-    def budget(self, step: SamplingStep, masked: torch.BoolTensor) -> torch.Tensor:
-        """(B,) number of positions each row unmasks at this step."""
-        count = masked.sum(-1)
-        if step.is_last:
-            return count
-        ratio = ((step.alpha_s - step.alpha_t) / (1 - step.alpha_t).clamp_min(1e-30)).clamp(0, 1)
-        return torch.floor(count.double() * ratio.to(count.device) + 0.5).long()
-
-    def select(self, step: SamplingStep, masked: torch.BoolTensor, conf: torch.Tensor) -> torch.BoolTensor:
-        scores = _scatter_rows(conf.double(), masked, -math.inf)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order).contiguous())
-        return masked & (rank < self.budget(step, masked).unsqueeze(-1))
-
-    def __call__(self, step: SamplingStep) -> torch.LongTensor:
-        masked = step.masked()
-        if not masked.any():
-            return step.canvas
-        probs = step.x0_probs(masked)
-        chosen = self.select(step, masked, confidence(probs, self.config.confidence_measure))
-        new = step.canvas.clone()
-        if chosen.any():
-            keep = chosen[masked]  # which of the masked positions (row-major order) are chosen
-            new[chosen] = step.choose(probs[keep], chosen)
-        return new
-
-
-@register_sampler
-class ThresholdSampler(ConfidenceSampler):
-    """Fast-dLLM parallel decoding: unmask every masked position whose confidence is at least
-    `confidence_threshold`, and at least the confidence sampler's budget (at least one per row), so a block
-    finishes in at most its steps and in one step when the model is sure of everything."""
-
-    name = "threshold"
-
-    def select(self, step: SamplingStep, masked: torch.BoolTensor, conf: torch.Tensor) -> torch.BoolTensor:
-        scores = _scatter_rows(conf.double(), masked, -math.inf)
-        first = torch.zeros_like(masked).scatter_(1, scores.argmax(-1, keepdim=True), True)  # leftmost maximum
-        sure = scores >= self.config.confidence_threshold
-        return masked & (super().select(step, masked, conf) | sure | first)
-
-
-class _ScoreSampler(Sampler):
-    """Base of SEDD's samplers for score models (`objective="score_entropy"`, `score_entropy.py`): the
-    network's raw outputs parameterise log-scores, every updatable position moves independently
-    (tau-leaping), and the fixed positions condition the scores (SEDD's `proj_fun` is the update mask).
-    The maths is `ScoreEntropy.<method>`. Temperature 0 (greedy): the last step takes each position's most
-    probable token (for the uniform process, Duo's greedy tail), and an absorbing position that unmasks
-    earlier takes its most probable token (as the ancestral sampler's greedy mode). Other temperatures, top-k/top-p and logits processors act on logits of
-    p_hat(x_0 | x_t), which a score model has not, so they are refused (processors are not applied)."""
-
-    parameterizations = ("score",)
-    method: ClassVar[str] = ""
-
-    def __init__(self, config: SFDLMGenerationConfig):
-        super().__init__(config)
-        if config.temperature not in (0, 1) or config.top_k or config.top_p < 1:
-            raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model as is: it needs "
-                             f"temperature 1 (or 0), top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
-                             f"{config.top_p}.")
-
-    def __call__(self, step: SamplingStep) -> torch.LongTensor:
-        absorbing = step.diffusion.process == "absorbing"
-        positions = step.masked() if absorbing else step.update_mask
-        if not positions.any():
-            return step.canvas
-        rows = step.rows(positions)
-        x_t = step.canvas[positions].unsqueeze(1)
-        transition = getattr(step.diffusion, self.method)
-        probs = transition(step.raw_logits(positions).unsqueeze(1), x_t, step.t[rows], step.s[rows]).squeeze(1)
-        if not absorbing and step.config.mask_token_id is not None:
-            probs[:, step.config.mask_token_id] = 0  # a uniform model never writes the mask token
-        new = step.canvas.clone()
-        drawn = step.categorical(probs, positions)
-        if step.greedy and step.is_last:
-            drawn = probs.argmax(-1)
-        elif step.greedy and absorbing:  # an unmasking position takes the most probable token
-            drawn = torch.where(drawn != x_t.squeeze(1), probs.scatter(-1, x_t, 0.0).argmax(-1), drawn)
-        new[positions] = drawn
-        return new
-
-
-@register_sampler
-class TweedieSampler(_ScoreSampler):
-    """SEDD's Tweedie tau-leaping (`analytic` predictor): per position, x_s ~ [exp(-(sigma_bar_t -
-    sigma_bar_s) Q) s_theta]_y q(x_t | y), exact per position for exact scores; at s = 0 it is SEDD's
-    final noise removal."""
-
-    name = "tweedie"
-    method = "tweedie_probs"
-
-
-@register_sampler
-class EulerSampler(_ScoreSampler):
-    """SEDD's Euler predictor: per position, jump to y with probability (t - s) sigma(t) Q(y -> x_t) s_theta_y."""
-
-    name = "euler"
-    method = "euler_probs"
-
-
-def _default_sampler(process: str, parameterization: str) -> str:
-    """"ancestral" (absorbing) or "uniform" (uniform) for x_0 models; for others the first registered
-    sampler that fits (e.g. SEDD's samplers for score models)."""
-    preferred = {"absorbing": "ancestral", "uniform": "uniform"}[process]
-    if parameterization in SAMPLERS[preferred].parameterizations:
-        return preferred
-    for name, cls in SAMPLERS.items():
-        if process in cls.processes and parameterization in cls.parameterizations:
-            return name
-    raise ValueError(f"No registered sampler handles a {parameterization!r}-parameterised {process!r} model; "
-                     f"registered: {sorted(SAMPLERS)}.")
-
-
-# ---------------------------------------------------------------------------------------------- logits processing
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature (skipped when 0: greedy keeps the untempered distribution), top-k and top-p filtering of
-    logits (..., V); filtered entries become -inf. The most probable entry always survives."""
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    vocab = logits.shape[-1]
-    if top_k and top_k < vocab:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.float().softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p  # keep the smallest prefix whose mass reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, -math.inf)
-    return logits
-
-
 # ---------------------------------------------------------------------------------------------- the mixin
 class SFDLMGenerationMixin:
     """`generate` for SFDLM models (iterative denoising), in place of transformers' `GenerationMixin`.
 
     The model class provides `config` (`vocab_size`, `mask_token_id`, `max_position_embeddings`, optionally
-    `time_conditioning`), `diffusion` (a `DiscreteDiffusion`: `process`, `schedule`, `mask_token_id`,
-    `x0_probs`, `reverse_probs`) and `denoise(ids, timesteps, attention_mask)` returning (B, L, V) logits of
-    p_hat(x_0 | x_t), independent for each row. Put it first among the bases so its `generate` wins.
+    `time_conditioning`), `diffusion` (`process`, `schedule`, `mask_token_id`, `x0_probs`, `reverse_probs`)
+    and `denoise(ids, timesteps, attention_mask, positions=None)` returning logits of p_hat(x_0 | x_t),
+    independent for each row: (B, L, V), or (N, V) at the N `True` entries of a (B, L) bool `positions` in
+    row-major order (the LM head then runs at those positions only). Put it first among the bases so its
+    `generate` wins.
     """
 
     generation_config_class = SFDLMGenerationConfig
@@ -590,7 +292,7 @@ class SFDLMGenerationMixin:
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        generation_config: SFDLMGenerationConfig | None = None,
+        generation_config: GenerationConfig | None = None,
         streamer=None,
         logits_processor=None,
         stopping_criteria=None,
@@ -606,14 +308,18 @@ class SFDLMGenerationMixin:
             attention_mask (`torch.Tensor` of shape `(batch, length)`, *optional*):
                 1 for real tokens, 0 for padding (left or right). Padding stays in place in the output and
                 never influences a row: each row gives exactly the result it gives alone.
-            generation_config ([`SFDLMGenerationConfig`], *optional*):
-                Overrides the model's `generation_config`; `**kwargs` naming its fields override both.
+            generation_config ([`SFDLMGenerationConfig`] or a plain `GenerationConfig`, *optional*):
+                Overrides the model's `generation_config`; `**kwargs` naming its fields override both. Of a
+                plain `GenerationConfig` the fields that `SFDLMGenerationConfig` has are used (`do_sample`,
+                `temperature`, `top_k`, `top_p`, `max_new_tokens`, ...).
             streamer (*optional*):
                 Gets `put(ids)` with the canvas before the first generated position, `put_draft(ids)` with the
                 rest of the canvas after every step (if it has `put_draft`, as transformers'
                 `TextDiffusionStreamer`), `put(ids)` with the final rest, then `end()`.
             logits_processor (`LogitsProcessorList`, *optional*):
-                Applied first as `processor(canvas, logits)` with logits of shape (B, L, V).
+                Called as transformers calls them, `processor(input_ids, scores)`, once per network evaluation,
+                on the N positions a sampler draws at: `scores` (N, V) float32 logits of those positions and
+                `input_ids` (N, length) the current canvas of each position's row. Runs before the filters.
             stopping_criteria (`StoppingCriteriaList`, *optional*):
                 Called as `criteria(canvas, None)` after every step; rows for which it returns True stop.
             generator (`torch.Generator` or list of them, *optional*):
@@ -627,7 +333,37 @@ class SFDLMGenerationMixin:
         config = self._prepare_generation_config(generation_config, **kwargs)
         plan = self._plan_generation(input_ids, attention_mask, config, generator)
         sampler = SAMPLERS[plan.sampler_name](config)
-        return self._denoise_loop(plan, sampler, config, streamer, logits_processor, stopping_criteria)
+        run = _Run.start(plan, Denoiser(self, plan, config, logits_processor), streamer, stopping_criteria)
+        for block, num_steps in enumerate(plan.steps):
+            run.start_block()
+            for t, s in sampler.time_grid(num_steps):
+                if not self._denoising_step(run, plan, sampler, block, t, s):
+                    break
+            if run.all_finished_after(plan, block):
+                break
+        return run.finish(plan)
+
+    def _denoising_step(self, run: "_Run", plan: "_Plan", sampler: Sampler, block: int, t: float, s: float) -> bool:
+        """One reverse step x_t -> x_s of the current block; False when the block has nothing left to do."""
+        update = run.updatable(plan, block, self.diffusion.process)
+        if not update.any():
+            return False
+        step = self._sampling_step(run, plan, update, t, s)
+        new = sampler(step)
+        if new.shape != run.canvas.shape or bool(((new != run.canvas) & ~update).any()):
+            raise RuntimeError(f"Sampler {sampler.name!r} changed positions outside `update_mask`.")
+        run.advance(new, plan, block)
+        return True
+
+    def _sampling_step(self, run: "_Run", plan: "_Plan", update: torch.Tensor, t: float, s: float) -> SamplingStep:
+        rows, device = run.canvas.shape[0], run.canvas.device
+        t_rows = torch.full((rows,), t, dtype=torch.float64, device=device)
+        s_rows = torch.full((rows,), s, dtype=torch.float64, device=device)
+        schedule = self.diffusion.schedule
+        return SamplingStep(canvas=run.canvas, update_mask=update, t=t_rows, s=s_rows, alpha_t=schedule.alpha(t_rows),
+                            alpha_s=schedule.alpha(s_rows), is_last=s == 0, greedy=plan.greedy,
+                            diffusion=self.diffusion, generators=plan.generators, config=plan.config,
+                            network=run.network)
 
     # ------------------------------------------------------------------ configuration
     def _prepare_generation_config(self, generation_config, **kwargs) -> SFDLMGenerationConfig:
@@ -637,10 +373,10 @@ class SFDLMGenerationMixin:
         elif isinstance(generation_config, SFDLMGenerationConfig):
             config = copy.deepcopy(generation_config)
         elif isinstance(generation_config, GenerationConfig):
-            config = SFDLMGenerationConfig(**{name: getattr(generation_config, name) for name in _SHARED_FIELDS
-                                              if getattr(generation_config, name, None) is not None})
+            config = SFDLMGenerationConfig.from_generation_config(generation_config)
         else:
-            raise TypeError(f"`generation_config` must be an SFDLMGenerationConfig, got {type(generation_config).__name__}.")
+            raise TypeError(f"`generation_config` must be an SFDLMGenerationConfig or a GenerationConfig, got "
+                            f"{type(generation_config).__name__}.")
         unknown = sorted(name for name in kwargs if not hasattr(config, name) or name.startswith("_"))
         if unknown:
             raise ValueError(f"`generate` got unexpected arguments {unknown}; generation options are the fields "
@@ -652,39 +388,80 @@ class SFDLMGenerationMixin:
             for name, value in model_config.to_dict().items():
                 if hasattr(config, name) and getattr(config, name) is None and not name.startswith("_"):
                     setattr(config, name, value)
+        if config.do_sample is False:
+            config.temperature = 0.0  # transformers' greedy decoding
         for name, value in config._get_default_generation_params().items():
             if getattr(config, name) is None:
                 setattr(config, name, value)
         config.validate()
         return config
 
+    # ------------------------------------------------------------------ the plan: checks and the first canvas
     def _plan_generation(self, input_ids, attention_mask, config: SFDLMGenerationConfig, generator) -> "_Plan":
         """Check every input and build the starting canvas, before any forward pass."""
-        model_config = self.config
-        process = self.diffusion.process
-        mask_id = config.mask_token_id if config.mask_token_id is not None else model_config.mask_token_id
-        vocab = model_config.vocab_size
-        if process == "absorbing" and (mask_id is None or self.diffusion.mask_token_id is None):
-            raise ValueError("This absorbing-process model has no mask token (`mask_token_id` is None in its config): "
-                             "it cannot generate.")
-        if process == "absorbing" and mask_id != self.diffusion.mask_token_id:
-            raise ValueError(f"`mask_token_id`={mask_id} differs from the absorbing state of the model "
-                             f"({self.diffusion.mask_token_id}).")
+        mask_id = self._resolve_mask_id(config)
+        sampler_name = self._resolve_sampler(config)
+        input_ids, attention_mask = self._checked_inputs(input_ids, attention_mask)
+        length = input_ids.shape[1]
+        masked_input = attention_mask & (input_ids == mask_id) if mask_id is not None else torch.zeros_like(attention_mask)
+        new = self._new_positions(config, length, bool(masked_input.any()))
+
+        repeats = config.num_return_sequences
+        rows = input_ids.shape[0] * repeats
+        input_ids, attention_mask, masked_input = (x.repeat_interleave(repeats, 0)
+                                                   for x in (input_ids, attention_mask, masked_input))
+        generators = self._row_generators(generator, rows)
+
+        # the canvas: input, then `new` appended positions; `free` marks the positions to generate
+        free = torch.zeros(rows, length + new, dtype=torch.bool, device=self.device)
+        free[:, length:] = True
+        free[:, :length] = masked_input
+        attention = torch.cat([attention_mask, torch.ones(rows, new, dtype=torch.bool, device=self.device)], 1)
+        canvas = torch.cat([input_ids, torch.zeros(rows, new, dtype=torch.long, device=self.device)], 1)
+        if self.diffusion.process == "absorbing":
+            canvas[free] = mask_id
+        else:  # the uniform prior, each row from its own generator
+            draws = [torch.randint(self.config.vocab_size, (int(n),), generator=g, device=g.device)
+                     for n, g in zip(free.sum(-1).tolist(), generators) if n]
+            if draws:
+                canvas[free] = torch.cat([d.to(self.device) for d in draws])
+
+        block, steps = self._blocks(config, free, length, new)
+        eos_ids, pad_id = self._special_ids(config)
+        return _Plan(canvas=canvas, free=free, attention=attention, block=block, steps=steps,
+                     generators=generators, sampler_name=sampler_name, mask_id=mask_id, eos_ids=eos_ids,
+                     pad_id=pad_id, config=config, greedy=config.temperature < MIN_TEMPERATURE)
+
+    def _resolve_mask_id(self, config: SFDLMGenerationConfig) -> int | None:
+        mask_id = config.mask_token_id if config.mask_token_id is not None else self.config.mask_token_id
+        vocab = self.config.vocab_size
+        if self.diffusion.process == "absorbing":
+            if mask_id is None or self.diffusion.mask_token_id is None:
+                raise ValueError("This absorbing-process model has no mask token (`mask_token_id` is None in its "
+                                 "config): it cannot generate.")
+            if mask_id != self.diffusion.mask_token_id:
+                raise ValueError(f"`mask_token_id`={mask_id} differs from the absorbing state of the model "
+                                 f"({self.diffusion.mask_token_id}).")
         if mask_id is not None and not 0 <= mask_id < vocab:
             raise ValueError(f"`mask_token_id`={mask_id} is not a token of this model (vocab_size={vocab}): mask "
                              "tokens in the input could not be filled.")
+        return mask_id
+
+    def _resolve_sampler(self, config: SFDLMGenerationConfig) -> str:
+        process = self.diffusion.process
         parameterization = "score" if getattr(self.diffusion, "objective", None) == "score_entropy" else "x0"
-        sampler_name = config.sampler or _default_sampler(process, parameterization)
-        sampler_cls = SAMPLERS[sampler_name]
+        name = config.sampler or default_sampler(process, parameterization)
+        sampler_cls = SAMPLERS[name]
         if process not in sampler_cls.processes:
-            raise ValueError(f"sampler={sampler_name!r} works for the {' and '.join(sampler_cls.processes)} "
+            raise ValueError(f"sampler={name!r} works for the {' and '.join(sampler_cls.processes)} "
                              f"process, but this model uses the {process!r} process.")
         if parameterization not in sampler_cls.parameterizations:
-            raise ValueError(f"sampler={sampler_name!r} needs a model whose outputs are "
+            raise ValueError(f"sampler={name!r} needs a model whose outputs are "
                              f"{' or '.join(sampler_cls.parameterizations)}-parameterised, but this model's are "
                              f"{parameterization!r} (objective={self.config.objective!r}).")
+        return name
 
-        # --- inputs
+    def _checked_inputs(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         if input_ids is None:
             if attention_mask is not None:
                 raise ValueError("`attention_mask` was given without `input_ids`.")
@@ -695,18 +472,18 @@ class SFDLMGenerationMixin:
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"`input_ids` must have shape (batch, length) with batch > 0, got {tuple(input_ids.shape)}.")
         input_ids = input_ids.long().to(self.device)
-        batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match `input_ids` "
-                             f"shape {tuple(input_ids.shape)}.")
-        attention_mask = attention_mask.to(self.device).bool()
+        elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` must be a tensor of the shape of `input_ids` {tuple(input_ids.shape)}, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}.")
+        vocab = self.config.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             bad = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
             raise ValueError(f"Token id {bad} in `input_ids` is outside [0, vocab_size={vocab}).")
-        masked_input = attention_mask & (input_ids == mask_id) if mask_id is not None else torch.zeros_like(attention_mask)
+        return input_ids, attention_mask.to(self.device).bool()
 
+    def _new_positions(self, config: SFDLMGenerationConfig, length: int, has_masks: bool) -> int:
         if config.max_new_tokens is not None:
             new = config.max_new_tokens
         elif config.max_length is not None:
@@ -714,63 +491,47 @@ class SFDLMGenerationMixin:
             if new < 0:
                 raise ValueError(f"The input is {length} tokens long, longer than `max_length`={config.max_length}.")
         else:
-            new = 0 if bool(masked_input.any()) else DEFAULT_MAX_NEW_TOKENS
+            new = 0 if has_masks else DEFAULT_MAX_NEW_TOKENS
         total = length + new
-        if total > model_config.max_position_embeddings:
+        if total > self.config.max_position_embeddings:
             raise ValueError(f"Input length {length} + {new} new tokens = {total} exceeds the model's "
-                             f"`max_position_embeddings`={model_config.max_position_embeddings}.")
+                             f"`max_position_embeddings`={self.config.max_position_embeddings}.")
         if total == 0:
             raise ValueError("Nothing to generate: no `input_ids` and `max_new_tokens`=0.")
+        return new
 
-        repeats = config.num_return_sequences
-        rows = batch * repeats
-        input_ids = input_ids.repeat_interleave(repeats, 0)
-        attention_mask = attention_mask.repeat_interleave(repeats, 0)
-        masked_input = masked_input.repeat_interleave(repeats, 0)
-        generators = self._row_generators(generator, rows)
-
-        # --- canvas: input, then `new` appended positions; `free` marks the positions to generate
-        appended = torch.zeros(rows, total, dtype=torch.bool, device=self.device)
-        appended[:, length:] = True
-        free = appended.clone()
-        free[:, :length] = masked_input
-        attention = torch.cat([attention_mask, torch.ones(rows, new, dtype=torch.bool, device=self.device)], 1)
-        canvas = torch.cat([input_ids, torch.zeros(rows, new, dtype=torch.long, device=self.device)], 1)
-        if process == "absorbing":
-            canvas[free] = mask_id
-        else:  # the uniform prior, each row from its own generator
-            counts = free.sum(-1).tolist()
-            draws = [torch.randint(vocab, (n,), generator=g, device=g.device) for n, g in zip(counts, generators) if n]
-            if draws:
-                canvas[free] = torch.cat([d.to(self.device) for d in draws])
-
-        # --- semi-autoregressive blocks over the appended positions; input masks join the first block
+    def _blocks(self, config: SFDLMGenerationConfig, free: torch.Tensor, length: int, new: int):
+        """Semi-autoregressive blocks over the appended positions (input masks join the first block): the
+        (rows, total) block index of every generated position (-1 elsewhere) and the steps of each block."""
         block_length = config.block_length or max(new, 1)
-        block = torch.full((rows, total), -1, dtype=torch.long, device=self.device)
-        block[:, length:] = torch.arange(new, device=self.device) // block_length
-        block[free & ~appended] = 0
+        block = torch.full(free.shape, -1, dtype=torch.long, device=free.device)
+        block[:, length:] = torch.arange(new, device=free.device) // block_length
+        block[:, :length][free[:, :length]] = 0
         num_blocks = max(-(-new // block_length), 1)
         if config.steps < num_blocks:
             raise ValueError(f"`steps`={config.steps} is fewer than the {num_blocks} blocks of `block_length`="
                              f"{block_length}: every block needs at least one step.")
-        steps = [config.steps // num_blocks + (b < config.steps % num_blocks) for b in range(num_blocks)]
+        return block, [config.steps // num_blocks + (b < config.steps % num_blocks) for b in range(num_blocks)]
 
+    def _special_ids(self, config: SFDLMGenerationConfig) -> tuple[torch.Tensor | None, int | None]:
         eos = config.eos_token_id
         eos_ids = None if eos is None else torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos],
                                                         device=self.device)
         pad_id = config.pad_token_id if config.pad_token_id is not None else (
             None if eos_ids is None else int(eos_ids[0]))
+        vocab = self.config.vocab_size
         for name, value in (("pad_token_id", pad_id), ("eos_token_id", None if eos_ids is None else int(eos_ids.max()))):
             if value is not None and value >= vocab:
                 raise ValueError(f"`{name}`={value} is outside [0, vocab_size={vocab}).")
-        return _Plan(canvas=canvas, free=free, attention=attention, block=block, steps=steps,
-                     generators=generators, sampler_name=sampler_name, mask_id=mask_id, eos_ids=eos_ids,
-                     pad_id=pad_id, prompt_length=length)
+        return eos_ids, pad_id
 
     @staticmethod
     def _row_generators(generator, rows: int) -> list:
         if isinstance(generator, (list, tuple)):
-            if len(generator) != rows or not all(isinstance(g, torch.Generator) for g in generator):
+            wrong = [type(g).__name__ for g in generator if not isinstance(g, torch.Generator)]
+            if wrong:
+                raise TypeError(f"`generator` as a list must hold torch.Generator objects, got {wrong[0]}.")
+            if len(generator) != rows:
                 raise ValueError(f"`generator` as a list needs one torch.Generator per output row "
                                  f"(batch * num_return_sequences = {rows}), got {len(generator)} items.")
             return list(generator)
@@ -780,125 +541,13 @@ class SFDLMGenerationMixin:
         seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=device).tolist()
         return [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
 
-    # ------------------------------------------------------------------ the loop
-    def _denoise_loop(self, plan: "_Plan", sampler: Sampler, config: SFDLMGenerationConfig, streamer,
-                      logits_processor, stopping_criteria):
-        canvas, free, attention = plan.canvas, plan.free, plan.attention
-        rows = canvas.shape[0]
-        device = canvas.device
-        schedule = self.diffusion.schedule
-        padded = not bool(attention.all())
-        model_attention = attention if padded else None
-        time_conditioned = bool(getattr(self.config, "time_conditioning", True))
-        passes = torch.zeros(rows, dtype=torch.long, device=device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        history: list[torch.Tensor] = []
-        # prediction cache: raw logits of each row, the canvas and t they were computed for
-        cache = {"logits": None, "canvas": torch.full_like(canvas, -1), "t": torch.full((rows,), -1.0, dtype=torch.float64)}
-        start = int(free.any(0).nonzero()[0]) if free.any() else canvas.shape[1]
-        if streamer is not None:
-            streamer.put(canvas[:, :start].cpu())
-
-        def denoise(ids: torch.Tensor, t: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-            passes[which] += 1
-            mask = None if model_attention is None else model_attention[which]
-            return self.denoise(ids, t.to(device=device, dtype=torch.float32), mask)
-
-        def logits_at(step_canvas, t, positions, processed=True):
-            # MDLM's cache: a row is evaluated again only if its canvas (or, for noise-conditioned models, t) moved
-            stale = (cache["canvas"] != step_canvas).any(-1)
-            if time_conditioned:
-                stale |= cache["t"].to(device) != t
-            stale &= positions.any(-1)
-            if stale.any():
-                which = stale.nonzero().squeeze(-1)
-                fresh = denoise(step_canvas[which], t[which], which)
-                if len(which) == rows:
-                    cache["logits"] = fresh
-                else:
-                    if cache["logits"] is None:
-                        cache["logits"] = torch.zeros(rows, *fresh.shape[1:], dtype=fresh.dtype, device=device)
-                    cache["logits"][which] = fresh
-                cache["canvas"][which] = step_canvas[which]
-                cache["t"][which.cpu()] = t[which].cpu()
-            logits = cache["logits"]
-            if not processed:
-                return logits[positions]
-            if logits_processor is not None:
-                logits = logits_processor(step_canvas, logits.clone())
-            logits = logits[positions]
-            if self.diffusion.process == "uniform" and plan.mask_id is not None:
-                logits = logits.clone()
-                logits[:, plan.mask_id] = -math.inf  # a uniform model never writes the mask token
-            return filter_logits(logits.float(), config.temperature, config.top_k, config.top_p)
-
-        for block_index, num_steps in enumerate(plan.steps):
-            in_block = free & (plan.block == block_index)
-            stable_for = torch.zeros(rows, dtype=torch.long, device=device)
-            block_done = torch.zeros(rows, dtype=torch.bool, device=device)
-            for k in range(num_steps, 0, -1):
-                if self.diffusion.process == "absorbing":  # a block without masks has nothing left to do
-                    block_done |= ~(in_block & (canvas == plan.mask_id)).any(-1)
-                update = in_block & ~(finished | block_done).unsqueeze(-1)
-                if not update.any():
-                    break
-                t = torch.full((rows,), k / num_steps, dtype=torch.float64, device=device)
-                s = torch.full((rows,), (k - 1) / num_steps, dtype=torch.float64, device=device)
-                step = SamplingStep(
-                    canvas=canvas, update_mask=update, t=t, s=s, alpha_t=schedule.alpha(t), alpha_s=schedule.alpha(s),
-                    is_last=k == 1, greedy=config.temperature == 0, diffusion=self.diffusion,
-                    generators=plan.generators, config=config,
-                    _logits_at=lambda positions, processed=True, c=canvas, t=t: logits_at(c, t, positions, processed),
-                    _denoise=lambda ids, t_: denoise(ids, t_, torch.arange(rows, device=device)),
-                )
-                new = sampler(step)
-                if new.shape != canvas.shape or bool(((new != canvas) & ~update).any()):
-                    raise RuntimeError(f"Sampler {sampler.name!r} changed positions outside `update_mask`.")
-                changed = (new != canvas).any(-1)
-                canvas = new
-                if config.stop_when_stable:
-                    clean = ~(in_block & (canvas == plan.mask_id)).any(-1) if plan.mask_id is not None else True
-                    stable_for = torch.where(changed, torch.zeros_like(stable_for), stable_for + 1)
-                    block_done |= (stable_for >= config.stop_when_stable) & clean
-                if stopping_criteria is not None:
-                    finished |= stopping_criteria(canvas, None).to(device)
-                if config.output_history:
-                    history.append(canvas.clone())
-                if streamer is not None and hasattr(streamer, "put_draft"):
-                    streamer.put_draft(canvas[:, start:].cpu())
-            if plan.eos_ids is not None and len(plan.steps) > 1:
-                # a row whose generated text has ended skips the later blocks (they become padding)
-                done = free & (plan.block <= block_index) & torch.isin(canvas, plan.eos_ids)
-                finished |= done.any(-1)
-                if finished.all():
-                    break
-
-        canvas = self._pad_after_eos(canvas, free, plan)
-        if streamer is not None:
-            streamer.put(canvas[:, start:].cpu())
-            streamer.end()
-        if not (config.return_dict_in_generate or config.output_history):
-            return canvas
-        return SFDLMGenerationOutput(sequences=canvas, num_forward_passes=passes,
-                                     history=tuple(history) if config.output_history else None)
-
-    @staticmethod
-    def _pad_after_eos(canvas: torch.Tensor, free: torch.Tensor, plan: "_Plan") -> torch.Tensor:
-        """Generated positions after a row's first generated EOS become padding."""
-        if plan.eos_ids is None:
-            return canvas
-        is_eos = free & torch.isin(canvas, plan.eos_ids)
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        return canvas.masked_fill(free & after_eos, plan.pad_id)
-
     # ------------------------------------------------------------------ loading
     def adjust_generation_fn(self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path,
                              *args, **kwargs):
         """At `from_pretrained` time: use the given generation config, else the checkpoint's
         `generation_config.json` as an `SFDLMGenerationConfig` (else keep the one built from the model config)."""
         if generation_config is not None:
-            self.generation_config = self.generation_config_class.from_dict(
-                {k: v for k, v in generation_config.to_dict().items() if hasattr(SFDLMGenerationConfig(), k)})
+            self.generation_config = SFDLMGenerationConfig.from_generation_config(generation_config)
             return
         if pretrained_model_name_or_path is None:
             return
@@ -913,6 +562,8 @@ class SFDLMGenerationMixin:
 
 @dataclass
 class _Plan:
+    """The checked inputs of one `generate` call: the first canvas and everything fixed during the run."""
+
     canvas: torch.Tensor
     free: torch.Tensor
     attention: torch.Tensor
@@ -923,12 +574,197 @@ class _Plan:
     mask_id: int | None
     eos_ids: torch.Tensor | None
     pad_id: int | None
-    prompt_length: int
+    config: SFDLMGenerationConfig
+    greedy: bool
+
+
+class Denoiser:
+    """The network as the samplers see it during one `generate` call.
+
+    `denoiser(canvas, t, positions, processed=True)` returns (N, V) float32 logits at the N `True` entries of
+    `positions` (B, L), row-major: the model's LM head runs at those positions only, rows without one make
+    no forward pass, and, for models that are not noise-conditioned, a row whose canvas has not changed since
+    its last evaluation reuses the logits computed then if they cover the positions asked for (MDLM's cache).
+    Processed logits went through the logits processors, the uniform process's mask-token ban and the
+    temperature / top-k / top-p filters. Counts forward passes and head positions per row.
+    """
+
+    def __init__(self, model, plan: _Plan, config: SFDLMGenerationConfig, logits_processor=None):
+        rows, length = plan.canvas.shape
+        device = plan.canvas.device
+        self.model = model
+        self.config = config
+        self.attention = None if bool(plan.attention.all()) else plan.attention
+        self.time_conditioned = bool(getattr(model.config, "time_conditioning", True))
+        if isinstance(logits_processor, (list, tuple)) and not callable(logits_processor):
+            logits_processor = LogitsProcessorList(logits_processor)  # a plain list works, as in transformers
+        self.processors = logits_processor
+        parameters = inspect.signature(model.denoise).parameters
+        self.head_on_positions = "positions" in parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        self.banned = plan.mask_id if model.diffusion.process == "uniform" and plan.mask_id is not None else None
+        low_precision = config.compute_dtype in ("bfloat16", "float16")
+        self.autocast = (torch.autocast(device.type, dtype=getattr(torch, config.compute_dtype)) if low_precision
+                         else contextlib.nullcontext())
+        self.passes = torch.zeros(rows, dtype=torch.long, device=device)
+        self.head_positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.cache_canvas = torch.full_like(plan.canvas, -1)
+        self.cache_positions = torch.zeros(rows, length, dtype=torch.bool, device=device)
+        self.cache_logits: torch.Tensor | None = None  # (cache_positions.sum(), V), row-major
+
+    def __call__(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
+                 processed: bool = True) -> torch.Tensor:
+        logits = self.raw_logits(canvas, t, positions)
+        if not processed:
+            return logits
+        if self.processors is not None:
+            logits = self.processors(canvas[positions.nonzero()[:, 0]], logits)
+        if self.banned is not None:
+            logits[:, self.banned] = -math.inf  # a uniform model never writes the mask token
+        return filter_logits(logits, self.config.temperature, self.config.top_k, self.config.top_p)
+
+    def raw_logits(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        asked = positions.any(-1)
+        if not asked.any():
+            return torch.zeros(0, self.model.config.vocab_size, device=canvas.device)
+        if self.time_conditioned:  # a new t means a new evaluation: no cache
+            return self._evaluate(canvas, t, positions, asked)
+        valid = (self.cache_canvas == canvas).all(-1)
+        self._forget(~valid)
+        hit = asked & valid & ~(positions & ~self.cache_positions).any(-1)
+        stale = asked & ~hit
+        fresh = self._evaluate(canvas, t, positions, stale) if stale.any() else None
+        if not hit.any():
+            logits = fresh
+        else:
+            logits = torch.empty(int(positions.sum()), self.cache_logits.shape[-1], device=canvas.device)
+            row_of = positions.nonzero()[:, 0]
+            if fresh is not None:
+                logits[stale[row_of]] = fresh
+            logits[hit[row_of]] = self.cache_logits[self._cache_index()[positions & hit.unsqueeze(-1)]]
+        self._remember(canvas, positions, asked, logits)
+        return logits.clone()  # callers may change it in place; the cache keeps the raw logits
+
+    def _evaluate(self, canvas, t, positions, rows) -> torch.Tensor:
+        which = rows.nonzero().squeeze(-1)
+        self.passes[which] += 1
+        self.head_positions[which] += positions[which].sum(-1)
+        mask = None if self.attention is None else self.attention[which]
+        with self.autocast:
+            if self.head_on_positions:
+                logits = self.model.denoise(canvas[which], t[which].float(), mask, positions=positions[which])
+            else:  # a `denoise` without `positions` (B, L, V)
+                logits = self.model.denoise(canvas[which], t[which].float(), mask)[positions[which]]
+        return logits.float()
+
+    def _cache_index(self) -> torch.Tensor:
+        return self.cache_positions.flatten().cumsum(0).view_as(self.cache_positions) - 1
+
+    def _forget(self, rows: torch.Tensor) -> None:
+        """Drop the cached logits of `rows` (B,) (their canvas or t moved on), freeing them before evaluating."""
+        drop = self.cache_positions & rows.unsqueeze(-1)
+        if not drop.any():
+            return
+        keep = self.cache_positions & ~drop
+        self.cache_logits = self.cache_logits[keep[self.cache_positions]] if keep.any() else None
+        self.cache_positions = keep
+
+    def _remember(self, canvas, positions, asked, logits) -> None:
+        """The logits of the rows just asked replace theirs in the cache; other rows' entries stay."""
+        keep = self.cache_positions & ~asked.unsqueeze(-1)
+        if keep.any():
+            merged = positions | keep
+            index = merged.flatten().cumsum(0).view_as(merged) - 1
+            values = torch.empty(int(merged.sum()), logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            values[index[positions]] = logits
+            values[index[keep]] = self.cache_logits[self._cache_index()[keep]]
+            self.cache_positions, self.cache_logits = merged, values
+        else:
+            self.cache_positions, self.cache_logits = positions.clone(), logits
+        self.cache_canvas[asked] = canvas[asked]
+
+
+@dataclass
+class _Run:
+    """The mutable state of one `generate` call: the canvas, finished rows, history and stream."""
+
+    canvas: torch.Tensor
+    finished: torch.Tensor
+    network: Denoiser
+    streamer: Any
+    stopping_criteria: Any
+    first_generated: int  # the streamer gets the canvas before this position once
+    history: list = field(default_factory=list)
+    stable_for: torch.Tensor | None = None
+    block_done: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, plan: _Plan, network: Denoiser, streamer, stopping_criteria) -> "_Run":
+        canvas = plan.canvas
+        first = int(plan.free.any(0).nonzero()[0]) if plan.free.any() else canvas.shape[1]
+        if streamer is not None:
+            streamer.put(canvas[:, :first].cpu())
+        finished = torch.zeros(canvas.shape[0], dtype=torch.bool, device=canvas.device)
+        return cls(canvas, finished, network, streamer, stopping_criteria, first)
+
+    def start_block(self) -> None:
+        self.stable_for = torch.zeros_like(self.finished, dtype=torch.long)
+        self.block_done = torch.zeros_like(self.finished)
+
+    def masked_in_block(self, plan: _Plan, block: int) -> torch.Tensor:
+        """(B,) whether a row's block still holds a mask token."""
+        if plan.mask_id is None:
+            return torch.zeros_like(self.finished)
+        return (plan.free & (plan.block == block) & (self.canvas == plan.mask_id)).any(-1)
+
+    def updatable(self, plan: _Plan, block: int, process: str) -> torch.Tensor:
+        """(B, L) the positions the next step may change: the block's, in rows neither finished nor done."""
+        if process == "absorbing":  # a block without masks has nothing left to do
+            self.block_done |= ~self.masked_in_block(plan, block)
+        return plan.free & (plan.block == block) & ~(self.finished | self.block_done).unsqueeze(-1)
+
+    def advance(self, new: torch.Tensor, plan: _Plan, block: int) -> None:
+        """Take the sampler's canvas; update the stability counters, stopping criteria, history, stream."""
+        changed = (new != self.canvas).any(-1)
+        self.canvas = new
+        config = plan.config
+        if config.stop_when_stable:
+            self.stable_for = torch.where(changed, torch.zeros_like(self.stable_for), self.stable_for + 1)
+            self.block_done |= (self.stable_for >= config.stop_when_stable) & ~self.masked_in_block(plan, block)
+        if self.stopping_criteria is not None:
+            self.finished |= self.stopping_criteria(new, None).to(new.device)
+        if config.output_history:
+            self.history.append(new.clone())
+        if self.streamer is not None and hasattr(self.streamer, "put_draft"):
+            self.streamer.put_draft(new[:, self.first_generated:].cpu())
+
+    def all_finished_after(self, plan: _Plan, block: int) -> bool:
+        """With several blocks, a row whose generated text has ended skips the later ones (they become padding)."""
+        if plan.eos_ids is None or len(plan.steps) == 1:
+            return False
+        self.finished |= (plan.free & (plan.block <= block) & torch.isin(self.canvas, plan.eos_ids)).any(-1)
+        return bool(self.finished.all())
+
+    def finish(self, plan: _Plan):
+        canvas = self.canvas
+        if plan.eos_ids is not None:  # generated positions after a row's first generated EOS become padding
+            is_eos = plan.free & torch.isin(canvas, plan.eos_ids)
+            after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+            canvas = canvas.masked_fill(plan.free & after_eos, plan.pad_id)
+        if self.streamer is not None:
+            self.streamer.put(canvas[:, self.first_generated:].cpu())
+            self.streamer.end()
+        config = plan.config
+        if not (config.return_dict_in_generate or config.output_history):
+            return canvas
+        return SFDLMGenerationOutput(sequences=canvas, num_forward_passes=self.network.passes,
+                                     history=tuple(self.history) if config.output_history else None)
 
 
 __all__ = [
     "AncestralSampler",
     "ConfidenceSampler",
+    "Denoiser",
     "SAMPLERS",
     "SFDLMGenerationConfig",
     "SFDLMGenerationMixin",

@@ -6,21 +6,32 @@ generation config if saved, and the model card (written first if the folder has 
 `commit_operations(model_dir)` returns the exact `CommitOperationAdd` list it would send, so it can be
 inspected (or tested) without the network. Adapter folders (`adapter_config.json`) push the same way.
 
-`load_pretrained(repo_id_or_dir)` is `AutoModel.from_pretrained(..., trust_remote_code=True)`, which
-also understands adapter repos (base from `adapter_config.json`, then `hf_sfdlm.lora.load_adapter`).
+Before anything is uploaded, `verify_model_folder` checks that the folder loads: every file's integrity
+(`hf_sfdlm.integrity`: safetensors headers and sizes, checksums, JSON files, tokenizer), then the model
+itself with one tiny forward pass. Only the folder's regular files are sent: a symbolic link (or any other
+non-regular file) that is not excluded is refused, never followed. `dry_run=True` writes nothing.
+
+`load_pretrained(repo_id_or_dir)` loads a model, or an adapter on its base (`adapter_config.json`, then
+`hf_sfdlm.lora.load_adapter`), after the same integrity checks and the consent rules of
+`hf_sfdlm.remote_code`: no code from the folder runs unless `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
-from .model_card import CARD_FILE, is_repo_id, is_sfdlm_card, validate_model_card, write_model_card
+from . import integrity
+from .model_card import (CARD_FILE, CARD_RECORD, check_card_data, is_repo_id, is_sfdlm_card, render_model_card,
+                         validate_model_card, write_model_card)
+from .remote_code import check_folder_code, check_trust_remote_code
 
 # Never uploaded: training state, logs and caches that may sit next to the final weights in a run's output
 # folder, and the other models a run saves there (`best/`, `merged/`: push those folders on their own).
@@ -77,10 +88,7 @@ def check_model_folder(model_dir: str | os.PathLike) -> str:
         if not (folder / "adapter_model.safetensors").is_file():
             raise ValueError(f"Adapter folder {str(folder)!r} has no adapter_model.safetensors.")
         return kind
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(folder / 'config.json')!r} is not valid JSON: {error}") from error
+    config = integrity.read_json(folder / "config.json")
     if config.get("model_type") != "sfdlm":
         raise ValueError(f"{str(folder / 'config.json')!r} has model_type {config.get('model_type')!r}, expected 'sfdlm'.")
     auto_map = config.get("auto_map") or {}
@@ -98,21 +106,22 @@ def check_model_folder(model_dir: str | os.PathLike) -> str:
     return kind
 
 
-def _adapter_base_repo(adapter_dir: str | os.PathLike, base_model: str | None) -> str:
-    """The Hub repo id of an adapter's base: `base_model` if given (then also written into
-    adapter_config.json, so `load_pretrained` and `AutoPeftModel` find the base from the Hub), else the
-    adapter's `base_model_name_or_path`, which must then be a repo id rather than a local folder."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+def _adapter_config_for_push(adapter_dir: Path, base_model: str | None) -> tuple[str, bytes | None]:
+    """The Hub repo id of an adapter's base, and the adapter_config.json to upload if it must change.
+
+    The base is `base_model` if given (then also written into the uploaded adapter_config.json, so
+    `load_pretrained` and `AutoPeftModel` find the base from the Hub), else the adapter's
+    `base_model_name_or_path`, which must then be a repo id rather than a local folder."""
+    config = integrity.read_json(adapter_dir / "adapter_config.json")
     recorded = config.get("base_model_name_or_path")
     chosen = base_model or recorded
     if not chosen or not is_repo_id(chosen):
         raise ValueError(f"The adapter's base model {chosen!r} is not a Hub repo id, so nobody could load the "
                          "pushed adapter: name the base's repo with base_model='org/name' (`--base-model`).")
-    if chosen != recorded:
-        config["base_model_name_or_path"] = chosen
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return chosen
+    if chosen == recorded:
+        return chosen, None
+    config["base_model_name_or_path"] = chosen
+    return chosen, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _card_is_current(path: Path, base_model: str | None) -> bool:
@@ -121,39 +130,141 @@ def _card_is_current(path: Path, base_model: str | None) -> bool:
     return base_model is None or validate_model_card(path).data.base_model == base_model
 
 
+# An absolute path in prose: `/first/...` (or `~/...`, `C:\...`) after a space, quote, bracket or table bar.
+_PATH_IN_TEXT = re.compile(r"""(?:^|[\s`'"(\[|=:])((?:/|~/|[A-Za-z]:\\)[^\s`'")\]|,]+)""", re.MULTILINE)
+
+
+def _is_local_path(value: str) -> bool:
+    """An absolute local path: `/x/...` whose top folder exists on this machine, `~/...`, or `C:\\...`."""
+    if value.startswith("~") or re.match(r"^[A-Za-z]:[\\/]", value):
+        return True
+    if not value.startswith("/") or value.startswith("//"):
+        return False
+    top = value.strip("/").split("/", 1)[0]
+    return bool(top) and os.path.exists("/" + top)
+
+
+def local_paths_in_card(text: str) -> list[str]:
+    """The absolute local paths a model card's text (metadata and prose) carries."""
+    found = [match.group(1).rstrip(".;") for match in _PATH_IN_TEXT.finditer(text)]
+    return sorted({path for path in found if _is_local_path(path)})
+
+
+def _card_bytes(folder: Path, repo_id: str, card_kwargs: dict) -> bytes:
+    card = render_model_card(folder=folder, repo_id=repo_id, **card_kwargs)
+    check_card_data(card.data)
+    return str(card).encode("utf-8")
+
+
+def _folder_entries(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """The folder's regular files (relative POSIX paths, sorted), and every other entry (symbolic links
+    to files or folders, FIFOs, ...) with what it is. Symbolic links to folders are not entered."""
+    files, others = [], {}
+    for root, dirs, names in os.walk(folder):  # followlinks=False
+        base = Path(root)
+        for name in dirs:
+            if (base / name).is_symlink():
+                others[(base / name).relative_to(folder).as_posix() + "/*"] = f"a link to {os.readlink(base / name)!r}"
+        for name in names:
+            path = base / name
+            relative = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                others[relative] = f"a symbolic link to {os.readlink(path)!r}"
+            elif path.is_file():
+                files.append(relative)
+            else:
+                others[relative] = "not a regular file"
+    return sorted(files), others
+
+
 def commit_operations(model_dir: str | os.PathLike, allow_patterns: Sequence[str] | None = None,
-                      ignore_patterns: Sequence[str] | None = None) -> list[CommitOperationAdd]:
-    """The exact `CommitOperationAdd`s `push_model` sends: every file of the folder (recursively, sorted),
-    minus `DEFAULT_IGNORE_PATTERNS` and `ignore_patterns`, restricted to `allow_patterns` if given."""
+                      ignore_patterns: Sequence[str] | None = None,
+                      generated: dict[str, bytes] | None = None) -> list[CommitOperationAdd]:
+    """The exact `CommitOperationAdd`s `push_model` sends: every regular file of the folder (recursively,
+    sorted), minus `DEFAULT_IGNORE_PATTERNS` and `ignore_patterns`, restricted to `allow_patterns` if given.
+    `generated` (`{name: bytes}`) adds or replaces files with in-memory contents (what a dry run would write).
+
+    A symbolic link, or any other entry that is not a regular file, which the patterns do not exclude is
+    refused with a `ValueError`: push never follows links (one could point at a token outside the folder).
+    """
     folder = Path(model_dir)
     check_model_folder(folder)
-    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    kept = filter_repo_objects(files, allow_patterns=allow_patterns,
-                               ignore_patterns=list(DEFAULT_IGNORE_PATTERNS) + list(ignore_patterns or []))
-    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in kept]
+    generated = dict(generated or {})
+    files, others = _folder_entries(folder)
+    ignore = list(DEFAULT_IGNORE_PATTERNS) + list(ignore_patterns or [])
+    refused = [f"{name.removesuffix('/*')} ({what})" for name, what in others.items()
+               if name not in generated and list(filter_repo_objects([name], allow_patterns=allow_patterns,
+                                                                     ignore_patterns=ignore))]
+    if refused:
+        raise ValueError(f"{str(folder)!r} holds entries that are not regular files: {'; '.join(refused)}. "
+                         "Push uploads only the folder's regular files and never follows links: replace each by a "
+                         "copy, remove it, or exclude it with ignore_patterns.")
+    names = sorted(set(files) | set(generated))
+    kept = filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore)
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=generated.get(name, str(folder / name)))
+            for name in kept]
+
+
+def _tiny_forward(model, folder: Path) -> None:
+    """One forward pass on a few tokens at noise level 0.5; `ValueError` on a NaN or +inf logit."""
+    import torch
+
+    config = model.config
+    length = 2 * math.prod(getattr(config, "pool_factors", None) or [1])
+    ids = torch.arange(length, device=model.device).remainder(config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, timesteps=torch.full((1,), 0.5, device=model.device)).logits
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise ValueError(f"The model in {str(folder)!r} loads but its forward pass gives NaN or inf logits: its "
+                         "weights are corrupt (or were saved after training diverged).")
+
+
+def verify_model_folder(model_dir: str | os.PathLike, trust_remote_code: bool = False) -> str:
+    """Check that a folder would load for its users; returns its kind. Runs `hf_sfdlm.integrity.check_folder`
+    (safetensors headers and sizes, `checksums.json`, every JSON file, tokenizer files); for a model, also
+    loads it with `load_pretrained` (consent rules included; on the CPU) and runs one
+    tiny forward pass, and loads its tokenizer when it has one. An adapter's base is not loaded (it may
+    live only on the Hub): adapters get the file checks only."""
+    folder = Path(model_dir)
+    kind = check_model_folder(folder)
+    if kind == "adapter":
+        integrity.check_folder(folder)
+    else:  # load_pretrained runs the same file checks first
+        _tiny_forward(load_pretrained(folder, trust_remote_code=trust_remote_code).eval(), folder)
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            try:
+                load_tokenizer(folder, trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(f"The tokenizer in {str(folder)!r} does not load: {error}") from error
+    return kind
 
 
 def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | None = None,
                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
                token: str | None = None, write_card: bool = True, allow_patterns: Sequence[str] | None = None,
                ignore_patterns: Sequence[str] | None = None, api: HfApi | None = None, dry_run: bool = False,
-               **card_kwargs):
+               trust_remote_code: bool = False, **card_kwargs):
     """Upload a saved SFDLM model or adapter folder to the Hub in one commit.
 
-    Everything is checked before the first request: the repo id (huggingface_hub's validator), the
-    revision, the folder (config, auto_map and remote code, safetensors weights). If the folder has no
-    valid SFDLM model card, one is written into it first (`write_model_card`, `card_kwargs` passed on).
+    Everything is checked before the first request and before anything is written: the repo id
+    (huggingface_hub's validator), the revision, the folder (config, auto_map and remote code, safetensors
+    weights; only regular files, see `commit_operations`), that it loads (`verify_model_folder`: file
+    integrity, the model and one tiny forward, the tokenizer), and that the card carries no local absolute
+    path. If the folder has no valid SFDLM model card, one is rendered (`render_model_card`, `card_kwargs`
+    passed on) and written into the folder, except with `dry_run`, which writes nothing anywhere.
 
     Args:
         model_dir: a `save_pretrained` folder, or an adapter folder from `hf_sfdlm.lora.save_adapter`.
         repo_id: `"org/name"` (or `"name"` for your own namespace); created if it does not exist.
         private: visibility of a newly created repo (ignored when it exists).
         revision: branch to commit to (created from the default branch if needed); None: default branch.
-        card_kwargs: for `write_model_card` (`license`, `datasets`, ...). For an adapter, `base_model` names
+        card_kwargs: for `render_model_card` (`license`, `datasets`, ...). For an adapter, `base_model` names
             the base's Hub repo (required when adapter_config.json records a local folder).
         create_pr: open a pull request with the commit instead of committing to the branch.
         api: an `HfApi` to use (defaults to `HfApi(token=token)`).
-        dry_run: stop before the first request and return the commit operations.
+        dry_run: stop before the first request and return the commit operations; nothing is written.
+        trust_remote_code: allow loading a folder whose code differs from the installed hf_sfdlm's for the
+            verification (see `hf_sfdlm.remote_code`).
 
     Returns:
         The `CommitInfo` of `HfApi.create_commit` (its `pr_url` is set when `create_pr`), or with
@@ -165,12 +276,32 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
         raise TypeError(f"`create_pr` must be a bool, got {create_pr!r}.")
     if private is not None and not isinstance(private, bool):
         raise TypeError(f"`private` must be a bool or None, got {private!r}.")
-    kind = check_model_folder(model_dir)
+    check_trust_remote_code(trust_remote_code)
+    folder = Path(model_dir)
+    kind = check_model_folder(folder)
+    commit_operations(folder, allow_patterns, ignore_patterns)  # refuses links before any slower check
+    verify_model_folder(folder, trust_remote_code=trust_remote_code)
+    generated: dict[str, bytes] = {}
     if kind == "adapter":
-        card_kwargs["base_model"] = _adapter_base_repo(model_dir, card_kwargs.get("base_model"))
-    if write_card and not _card_is_current(Path(model_dir) / CARD_FILE, card_kwargs.get("base_model")):
-        write_model_card(model_dir, repo_id=repo_id, **card_kwargs)
-    operations = commit_operations(model_dir, allow_patterns, ignore_patterns)
+        card_kwargs["base_model"], adapter_config = _adapter_config_for_push(folder, card_kwargs.get("base_model"))
+        if adapter_config is not None:
+            generated["adapter_config.json"] = adapter_config
+    if write_card and not _card_is_current(folder / CARD_FILE, card_kwargs.get("base_model")):
+        generated[CARD_FILE] = _card_bytes(folder, repo_id, card_kwargs)
+    card_text = generated[CARD_FILE].decode("utf-8") if CARD_FILE in generated else \
+        (folder / CARD_FILE).read_text(encoding="utf-8", errors="replace") if (folder / CARD_FILE).is_file() else ""
+    paths = local_paths_in_card(card_text)
+    if paths:
+        raise ValueError(f"The model card {str(folder / CARD_FILE)!r} carries local absolute path(s) {paths}, which "
+                         f"would be published: replace them (e.g. by a dataset's Hub id or file name) in the card and "
+                         f"in {CARD_RECORD}, from which a fresh card would be rendered.")
+    if not dry_run:
+        if "adapter_config.json" in generated:
+            (folder / "adapter_config.json").write_bytes(generated["adapter_config.json"])
+        if CARD_FILE in generated:  # the same rendering, saved with its record (`model_card.CARD_RECORD`)
+            write_model_card(folder, repo_id=repo_id, **card_kwargs)
+        generated = {}
+    operations = commit_operations(folder, allow_patterns, ignore_patterns, generated=generated)
     if dry_run:
         return operations
     api = api or HfApi(token=token)
@@ -183,47 +314,77 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
     )
 
 
-def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None, is_trainable: bool = False,
-                    cache_dir: str | os.PathLike | None = None, **kwargs):
-    """Load an SFDLM model, or an adapter on its base, from a local folder or a Hub repo id.
+# Files `load_pretrained` takes from a Hub repo: what transformers reads, and what the checks read.
+_LOAD_PATTERNS = ["*.json", "*.py", "*.safetensors", "*.txt", "*.model"]
 
-    A local folder is checked first (missing config: `ValueError`); a repo id is validated and then
-    resolved by transformers/huggingface_hub (cache first; `HF_HUB_OFFLINE=1` uses only the cache).
-    `trust_remote_code=True` is implied: the model code comes from the checkpoint. `kwargs` go to
-    `from_pretrained` (e.g. `dtype`).
-    """
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+def _local_files(name_or_path: str | os.PathLike, revision: str | None, cache_dir) -> tuple[Path, str | None]:
+    """The local folder to check and load: the folder itself, or the Hub snapshot of a repo id (the cache
+    only when offline). Returns it with the snapshot's commit hash (None for a local folder)."""
+    local = Path(name_or_path)
+    if str(name_or_path) and local.is_dir():
+        return local, None
+    from huggingface_hub import snapshot_download
+
+    check_repo_id(str(name_or_path))
+    snapshot = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=_LOAD_PATTERNS))
+    return snapshot, snapshot.name
+
+
+def _load_model(name_or_path, folder: Path, commit: str | None, cache_dir, trust_remote_code: bool, kwargs):
     from transformers import AutoModel
 
-    local = Path(name_or_path)
-    is_local = bool(str(name_or_path)) and local.is_dir()
-    if is_local:
-        kind = folder_kind(local)
-        adapter_config = local / "adapter_config.json" if kind == "adapter" else None
-    else:
-        check_repo_id(str(name_or_path))
-        try:
-            adapter_config = Path(hf_hub_download(str(name_or_path), "adapter_config.json", revision=revision,
-                                                  cache_dir=cache_dir))
-        except (EntryNotFoundError, LocalEntryNotFoundError):
-            adapter_config = None
-    if adapter_config is None:
-        return AutoModel.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=True,
-                                         cache_dir=cache_dir, **kwargs)
+    config = integrity.read_json(folder / "config.json")
+    trust = check_folder_code(folder, config, trust_remote_code, name=str(name_or_path))
+    # A repo id is loaded at the commit that was checked, not whatever the branch points to a moment later.
+    return AutoModel.from_pretrained(str(name_or_path) if commit else str(folder), revision=commit,
+                                     trust_remote_code=trust, cache_dir=cache_dir, **kwargs)
+
+
+def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None, is_trainable: bool = False,
+                    cache_dir: str | os.PathLike | None = None, trust_remote_code: bool = False, **kwargs):
+    """Load an SFDLM model, or an adapter on its base, from a local folder or a Hub repo id.
+
+    A local folder is used as it is; a repo id is validated and its snapshot resolved by huggingface_hub
+    (cache first; `HF_HUB_OFFLINE=1` uses only the cache). Before loading, every file is checked
+    (`hf_sfdlm.integrity.check_folder`: errors name the file) and no code from the folder runs unless
+    `trust_remote_code=True` (`hf_sfdlm.remote_code.check_folder_code`: SFDLM folders load with the
+    installed classes; one whose code differs from the installed package's is refused). The same applies
+    to an adapter's base. `kwargs` go to `from_pretrained` (e.g. `dtype`).
+    """
+    check_trust_remote_code(trust_remote_code)
+    folder, commit = _local_files(name_or_path, revision, cache_dir)
+    kind = folder_kind(folder)
+    integrity.check_folder(folder)
+    if kind == "model":
+        return _load_model(name_or_path, folder, commit, cache_dir, trust_remote_code, kwargs)
     from .lora import load_adapter
 
-    base_name = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base_name = integrity.read_json(folder / "adapter_config.json").get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"The adapter {str(name_or_path)!r} does not name its base model "
                          "(base_model_name_or_path is empty in adapter_config.json).")
-    base = AutoModel.from_pretrained(base_name, trust_remote_code=True, cache_dir=cache_dir, **kwargs)
-    if is_local:
-        adapter_dir = str(local)
-    else:
-        adapter_dir = snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
-                                        allow_patterns=["adapter_*", "sfdlm_adapter.json"])
-    return load_adapter(base, adapter_dir, is_trainable=is_trainable)
+    base_folder, base_commit = _local_files(base_name, None, cache_dir)
+    if folder_kind(base_folder) != "model":
+        raise ValueError(f"The base {base_name!r} of the adapter {str(name_or_path)!r} is itself an adapter.")
+    integrity.check_folder(base_folder)
+    base = _load_model(base_name, base_folder, base_commit, cache_dir, trust_remote_code, kwargs)
+    return load_adapter(base, folder, is_trainable=is_trainable)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs):
+    """`AutoTokenizer.from_pretrained`, after checking a local folder's tokenizer files
+    (`hf_sfdlm.integrity.check_tokenizer_files`: a truncated tokenizer.json is refused naming the file)."""
+    from transformers import AutoTokenizer
+
+    from . import register_auto_classes
+
+    check_trust_remote_code(trust_remote_code)
+    register_auto_classes()  # AutoTokenizer reads an SFDLM folder's config.json: model_type 'sfdlm' must resolve
+    if str(name_or_path) and Path(name_or_path).is_dir():
+        integrity.check_tokenizer_files(name_or_path)
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
 __all__ = [
@@ -234,5 +395,8 @@ __all__ = [
     "commit_operations",
     "folder_kind",
     "load_pretrained",
+    "load_tokenizer",
+    "local_paths_in_card",
     "push_model",
+    "verify_model_folder",
 ]

@@ -45,11 +45,12 @@ class SFDLMEvalHarnessLM(LM):
         steps: denoising steps for `generate_until` (defaults to the number of new tokens).
         max_gen_toks: new tokens for `generate_until` when the task does not say.
         device: where to run the model. seed: seeds the Monte Carlo noise and the sampler.
+        trust_remote_code: allow running code shipped with `pretrained` (see `hf_sfdlm.remote_code`).
     """
 
     def __init__(self, pretrained, tokenizer=None, num_samples: int = 16, batch_size: int = 8,
                  max_length: int = 512, steps: int | None = None, max_gen_toks: int = 64,
-                 device: str = "cpu", seed: int = 0, **kwargs):
+                 device: str = "cpu", seed: int = 0, trust_remote_code: bool = False, **kwargs):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -58,14 +59,15 @@ class SFDLMEvalHarnessLM(LM):
                             ("max_gen_toks", max_gen_toks)):
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        model = load_model(pretrained, device=device) if isinstance(pretrained, str) else pretrained
+        model = load_model(pretrained, device=device, trust_remote_code=trust_remote_code) \
+            if isinstance(pretrained, str) else pretrained
         if not callable(getattr(model, "nelbo", None)) or not callable(getattr(model, "generate", None)):
             raise TypeError(f"`pretrained` must be a diffusion LM with `nelbo` and `generate`, got {type(model).__name__}.")
         if tokenizer is None or isinstance(tokenizer, str):
             source = tokenizer or (pretrained if isinstance(pretrained, str) else None)
             if source is None:
                 raise ValueError("Pass `tokenizer` when `pretrained` is a model object.")
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.num_samples, self.batch_size_per_call, self.max_length = num_samples, batch_size, max_length

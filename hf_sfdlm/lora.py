@@ -196,6 +196,9 @@ def save_adapter(peft_model: PeftModel, output_dir: str | os.PathLike, **kwargs)
     peft_model.save_pretrained(output_dir, **kwargs)
     with open(os.path.join(output_dir, ADAPTER_METADATA_FILE), "w", encoding="utf-8") as handle:
         json.dump(fingerprint, handle)
+    from .integrity import write_checksums
+
+    write_checksums(output_dir)  # checksums.json: SHA-256 of adapter_model.safetensors, verified on load
 
 
 def _adapter_weight_shapes(adapter_dir: str) -> dict[str, tuple[int, ...]]:

@@ -28,9 +28,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_sfdlm import SFDLMConfig
-from .diffusion import DiscreteDiffusion, NoiseSchedule, clean_and_scored, monte_carlo_nelbo, training_loss
+from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs
 from .generation_sfdlm import SFDLMGenerationMixin
-from .score_entropy import ScoreEntropy
 
 
 def _fft_precision(x: torch.Tensor):
@@ -365,21 +364,8 @@ class SFDLMModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor | None = None
 
 
-@dataclass
-class SFDLMDiffusionLMOutput(ModelOutput):
-    """Output of `SFDLMForDiffusionLM`.
-
-    Args:
-        loss: NELBO (or CE) per scored token, in nats, when `labels` were given.
-        logits: (B, L, V) logits of p_hat(x_0 | x_t). For absorbing models the mask logit is -inf.
-        noisy_input_ids: the corrupted x_t the network saw (when `labels` were given).
-        timesteps: (B,) noise levels t of each row (when `labels` were given).
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    noisy_input_ids: torch.Tensor | None = None
-    timesteps: torch.Tensor | None = None
+# Output of `SFDLMForDiffusionLM` (loss, logits, noisy_input_ids, timesteps): the shared head's.
+SFDLMDiffusionLMOutput = DiffusionLMOutput
 
 
 class SFDLMPreTrainedModel(PreTrainedModel):
@@ -444,23 +430,10 @@ class SFDLMModel(SFDLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Raise before any compute when ids, shapes or lengths are not what the model accepts."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
-                            f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-            raise ValueError(f"`input_ids` must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}.")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`="
-                             f"{self.config.max_position_embeddings}.")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"Token id {bad} is outside [0, vocab_size={self.config.vocab_size}).")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
-                             f"`input_ids` shape {tuple(input_ids.shape)}.")
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     timesteps: torch.Tensor | None = None) -> None:
+        """Raise before any compute when ids, mask, noise levels or lengths are not what the model accepts."""
+        check_inputs(self.config, input_ids, attention_mask, timesteps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None, **kwargs) -> SFDLMModelOutput:
@@ -472,7 +445,7 @@ class SFDLMModel(SFDLMPreTrainedModel):
                 sequence of their own length (rows of equal length share one pass).
             timesteps: (B,) or scalar noise levels t in [0, 1]; required when `time_conditioning`.
         """
-        self.check_inputs(input_ids, attention_mask)
+        self.check_inputs(input_ids, attention_mask, timesteps)
         cond = self._noise_condition(timesteps, input_ids.shape[0], input_ids.device)
         if attention_mask is None or bool(attention_mask.all()):
             return SFDLMModelOutput(last_hidden_state=self._backbone(input_ids, cond))
@@ -517,115 +490,61 @@ class SFDLMModel(SFDLMPreTrainedModel):
         return self.final_norm(x, cond)[0]
 
 
-class SFDLMForDiffusionLM(SFDLMGenerationMixin, SFDLMPreTrainedModel):
+class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTrainedModel):
     """SFDLM with its output head: predicts p_hat(x_0 | x_t) and, given `labels`, returns the NELBO.
 
+    `forward(labels=...)`, `nelbo` and the input checks are the shared diffusion-LM head's
+    (`diffusion_lm.DiffusionLMMixin`); this class adds the SFDLM backbone and `denoise`.
     `AutoModel` and `AutoModelForMaskedLM` both resolve to this class (the convention of diffusion-LM
     remote code such as Dream and LLaDA), so `AutoModel.from_pretrained(..., trust_remote_code=True)`
     gives a model that can compute likelihoods and generate.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    output_class = SFDLMDiffusionLMOutput
 
     def __init__(self, config: SFDLMConfig):
         super().__init__(config)
         self.model = SFDLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # objective="score_entropy" (SEDD): the head emits log-scores and the loss is the score entropy.
-        diffusion_cls = ScoreEntropy if config.objective == "score_entropy" else DiscreteDiffusion
-        self.diffusion = diffusion_cls.from_config(config)
+        self.init_diffusion()
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus an `auto_map` that sends both `AutoModel` and
         `AutoModelForMaskedLM` to this class, so `trust_remote_code=True` loading finds it either way.
-        The remote-code files (this module and its relative imports) are copied next to the weights."""
+        The remote-code files (this module and its relative imports) are copied next to the weights, and
+        `checksums.json` records the SHA-256 of the weight files (`hf_sfdlm.integrity`)."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         for auto_class in ("AutoModel", "AutoModelForMaskedLM"):
             auto_map[auto_class] = f"modeling_sfdlm.{SFDLMForDiffusionLM.__name__}"
         auto_map["AutoConfig"] = f"configuration_sfdlm.{SFDLMConfig.__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .integrity import write_checksums  # copied with the remote code (standard library only)
 
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head = new_embeddings
-
-    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
-        """`PreTrainedModel.resize_token_embeddings`, then the diffusion process is rebuilt for the new
-        vocabulary (the uniform prior is 1/V)."""
-        embeddings = super().resize_token_embeddings(*args, **kwargs)
-        self.diffusion = type(self.diffusion).from_config(self.config)
-        return embeddings
-
-    @property
-    def noise_schedule(self) -> NoiseSchedule:
-        return self.diffusion.schedule
+            write_checksums(save_directory)  # checksums.json: SHA-256 of the weights, verified on load
+        return result
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) of p_hat(x_0 | x_t) for already-corrupted ids x_t at noise levels t."""
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) of p_hat(x_0 | x_t) for already-corrupted ids x_t at noise levels t.
+
+        `positions` (B, L) bool: only the logits (N, V) at its N `True` entries, row-major; the output head
+        runs at those positions only (generation asks for the positions it samples).
+        """
         hidden = self.model(noisy_input_ids, attention_mask=attention_mask, timesteps=timesteps).last_hidden_state
-        logits = self.lm_head(hidden)
-        if self.config.process == "absorbing":
-            logits[..., self.config.mask_token_id] = -math.inf
-        return logits
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, **kwargs) -> SFDLMDiffusionLMOutput:
-        """
-        Without `labels`: `input_ids` are corrupted ids x_t at noise levels `timesteps`; returns logits.
-
-        With `labels` (clean ids, -100 where a position is not scored): positions with a label are
-        corrupted at a random noise level (stratified over the batch), the rest (prompts, padding) stay
-        as given in `input_ids` and condition the prediction. `loss` is the NELBO (or CE) per scored
-        token in nats, so `Trainer` and a plain accelerate loop both work.
-        """
-        if labels is None:
-            return SFDLMDiffusionLMOutput(logits=self.denoise(input_ids, timesteps, attention_mask))
-        self.model.check_inputs(input_ids, attention_mask)
-        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
-        self._check_clean_ids(x0, scored)
-        loss, logits, noisy, t = training_loss(
-            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
-        return SFDLMDiffusionLMOutput(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
-
-    def _check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
-        self.model.check_inputs(x0)
-        mask_id = self.config.mask_token_id
-        if self.config.process == "absorbing" and bool((x0[scored] == mask_id).any()):
-            raise ValueError(f"The clean tokens to score contain the mask token id {mask_id}; an absorbing "
-                             "model's data must not (set those labels to -100 to leave them unscored).")
-
-    @torch.no_grad()
-    def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None, num_samples: int = 16,
-              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
-        """Each sequence's NELBO in nats (an upper bound on -log p(x)), by Monte Carlo over noise levels.
-
-        The `num_samples` draws of each row are stratified over [0, 1). In continuous time the uniform
-        process's t = 0 reconstruction term is computed exactly with one extra pass. Positions with
-        `labels == -100` (or padding) condition the prediction and are not scored.
-
-        Returns:
-            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples`.
-        """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-        if self.config.objective not in ("elbo", "score_entropy"):
-            raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
-                             "a 'ce' model's loss is not a likelihood bound.")
-        self.model.check_inputs(input_ids, attention_mask)
-        x0, scored = clean_and_scored(input_ids, labels, attention_mask)
-        self._check_clean_ids(x0, scored)
-        continuous_uniform = (self.config.num_timesteps is None and self.config.process == "uniform"
-                              and self.config.objective == "elbo")  # the SEDD ELBO has no t = 0 term
-        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
-                                    num_samples, generator, exact_reconstruction=continuous_uniform)
-        return samples if return_samples else samples.mean(-1)
+        if positions is not None:
+            hidden = hidden[positions]
+        return self.diffusion.restrict_logits(self.lm_head(hidden))
 
 
 # `save_pretrained` copies the remote-code files and writes `auto_map` for registered classes.

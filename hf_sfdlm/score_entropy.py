@@ -62,12 +62,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .diffusion import DiscreteDiffusion, NoiseDraw, NoiseSchedule
+from .diffusion import AbsorbingDiffusion, DiscreteDiffusion, NoiseDraw, NoiseSchedule, UniformDiffusion
 
 GRAPHS = ("absorbing", "uniform")
-
-# Methods of `DiscreteDiffusion` that assume logits of p_hat(x_0 | x_t); a score model has none.
-_X0_ONLY = ("x0_probs", "reverse_probs", "posterior_probs", "kl_to_reverse")
+SCORE_PROCESSES: dict[str, type[ScoreEntropy]] = {}
 
 
 def _as_rows(value, batch: int, device) -> torch.Tensor:
@@ -89,13 +87,26 @@ def _categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torc
     return draws.view(probs.shape[:-1])
 
 
-class ScoreEntropy:
+def _x0_only(name: str) -> property:
+    """A method of the x_0 parameterisation, which a score model does not have."""
+
+    def refuse(self):
+        raise AttributeError(
+            f"`{name}` needs logits of p_hat(x_0 | x_t), but a score-entropy model emits log-scores; "
+            "use `x0_probs_from_log_scores(log_scores(outputs, x_t, t), x_t, t)` or the Tweedie/Euler steps.")
+
+    return property(refuse)
+
+
+class ScoreEntropy(DiscreteDiffusion):
     """SEDD for the absorbing and uniform graphs: score parameterisation, DSE loss, ELBO, conversions and
     the Tweedie tau-leaping and Euler sampler steps.
 
-    It offers the parts of `DiscreteDiffusion`'s interface that do not depend on the parameterisation
-    (`schedule`, `prior`, `corrupt`, `draw_noise`) and `loss_terms`, so `SFDLMForDiffusionLM` uses it as
-    its `diffusion` when `config.objective == "score_entropy"`.
+    A `DiscreteDiffusion` whose network emits log-scores: the forward process (`schedule`, `prior`,
+    `corrupt`, `draw_noise`) is inherited from `AbsorbingDiffusion` / `UniformDiffusion`;
+    `ScoreEntropy(vocab_size, graph, ...)` builds `AbsorbingScoreEntropy` or `UniformScoreEntropy`, which
+    hold each graph's closed forms. `SFDLMForDiffusionLM` uses it as its `diffusion` when
+    `config.objective == "score_entropy"`.
 
     Args:
         vocab_size: V, the number of token ids (the mask included, for the absorbing graph).
@@ -104,53 +115,40 @@ class ScoreEntropy:
         mask_token_id: the absorbing state (required for ``"absorbing"``).
     """
 
-    objective = "score_entropy"
-    num_timesteps = None  # continuous time only
+    parameterization = "score"
 
-    def __init__(self, vocab_size: int, graph: str, schedule: NoiseSchedule, mask_token_id: int | None = None):
-        if graph not in GRAPHS:
-            raise ValueError(f"`graph` must be one of {GRAPHS}, got {graph!r}.")
+    x0_probs = _x0_only("x0_probs")
+    x0_log_probs = _x0_only("x0_log_probs")
+    reverse_probs = _x0_only("reverse_probs")
+    posterior_probs = _x0_only("posterior_probs")
+    kl_to_reverse = _x0_only("kl_to_reverse")
+
+    def __new__(cls, vocab_size: int = 0, graph: str | None = None, *args, **kwargs):
+        if cls is ScoreEntropy:
+            if graph not in SCORE_PROCESSES:
+                raise ValueError(f"`graph` must be one of {GRAPHS}, got {graph!r}.")
+            cls = SCORE_PROCESSES[graph]
+        return object.__new__(cls)
+
+    def __init__(self, vocab_size: int, graph: str | None = None, schedule: NoiseSchedule | None = None,
+                 mask_token_id: int | None = None):
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"`vocab_size` must be an integer >= 2, got {vocab_size!r}.")
-        if graph == "absorbing" and not (isinstance(mask_token_id, int) and 0 <= mask_token_id < vocab_size):
-            raise ValueError(f"The absorbing graph needs `mask_token_id` in [0, {vocab_size}), got {mask_token_id!r}.")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"`schedule` must be a NoiseSchedule, got {type(schedule).__name__}.")
-        self.vocab_size = vocab_size
-        self.graph = self.process = graph
-        self.schedule = schedule
-        self.mask_token_id = mask_token_id if graph == "absorbing" else None
-        # Corruption and noise draws are the forward process's, whatever the parameterisation.
-        self._forward = DiscreteDiffusion(vocab_size, graph, schedule, None, self.mask_token_id, objective="ce")
+        mask_token_id = self._check_mask(vocab_size, mask_token_id)
+        super().__init__(vocab_size, graph, schedule, None, mask_token_id, objective="score_entropy")
 
     @classmethod
-    def from_config(cls, config) -> "ScoreEntropy":
-        return cls(config.vocab_size, config.process, NoiseSchedule.from_config(config), config.mask_token_id)
+    def objectives(cls) -> tuple[str, ...]:
+        return ("score_entropy",)
 
-    def __getattr__(self, name):
-        if name in _X0_ONLY:
-            raise AttributeError(
-                f"`{name}` needs logits of p_hat(x_0 | x_t), but a score-entropy model emits log-scores; "
-                "use `x0_probs_from_log_scores(log_scores(outputs, x_t, t), x_t, t)` or the Tweedie/Euler steps.")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    @property
+    def graph(self) -> str:
+        return self.process
 
-    # ------------------------------------------------------------------ the forward process
-    def prior(self, dtype=torch.float32, device=None) -> torch.Tensor:
-        """pi: (V,) probabilities of the fully corrupted state."""
-        return self._forward.prior(dtype, device)
-
-    def corrupt(self, x0, alpha_t, corruptible=None, generator=None) -> torch.Tensor:
-        """x_t ~ q(x_t | x_0), as `DiscreteDiffusion.corrupt`."""
-        return self._forward.corrupt(x0, alpha_t, corruptible, generator)
-
-    def draw_noise(self, batch_size: int, generator=None, device=None, u=None,
-                   reconstruction_probability: float = 0.0) -> NoiseDraw:
-        """Stratified t in [0, 1) with weight 1 (no reconstruction atom: the SEDD ELBO has none)."""
-        if reconstruction_probability != 0.0:
-            raise ValueError("The score-entropy ELBO has no t = 0 reconstruction term; "
-                             f"`reconstruction_probability` must be 0, got {reconstruction_probability!r}.")
-        return self._forward.draw_noise(batch_size, generator=generator, device=device, u=u,
-                                        reconstruction_probability=0.0)
+    def _check_mask(self, vocab_size: int, mask_token_id) -> int | None:
+        raise NotImplementedError
 
     def total_noise(self, t) -> torch.Tensor:
         """SEDD's sigma_bar(t) = -log alpha(t) (float64; +inf at t = 1)."""
@@ -168,12 +166,12 @@ class ScoreEntropy:
 
     def _on_graph(self, x_t: torch.Tensor) -> torch.Tensor:
         """(B, L, V) bool: y with a forward jump y -> x_t^i (the entries whose score matters)."""
-        self_mask = F.one_hot(x_t, self.vocab_size).bool()
-        if self.graph == "uniform":
-            return ~self_mask
-        edges = torch.ones_like(self_mask)
-        edges[..., self.mask_token_id] = False
-        return edges & (x_t == self.mask_token_id).unsqueeze(-1)
+        raise NotImplementedError
+
+    def _finish_scores(self, scores: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """-inf off the graph, 0 at y = x_t^i."""
+        scores = torch.where(self._on_graph(x_t), scores, torch.full_like(scores, -math.inf))
+        return scores.masked_fill(F.one_hot(x_t, self.vocab_size).bool(), 0.0)
 
     def log_scores(self, outputs: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """log s_theta(x_t, t): (B, L, V) from head outputs (see the module docstring for the scaling).
@@ -184,13 +182,10 @@ class ScoreEntropy:
         self._check(outputs, x_t)
         dtype = outputs.dtype if outputs.dtype in (torch.float32, torch.float64) else torch.float32
         alpha = self.schedule.alpha(_as_rows(t, x_t.shape[0], x_t.device)).view(-1, 1, 1)
-        if self.graph == "absorbing":
-            offset = torch.log(alpha) - torch.log1p(-alpha) - math.log(self.vocab_size - 1)
-            scores = outputs.to(dtype) + offset.to(dtype)
-        else:
-            scores = alpha.to(dtype) * outputs.to(dtype)
-        scores = torch.where(self._on_graph(x_t), scores, torch.full_like(scores, -math.inf))
-        return scores.masked_fill(F.one_hot(x_t, self.vocab_size).bool(), 0.0)
+        return self._finish_scores(self._scale_outputs(outputs.to(dtype), alpha), x_t)
+
+    def _scale_outputs(self, outputs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def log_scores_from_x0_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """The scores a model with posterior p_hat(x_0^i | x_t) implies: s_y = sum_v p_v q(y|v) / q(x_t^i|v).
@@ -199,16 +194,10 @@ class ScoreEntropy:
         """
         self._check(x0_probs, x_t)
         alpha = self.schedule.alpha(_as_rows(t, x_t.shape[0], x_t.device)).view(-1, 1, 1).to(x0_probs.dtype)
-        if self.graph == "absorbing":
-            scores = torch.log(x0_probs) + torch.log(alpha) - torch.log1p(-alpha)
-        else:
-            c = (1 - alpha) / self.vocab_size
-            p_x = x0_probs.gather(-1, x_t.unsqueeze(-1))
-            # W = sum_v p_v / q(x | v); s_y = alpha p_y / q(x | y) + c W, q(x | y) = c for y != x.
-            w = p_x / (alpha + c) + (1 - p_x) / c
-            scores = torch.log(alpha * x0_probs / c + c * w)
-        scores = torch.where(self._on_graph(x_t), scores, torch.full_like(scores, -math.inf))
-        return scores.masked_fill(F.one_hot(x_t, self.vocab_size).bool(), 0.0)
+        return self._finish_scores(self._scores_of_x0(x0_probs, x_t, alpha), x_t)
+
+    def _scores_of_x0(self, x0_probs, x_t, alpha) -> torch.Tensor:
+        raise NotImplementedError
 
     def x0_probs_from_log_scores(self, log_scores: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """p_hat(x_0^i | x_t) implied by the scores: Tweedie's formula from t to 0 (exact inverse of
@@ -216,13 +205,16 @@ class ScoreEntropy:
         onehot(x_t) elsewhere. Uniform: the affine inverse, which needs 0 < alpha_t < 1."""
         self._check(log_scores, x_t)
         alpha = self.schedule.alpha(_as_rows(t, x_t.shape[0], x_t.device))
-        if self.graph == "uniform" and bool(((alpha <= 0) | (alpha >= 1)).any()):
-            raise ValueError("The uniform graph's scores determine p(x_0 | x_t) only for 0 < t < 1 "
-                             f"(0 < alpha < 1), got alpha = {alpha.tolist()}.")
-        probs = self._tweedie(log_scores, x_t, alpha, torch.ones_like(alpha), from_outputs=False)
-        return probs / probs.sum(-1, keepdim=True) if self.graph == "absorbing" else probs
+        return self._x0_of_scores(log_scores, x_t, alpha)
+
+    def _x0_of_scores(self, log_scores, x_t, alpha) -> torch.Tensor:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ the loss
+    def _rate_in(self, r: torch.Tensor, dtype, device) -> torch.Tensor:
+        """Q(y -> x_t^i) for every y, shaped like `r`."""
+        raise NotImplementedError
+
     def score_entropy(self, log_scores: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """Per-position DSE integrand (B, L) for any log-scores, straight from the definition.
 
@@ -239,7 +231,7 @@ class ScoreEntropy:
         # q(y | x_0^i) for every y, and r_y = q(y | x_0) / q(x_t | x_0).
         q_y = alpha * F.one_hot(x0, self.vocab_size).to(dtype) + (1 - alpha) * pi
         r = q_y / q_y.gather(-1, x_t.unsqueeze(-1))
-        rate_in = pi.expand_as(r) if self.graph == "uniform" else torch.ones_like(r)  # Q(y -> x_t)
+        rate_in = self._rate_in(r, dtype, x_t.device)
         edges = self._on_graph(x_t)
         safe = torch.where(edges, log_scores, torch.zeros_like(log_scores))
         terms = safe.exp() - r * safe + torch.special.xlogy(r, r) - r
@@ -250,73 +242,22 @@ class ScoreEntropy:
         self._check(outputs, x_t)
         t = _as_rows(t, x_t.shape[0], x_t.device)
         outputs = outputs.float() if outputs.dtype not in (torch.float32, torch.float64) else outputs
-        dtype = outputs.dtype
-        alpha = self.schedule.alpha(t)
-        minus_derivative = -self.schedule.alpha_derivative(t)
-        if self.graph == "absorbing":
-            # sigma r = -alpha'/(1 - alpha); DSE = that * (sum_y s^_y - log s^_{x_0} - 1) at masked positions.
-            weight = torch.where(alpha < 1, minus_derivative / (1 - alpha).clamp_min(1e-300), torch.zeros_like(alpha))
-            mask = torch.tensor([self.mask_token_id], device=outputs.device)
-            real = outputs.index_fill(-1, mask, -math.inf) - math.log(self.vocab_size - 1)  # log s^
-            term = real.logsumexp(-1).exp() - real.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - 1
-            masked = x_t == self.mask_token_id
-            return torch.where(masked, weight.to(dtype).view(-1, 1) * term, torch.zeros_like(term))
-        # Uniform: sum_{y != x} (1/V) r_y phi(log s_y - log r_y), phi(z) = e^z - z - 1, written so that the
-        # O(alpha^2) terms near t = 1 (where sigma ~ 1/alpha) do not cancel catastrophically.
-        weight = torch.where(alpha > 0, minus_derivative / alpha.clamp_min(1e-300), torch.zeros_like(alpha))
-        a = alpha.view(-1, 1, 1)
-        c = (1 - a) / self.vocab_size
-        log_q_x0 = torch.log(a + c).to(dtype)  # log q(y | x_0) at y = x_0
-        log_q_other = torch.log(c).to(dtype)  # ... and at y != x_0 (-inf at alpha = 1)
-        is_x0 = F.one_hot(x0, self.vocab_size).bool()
-        log_q = torch.where(is_x0, log_q_x0.expand_as(outputs), log_q_other.expand_as(outputs))
-        log_r = log_q - log_q.gather(-1, x_t.unsqueeze(-1))
-        log_s = a.to(dtype) * outputs
-        r = log_r.exp()
-        z = log_s - log_r
-        small = z.abs() < 1
-        z_small = torch.where(small, z, torch.zeros_like(z))
-        near = r * (torch.expm1(z_small) - z_small)
-        far = log_s.exp() - r * log_s + torch.special.xlogy(r, r) - r
-        terms = torch.where(small, near, far).masked_fill(F.one_hot(x_t, self.vocab_size).bool(), 0.0)
-        return (weight.to(dtype).view(-1, 1) / self.vocab_size) * terms.sum(-1)
+        return self._dse(outputs, x0, x_t, t)
 
-    def loss_terms(self, outputs: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+    def _dse(self, outputs, x0, x_t, t) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_terms(self, outputs: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, draw: NoiseDraw,
+                   scored: torch.Tensor | None = None) -> torch.Tensor:
         """`DiscreteDiffusion.loss_terms` for score models: weight * DSE per position (B, L), whose sum over
-        positions is an unbiased estimate of the ELBO for t ~ U[0, 1)."""
+        positions is an unbiased estimate of the ELBO for t ~ U[0, 1); 0 where `scored` is False."""
         terms = self.denoising_score_entropy(outputs, x0, x_t, draw.t)
-        return draw.weight.view(-1, 1).to(terms.dtype) * terms
+        return self._only_scored(draw.weight.view(-1, 1).to(terms.dtype) * terms, scored)
 
     # ------------------------------------------------------------------ samplers
     def _tweedie(self, values, x_t, alpha_t, alpha_s, from_outputs: bool) -> torch.Tensor:
         """Per-position p(x_s^i = y | x_t) = [M^{-1} s]_y q(x_t^i | y), M the forward kernel from s to t."""
-        values = values.double()
-        a_t, a_s = alpha_t.view(-1, 1, 1), alpha_s.view(-1, 1, 1)
-        self_mask = F.one_hot(x_t, self.vocab_size).bool()
-        if self.graph == "absorbing":
-            mask = self.mask_token_id
-            # s^_y = s_y (1 - alpha_t) / alpha_t; masked x_t -> y with (alpha_s - alpha_t)/(1 - alpha_t) s^_y.
-            if from_outputs:
-                hat = (values - math.log(self.vocab_size - 1)).exp()
-            else:
-                hat = torch.exp(values + torch.log1p(-a_t) - torch.log(a_t))
-            hat = hat.index_fill(-1, torch.tensor([mask], device=x_t.device), 0.0)
-            jump = (a_s - a_t) / (1 - a_t).clamp_min(1e-300) * hat
-            probs = jump.clone()
-            probs[..., mask] = 1 - jump.sum(-1)
-            probs = torch.where(a_s >= 1, probs.index_fill(-1, torch.tensor([mask], device=x_t.device), 0.0), probs)
-            is_masked = (x_t == mask).unsqueeze(-1)
-            return torch.where(is_masked, probs, self_mask.double())
-        # Uniform. e_y = s_y - 1 = expm1(alpha_t o_y); with a = alpha_t / alpha_s,
-        # [M^{-1} s]_y = 1 + alpha_s (g_y - (1 - a) G / V), g = e / alpha_t (-> o as alpha_t -> 0), G = sum g.
-        if from_outputs:
-            scaled = torch.where(self_mask, torch.zeros_like(values), values)
-            g = torch.where(a_t > 0, torch.expm1(a_t * scaled) / a_t.clamp_min(1e-300), scaled)
-        else:
-            g = torch.expm1(values) / a_t
-        ratio = a_t / a_s
-        tweedie = 1 + a_s * (g - (1 - ratio) * g.sum(-1, keepdim=True) / self.vocab_size)
-        return tweedie * (ratio * self_mask + (1 - ratio) / self.vocab_size)
+        raise NotImplementedError
 
     def _times(self, x_t, t, s):
         batch = x_t.shape[0]
@@ -338,6 +279,14 @@ class ScoreEntropy:
         probs = probs.clamp_min(0)
         return probs / probs.sum(-1, keepdim=True)
 
+    def _euler_rates(self, outputs, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rate (B, 1, 1), weights (B, L, V)): the reverse jump rate to y is rate * weights_y."""
+        raise NotImplementedError
+
+    def _euler_final(self, probs, weights, x_t, alpha_s) -> torch.Tensor:
+        """The step's probabilities, adjusted at s = 0 where the graph needs it."""
+        return probs
+
     def euler_probs(self, outputs: torch.Tensor, x_t: torch.Tensor, t, s) -> torch.Tensor:
         """SEDD's `euler` predictor: per position, jump x_t^i -> y with probability (t - s) times the
         reverse rate sigma(t) Q(y -> x_t^i) s_theta(x_t, t)_y. When the jump probabilities exceed 1 (steps
@@ -346,26 +295,13 @@ class ScoreEntropy:
         """
         self._check(outputs, x_t)
         t, s = self._times(x_t, t, s)
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s)
         dt = (t - s).view(-1, 1, 1)
-        outputs = outputs.double()
-        self_mask = F.one_hot(x_t, self.vocab_size).bool()
-        if self.graph == "absorbing":
-            # sigma(t) s_y = -alpha'/(1 - alpha) s^_y: finite on (0, 1].
-            rate = (-self.schedule.alpha_derivative(t) / (1 - alpha_t).clamp_min(1e-300)).view(-1, 1, 1)
-            edges = self._on_graph(x_t)
-            weights = torch.where(edges, (outputs - math.log(self.vocab_size - 1)).exp(), torch.zeros_like(outputs))
-        else:
-            rate = self.noise_rate(t).view(-1, 1, 1) / self.vocab_size
-            a_t = alpha_t.view(-1, 1, 1)
-            weights = torch.where(self_mask, torch.zeros_like(outputs), torch.exp(a_t * outputs))
+        rate, weights = self._euler_rates(outputs.double(), x_t, t)
         total = weights.sum(-1, keepdim=True)
         leap = dt * rate * total
         jump = torch.where(leap > 1, weights / total.clamp_min(1e-300), dt * rate * weights)
-        probs = jump + self_mask * (1 - leap).clamp_min(0)
-        if self.graph == "absorbing":
-            final = (alpha_s >= 1).view(-1, 1, 1) & (x_t == self.mask_token_id).unsqueeze(-1)
-            probs = torch.where(final, weights, probs)  # noise removal: x_0 is never the mask
+        probs = jump + F.one_hot(x_t, self.vocab_size) * (1 - leap).clamp_min(0)
+        probs = self._euler_final(probs, weights, x_t, self.schedule.alpha(s))
         return probs / probs.sum(-1, keepdim=True)
 
     def sample(self, probs: torch.Tensor, x_t: torch.Tensor, fixed: torch.Tensor | None = None,
@@ -384,4 +320,150 @@ class ScoreEntropy:
         return self.sample(self.euler_probs(outputs, x_t, t, s), x_t, fixed, generator)
 
 
-__all__ = ["GRAPHS", "ScoreEntropy"]
+class AbsorbingScoreEntropy(ScoreEntropy, AbsorbingDiffusion):
+    """SEDD-absorb: scores live at masked positions, log s_y = o_y - log(V - 1) + log(alpha / (1 - alpha))."""
+
+    def _check_mask(self, vocab_size, mask_token_id):
+        if not (isinstance(mask_token_id, int) and 0 <= mask_token_id < vocab_size):
+            raise ValueError(f"The absorbing graph needs `mask_token_id` in [0, {vocab_size}), got {mask_token_id!r}.")
+        return mask_token_id
+
+    def _mask_index(self, device) -> torch.Tensor:
+        return torch.tensor([self.mask_token_id], device=device)
+
+    def _on_graph(self, x_t):
+        edges = torch.ones(*x_t.shape, self.vocab_size, dtype=torch.bool, device=x_t.device)
+        edges[..., self.mask_token_id] = False
+        return edges & (x_t == self.mask_token_id).unsqueeze(-1)
+
+    def _scale_outputs(self, outputs, alpha):
+        offset = torch.log(alpha) - torch.log1p(-alpha) - math.log(self.vocab_size - 1)
+        return outputs + offset.to(outputs.dtype)
+
+    def _scores_of_x0(self, x0_probs, x_t, alpha):
+        return torch.log(x0_probs) + torch.log(alpha) - torch.log1p(-alpha)
+
+    def _x0_of_scores(self, log_scores, x_t, alpha):
+        probs = self._tweedie(log_scores, x_t, alpha, torch.ones_like(alpha), from_outputs=False)
+        return probs / probs.sum(-1, keepdim=True)
+
+    def _rate_in(self, r, dtype, device):
+        return torch.ones_like(r)
+
+    def _dse(self, outputs, x0, x_t, t):
+        # sigma r = -alpha'/(1 - alpha); DSE = that * (sum_y s^_y - log s^_{x_0} - 1) at masked positions.
+        alpha = self.schedule.alpha(t)
+        minus_derivative = -self.schedule.alpha_derivative(t)
+        weight = torch.where(alpha < 1, minus_derivative / (1 - alpha).clamp_min(1e-300), torch.zeros_like(alpha))
+        real = outputs.index_fill(-1, self._mask_index(outputs.device), -math.inf) - math.log(self.vocab_size - 1)
+        term = real.logsumexp(-1).exp() - real.gather(-1, x0.unsqueeze(-1)).squeeze(-1) - 1
+        masked = x_t == self.mask_token_id
+        return torch.where(masked, weight.to(outputs.dtype).view(-1, 1) * term, torch.zeros_like(term))
+
+    def _tweedie(self, values, x_t, alpha_t, alpha_s, from_outputs):
+        values = values.double()
+        a_t, a_s = alpha_t.view(-1, 1, 1), alpha_s.view(-1, 1, 1)
+        mask = self._mask_index(x_t.device)
+        # s^_y = s_y (1 - alpha_t) / alpha_t; masked x_t -> y with (alpha_s - alpha_t)/(1 - alpha_t) s^_y.
+        if from_outputs:
+            hat = (values - math.log(self.vocab_size - 1)).exp()
+        else:
+            hat = torch.exp(values + torch.log1p(-a_t) - torch.log(a_t))
+        hat = hat.index_fill(-1, mask, 0.0)
+        jump = (a_s - a_t) / (1 - a_t).clamp_min(1e-300) * hat
+        probs = jump.clone()
+        probs[..., self.mask_token_id] = 1 - jump.sum(-1)
+        probs = torch.where(a_s >= 1, probs.index_fill(-1, mask, 0.0), probs)
+        is_masked = (x_t == self.mask_token_id).unsqueeze(-1)
+        return torch.where(is_masked, probs, F.one_hot(x_t, self.vocab_size).double())
+
+    def _euler_rates(self, outputs, x_t, t):
+        # sigma(t) s_y = -alpha'/(1 - alpha) s^_y: finite on (0, 1].
+        alpha_t = self.schedule.alpha(t)
+        rate = (-self.schedule.alpha_derivative(t) / (1 - alpha_t).clamp_min(1e-300)).view(-1, 1, 1)
+        edges = self._on_graph(x_t)
+        weights = torch.where(edges, (outputs - math.log(self.vocab_size - 1)).exp(), torch.zeros_like(outputs))
+        return rate, weights
+
+    def _euler_final(self, probs, weights, x_t, alpha_s):
+        final = (alpha_s >= 1).view(-1, 1, 1) & (x_t == self.mask_token_id).unsqueeze(-1)
+        return torch.where(final, weights, probs)  # noise removal: x_0 is never the mask
+
+
+class UniformScoreEntropy(ScoreEntropy, UniformDiffusion):
+    """SEDD-uniform: log s_y = alpha * o_y for y != x_t^i."""
+
+    def _check_mask(self, vocab_size, mask_token_id):
+        return None
+
+    def _on_graph(self, x_t):
+        return ~F.one_hot(x_t, self.vocab_size).bool()
+
+    def _scale_outputs(self, outputs, alpha):
+        return alpha.to(outputs.dtype) * outputs
+
+    def _scores_of_x0(self, x0_probs, x_t, alpha):
+        c = (1 - alpha) / self.vocab_size
+        p_x = x0_probs.gather(-1, x_t.unsqueeze(-1))
+        # W = sum_v p_v / q(x | v); s_y = alpha p_y / q(x | y) + c W, q(x | y) = c for y != x.
+        w = p_x / (alpha + c) + (1 - p_x) / c
+        return torch.log(alpha * x0_probs / c + c * w)
+
+    def _x0_of_scores(self, log_scores, x_t, alpha):
+        if bool(((alpha <= 0) | (alpha >= 1)).any()):
+            raise ValueError("The uniform graph's scores determine p(x_0 | x_t) only for 0 < t < 1 "
+                             f"(0 < alpha < 1), got alpha = {alpha.tolist()}.")
+        return self._tweedie(log_scores, x_t, alpha, torch.ones_like(alpha), from_outputs=False)
+
+    def _rate_in(self, r, dtype, device):
+        return self.prior(dtype, device).expand_as(r)
+
+    def _dse(self, outputs, x0, x_t, t):
+        # sum_{y != x} (1/V) r_y phi(log s_y - log r_y), phi(z) = e^z - z - 1, written so that the
+        # O(alpha^2) terms near t = 1 (where sigma ~ 1/alpha) do not cancel catastrophically.
+        dtype = outputs.dtype
+        alpha = self.schedule.alpha(t)
+        minus_derivative = -self.schedule.alpha_derivative(t)
+        weight = torch.where(alpha > 0, minus_derivative / alpha.clamp_min(1e-300), torch.zeros_like(alpha))
+        a = alpha.view(-1, 1, 1)
+        c = (1 - a) / self.vocab_size
+        log_q_x0 = torch.log(a + c).to(dtype)  # log q(y | x_0) at y = x_0
+        log_q_other = torch.log(c).to(dtype)  # ... and at y != x_0 (-inf at alpha = 1)
+        is_x0 = F.one_hot(x0, self.vocab_size).bool()
+        log_q = torch.where(is_x0, log_q_x0.expand_as(outputs), log_q_other.expand_as(outputs))
+        log_r = log_q - log_q.gather(-1, x_t.unsqueeze(-1))
+        log_s = a.to(dtype) * outputs
+        r = log_r.exp()
+        z = log_s - log_r
+        small = z.abs() < 1
+        z_small = torch.where(small, z, torch.zeros_like(z))
+        near = r * (torch.expm1(z_small) - z_small)
+        far = log_s.exp() - r * log_s + torch.special.xlogy(r, r) - r
+        terms = torch.where(small, near, far).masked_fill(F.one_hot(x_t, self.vocab_size).bool(), 0.0)
+        return (weight.to(dtype).view(-1, 1) / self.vocab_size) * terms.sum(-1)
+
+    def _tweedie(self, values, x_t, alpha_t, alpha_s, from_outputs):
+        # e_y = s_y - 1 = expm1(alpha_t o_y); with a = alpha_t / alpha_s,
+        # [M^{-1} s]_y = 1 + alpha_s (g_y - (1 - a) G / V), g = e / alpha_t (-> o as alpha_t -> 0), G = sum g.
+        values = values.double()
+        a_t, a_s = alpha_t.view(-1, 1, 1), alpha_s.view(-1, 1, 1)
+        self_mask = F.one_hot(x_t, self.vocab_size).bool()
+        if from_outputs:
+            scaled = torch.where(self_mask, torch.zeros_like(values), values)
+            g = torch.where(a_t > 0, torch.expm1(a_t * scaled) / a_t.clamp_min(1e-300), scaled)
+        else:
+            g = torch.expm1(values) / a_t
+        ratio = a_t / a_s
+        tweedie = 1 + a_s * (g - (1 - ratio) * g.sum(-1, keepdim=True) / self.vocab_size)
+        return tweedie * (ratio * self_mask + (1 - ratio) / self.vocab_size)
+
+    def _euler_rates(self, outputs, x_t, t):
+        rate = self.noise_rate(t).view(-1, 1, 1) / self.vocab_size
+        a_t = self.schedule.alpha(t).view(-1, 1, 1)
+        self_mask = F.one_hot(x_t, self.vocab_size).bool()
+        return rate, torch.where(self_mask, torch.zeros_like(outputs), torch.exp(a_t * outputs))
+
+
+SCORE_PROCESSES.update({"absorbing": AbsorbingScoreEntropy, "uniform": UniformScoreEntropy})
+
+__all__ = ["GRAPHS", "AbsorbingScoreEntropy", "ScoreEntropy", "UniformScoreEntropy"]

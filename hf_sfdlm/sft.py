@@ -13,6 +13,10 @@ Each example becomes `input_ids` = prompt + response + EOS and `labels` = -100 o
 the response and its EOS. `SFDLMForDiffusionLM.forward` never corrupts nor scores a position whose label
 is -100, so the prompt stays clean and conditions every prediction, exactly as at generation time.
 
+Prompts, responses and message contents are encoded as text (`hf_sfdlm.data.encode_plain_text`): a record that
+mentions "[MASK]", "[PAD]" or "[EOS]" means those characters, never a position to fill or a control token; a
+chat template's own markup keeps its special tokens. A file that cannot be read is named with its line.
+
 Padding is marked by position (`attention_mask` 0, label -100), never by token value: with
 `pad_token == eos_token` (common, and what LLaDA pads with) the response's own EOS is still learned and
 the padding EOS tokens are neither seen nor counted in the loss.
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import DiffusionCollator
+from .data import DiffusionCollator, _has_content, _refuse_binary, encode_plain_text, read_error
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,8 @@ def sft_example(record: Mapping[str, Any], tokenizer, max_length: int | None = N
         prompt_ids, response_ids = _chat_ids(messages, tokenizer)
     else:
         prompt, response = _prompt_response(record)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_plain_text(tokenizer, [prompt], add_special_tokens=True)[0]
+        response_ids = encode_plain_text(tokenizer, [response])[0]
     if not response_ids or response_ids[-1] != eos:
         response_ids = response_ids + [eos]
     if max_length is not None:
@@ -95,12 +101,44 @@ def _chat_ids(messages, tokenizer) -> tuple[list[int], list[int]]:
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"The last message must be the assistant's reply (the part that is learned), got role "
                          f"{messages[-1]['role']!r}.")
-    prompt_ids = _ids(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True))
-    full_ids = _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False))
+    prompt_ids = _chat_template_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_ids = _chat_template_ids(tokenizer, messages, add_generation_prompt=False)
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
         raise ValueError("The chat template does not render the conversation as the prompt (with the generation "
                          "prompt) followed by the reply, so the reply's tokens cannot be told apart.")
     return prompt_ids, full_ids[len(prompt_ids):]
+
+
+def _chat_template_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """The chat template's ids, with the messages' contents read as ordinary text.
+
+    The template's own markup may hold special tokens; the contents must not turn into any (a user who writes
+    "[MASK]" means the text). Contents that hold no special-token string are rendered exactly as
+    `apply_chat_template(tokenize=True)` renders them. Otherwise the template is rendered with a placeholder per
+    content; the markup between placeholders is tokenised with its special tokens, each content with
+    `encode_plain_text`, and the pieces are concatenated (tokens never merge across a content's edges then).
+    """
+    specials = [token for token in tokenizer.all_special_tokens if token]
+    if not any(token in m["content"] for m in messages for token in specials):
+        return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt))
+    marks = [f"\ue000{index}\ue001" for index in range(len(messages))]
+    template = tokenizer.apply_chat_template([dict(m, content=mark) for m, mark in zip(messages, marks)],
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    parts = re.split("\ue000(\\d+)\ue001", template)
+    markup, indices = parts[0::2], [int(i) for i in parts[1::2]]
+    contents = [messages[i]["content"] for i in indices]
+    if "".join(m + c for m, c in zip(markup, contents + [""])) != rendered:
+        raise ValueError("A message holds special-token text (e.g. '[MASK]'), and the chat template changes the "
+                         "message contents as it renders them, so that text cannot be kept as ordinary text.")
+    ids: list[int] = []
+    content_ids = encode_plain_text(tokenizer, contents)
+    for index, text in enumerate(markup):
+        if text:
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if index < len(content_ids):
+            ids.extend(content_ids[index])
+    return ids
 
 
 def _ids(rendered) -> list[int]:
@@ -116,7 +154,7 @@ def is_sft_file(path: str | os.PathLike) -> bool:
 
     if not str(path).endswith((".json", ".jsonl")) or not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:  # a bad file is named when it is read
         for line in handle:
             if line.strip():
                 try:
@@ -136,7 +174,13 @@ def load_sft_dataset(path: str | os.PathLike, tokenizer, max_length: int | None 
 
     if not os.path.isfile(path):
         raise ValueError(f"SFT data file {os.fspath(path)!r} does not exist.")
-    raw = load_dataset("json", data_files=os.fspath(path), split="train")
+    if not _has_content(Path(path)):
+        raise ValueError(f"SFT data file {os.fspath(path)!r} is empty.")
+    _refuse_binary(Path(path))
+    try:
+        raw = load_dataset("json", data_files=os.fspath(path), split="train")
+    except Exception as error:  # DatasetGenerationError, ArrowInvalid...: say which line
+        raise read_error([Path(path)], "json", error) from error
     if not set(raw.column_names) & set(SFT_COLUMNS):
         raise ValueError(f"{os.fspath(path)!r} has columns {raw.column_names}; SFT records need 'prompt' and "
                          "'response', or 'messages'.")

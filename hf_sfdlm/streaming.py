@@ -20,9 +20,32 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-__all__ = ["CanvasStreamer"]
+__all__ = ["CanvasStreamer", "decode_visible"]
 
 _CLEAR_TO_END = "\033[J"
+
+
+def decode_visible(tokenizer, ids: list[int], placeholder: str | None = None) -> str:
+    """`ids` as text for people: special tokens dropped (padding, EOS, BOS, ...) except the unknown token,
+    which stays visible (`[UNK]`); mask tokens shown as `placeholder` (default: the tokenizer's mask token)."""
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    hidden = set(getattr(tokenizer, "all_special_ids", ())) - {unk_id, mask_id}
+    ids = [i for i in ids if i not in hidden]
+    if mask_id is None or placeholder is None:
+        return tokenizer.decode(ids, skip_special_tokens=False).strip()
+    # Decode runs between masks so the placeholder sits where the masks are, whatever the tokenizer.
+    pieces, run = [], []
+    for i in ids + [None]:
+        if i is None or i == mask_id:
+            if run:
+                pieces.append(tokenizer.decode(run, skip_special_tokens=False).strip())
+                run = []
+            if i is not None:
+                pieces.append(placeholder)
+        else:
+            run.append(i)
+    return " ".join(piece for piece in pieces if piece)
 
 
 class CanvasStreamer(BaseStreamer):
@@ -53,9 +76,7 @@ class CanvasStreamer(BaseStreamer):
         self.drafts = 0
         self._rows_on_screen = 0
         self._start = time.monotonic()
-        self._bar = None
-        if progress and not self.live:
-            self._bar = tqdm(total=total_steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self._bar = None  # created at the first draft, so an error before any step leaves no bar behind
 
     # ------------------------------------------------------------------ the streamer protocol
     def put(self, value: torch.Tensor) -> None:
@@ -71,7 +92,9 @@ class CanvasStreamer(BaseStreamer):
     def put_draft(self, value: torch.Tensor, **kwargs) -> None:
         """One denoising step's canvas (after the prefix): redraw it in place."""
         self.drafts += 1
-        if self._bar is not None:
+        if self.progress and not self.live:
+            if self._bar is None:
+                self._bar = tqdm(total=self.total_steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
             self._bar.update(1)
         if self.live:
             self._redraw(self.texts(self._as_rows(value)), meter=self.progress)
@@ -90,30 +113,22 @@ class CanvasStreamer(BaseStreamer):
 
     # ------------------------------------------------------------------ rendering
     def texts(self, rest: torch.Tensor) -> list[str]:
-        """One string per row: the prefix and `rest` decoded, mask tokens shown as the placeholder."""
+        """One string per row: the prefix and `rest` decoded, mask tokens shown as the placeholder.
+
+        The generated part ends at its first EOS; special tokens (padding, EOS, BOS, ...) are never
+        printed, but unknown tokens are, as the tokenizer's unknown token (e.g. `[UNK]`), so a word
+        the tokenizer cannot represent does not silently vanish."""
         prefix = self.prefix if self.prefix is not None else rest[:, :0]
         if prefix.shape[0] != rest.shape[0]:  # one prompt, several samples
             prefix = prefix.expand(rest.shape[0], -1)
-        return [self._decode(torch.cat([p, r]).tolist()) for p, r in zip(prefix, rest)]
+        return [self._decode(p.tolist() + self._until_eos(r.tolist())) for p, r in zip(prefix, rest)]
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids[:ids.index(eos)] if eos is not None and eos in ids else ids
 
     def _decode(self, ids: list[int]) -> str:
-        tok = self.tokenizer
-        mask_id, pad_id = getattr(tok, "mask_token_id", None), getattr(tok, "pad_token_id", None)
-        ids = [i for i in ids if i != pad_id or i == mask_id]
-        if mask_id is None:
-            return tok.decode(ids, skip_special_tokens=True)
-        # Decode runs between masks so the placeholder sits where the masks are, whatever the tokenizer.
-        pieces, run = [], []
-        for i in ids + [None]:
-            if i is None or i == mask_id:
-                if run:
-                    pieces.append(tok.decode(run, skip_special_tokens=True).strip())
-                    run = []
-                if i is not None:
-                    pieces.append(self.placeholder)
-            else:
-                run.append(i)
-        return " ".join(piece for piece in pieces if piece)
+        return decode_visible(self.tokenizer, ids, self.placeholder)
 
     def _meter(self) -> str:
         width = shutil.get_terminal_size().columns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from itertools import chain
 
@@ -269,3 +270,152 @@ def test_train_tokenizer_command(tmp_path, text_file):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.mask_token == "[MASK]" and tokenizer.pad_token == "[PAD]"
     assert tokenizer.decode(tokenizer(LINES[0])["input_ids"]) == LINES[0]
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+BAD_FILES = {
+    # name: (bytes, the line the error must name)
+    "binary.txt": (b"a first line\n\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\n", 4),
+    "nul.txt": (b"\x00\x00\x00hello\n", 1),
+    "latin1.txt": ("first line\nna\u00efve caf\u00e9\n".encode("latin-1"), 2),
+    "broken.jsonl": (b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', 2),
+    "scalar.jsonl": (b'{"text": "a"}\n"just a string"\n', 2),
+    "badutf8.jsonl": (b'{"text": "a"}\n{"text": "\xff"}\n', 2),
+    "extra_field.csv": (b'text,label\nhello,1\n"a, b",2\nx,y,z\n', 4),
+    "open_quote.csv": (b'text\nfine\n"never closed\nline two\n', 4),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_unreadable_data_names_the_file_and_the_line(tmp_path, name, streaming):
+    content, line = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    config = DataConfig(dataset=str(path), streaming=streaming, validation_size=1 if streaming else None)
+    with pytest.raises(ValueError, match=rf"{name}'.*line {line}\b") as caught:
+        raw = load_text_dataset(config)
+        list(raw["train"]) if streaming else None  # a stream reads lazily: the error may come mid-iteration
+    assert "DatasetGenerationError" not in str(caught.value)
+
+
+def test_a_bad_line_deep_in_a_stream_is_named_when_reached(tmp_path):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(3000)) + "{oops\n")
+    with pytest.raises(ValueError, match=r"long.jsonl', line 3001, column 2: invalid JSON"):
+        for _ in load_text_dataset(DataConfig(dataset=str(path), streaming=True, validation_size=1))["train"]:
+            pass  # datasets parses JSON in 10 MB chunks: here the error comes with the first example
+
+
+def test_a_json_array_document_is_still_read(tmp_path, words):
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps([{"text": line} for line in LINES if line], indent=2))
+    raw = load_text_dataset(DataConfig(dataset=str(path)))
+    assert raw["train"]["text"] == [line for line in LINES if line]
+
+
+def test_an_empty_sft_file_and_a_binary_one_are_named(tmp_path):
+    from hf_sfdlm.sft import is_sft_file, load_sft_dataset
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        load_sft_dataset(empty, word_level_tokenizer())
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"prompt": "a", "response": "b"}\n\xff\xfe\x00\x01\n')
+    assert is_sft_file(binary)  # sniffing the first record never raises
+    with pytest.raises(ValueError, match=r"binary.jsonl', line 2: a NUL byte"):
+        load_sft_dataset(binary, word_level_tokenizer())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": }\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl', line 2, column \d+: invalid JSON"):
+        load_sft_dataset(broken, word_level_tokenizer())
+
+
+# ---------------------------------------------------------------------------------------------- long lines
+def test_pieces_tokenise_exactly_like_the_whole_text():
+    from transformers import AutoTokenizer
+
+    from hf_sfdlm.data import split_long_text
+
+    gpt2 = AutoTokenizer.from_pretrained(os.path.join(SHARED_DATA, "gpt2-tokenizer"))
+    text = open(os.path.join(SHARED_DATA, "wikitext-2-raw", "wiki.valid.raw"), encoding="utf-8").read()[:60_000]
+    whole = gpt2(text, add_special_tokens=False)["input_ids"]
+    for limit in (40, 333, 4096):
+        pieces = split_long_text(text, limit)
+        assert "".join(pieces) == text and max(map(len, pieces)) <= limit
+        assert [i for piece in pieces for i in gpt2(piece, add_special_tokens=False)["input_ids"]] == whole
+    # No whitespace at all: cut hard, nothing lost.
+    assert split_long_text("x" * 10, 4) == ["xxxx", "xxxx", "xx"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_very_long_line_is_split_before_tokenising_and_packs_like_the_whole(tmp_path, words, monkeypatch,
+                                                                              streaming):
+    import hf_sfdlm.data as data
+
+    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 64)
+    long_line = " ".join([LINES[0], LINES[2], LINES[3]] * 40)  # ~3,800 characters, one line
+    path = tmp_path / "long.txt"
+    path.write_text(LINES[4] + "\n" + long_line + "\n" + LINES[5] + "\n")
+    config = DataConfig(dataset=str(path), block_size=7, add_eos=True, streaming=streaming,
+                        validation_size=1 if streaming else None)
+    raw = load_text_dataset(config)["train"]
+    seen = []
+    real_call = type(words).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend([text] if isinstance(text, str) else text)
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(words), "__call__", spy)
+    blocks = _block_stream(tokenize_dataset(raw, words, config))
+    assert seen and max(map(len, seen)) <= 64  # the tokenizer never saw the long line whole
+    monkeypatch.undo()
+    expected = list(chain.from_iterable(words(line, add_special_tokens=False)["input_ids"] + [words.eos_token_id]
+                                        for line in (LINES[4], long_line, LINES[5])))
+    assert blocks == expected[:len(expected) // 7 * 7]  # one EOS per document, none inside the split line
+
+
+# ---------------------------------------------------------------------------------------------- literal special tokens
+def test_literal_special_token_text_in_a_corpus_is_ordinary_text(tmp_path):
+    corpus = [f"line {i} says [MASK] and [PAD] then [EOS] as plain words" for i in range(50)]
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=300)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(corpus) + "\n")
+    config = DataConfig(dataset=str(path), block_size=8, add_eos=True)
+    ids = _block_stream(tokenize_dataset(load_text_dataset(config)["train"], tokenizer, config))
+    assert tokenizer.mask_token_id not in ids and tokenizer.pad_token_id not in ids
+    assert ids.count(tokenizer.eos_token_id) in (len(corpus) - 1, len(corpus))  # only the separators
+    assert "[MASK]" in tokenizer.decode(ids)
+    # A word-level vocabulary that lists "[MASK]" as a word maps the literal to its unknown token instead.
+    from hf_sfdlm.data import encode_plain_text
+
+    words = word_level_tokenizer()
+    plain = encode_plain_text(words, ["the [MASK] dog [PAD]"])[0]
+    assert plain == words("the [UNK] dog [UNK]", add_special_tokens=False)["input_ids"]
+
+
+def test_a_corpus_line_containing_mask_trains(tmp_path, monkeypatch, capsys):
+    """Issue 10 item 6: a literal "[MASK]" anywhere in a pretraining corpus used to stop an absorbing run."""
+    from accelerate.state import AcceleratorState
+
+    from hf_sfdlm.commands.train import main
+
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state()
+    sentences = SyntheticGrammar().sample_sentences(300, generator=3)
+    sentences[::7] = [s + " Fill the [MASK] here, [PAD] and [EOS] too." for s in sentences[::7]]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(sentences) + "\n")
+    out = tmp_path / "run"
+    assert main(["--data", str(corpus), "--output-dir", str(out), "--max-steps", "4", "--num-samples", "1",
+                 "--sample-steps", "2", "tokenizer_vocab_size=400", "model.process=absorbing", "model.hidden_size=32",
+                 "model.fourier_intermediate_size=64", "data.block_size=16", "training.batch_size=8",
+                 "training.eval_max_sequences=8", "training.progress_bar=false", "training.log_with=[jsonl]"]) == 0
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 4 and math.isfinite(report["eval_nelbo"])
+    losses = [json.loads(line)["train/loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    AcceleratorState._reset_state()

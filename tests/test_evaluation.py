@@ -70,7 +70,8 @@ def absorbing_reference(x0: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def uniform_reference_per_token(schedule: NoiseSchedule, num_timesteps: int, logits: torch.Tensor) -> np.ndarray:
-    """E[NELBO] of one position with clean token x0, for every x0 (V,), by enumeration."""
+    """E[NELBO] of one position with clean token x0, for every x0 (V,), by enumeration, under the normalised
+    D3PM kernel p(x_s = j | x_t = k) proportional to q(k | j) sum_y q(j | y) p_hat(y)."""
     p_hat = torch.softmax(logits, -1).numpy()
     u = np.full(V, 1.0 / V)
     eye = np.eye(V)
@@ -78,7 +79,9 @@ def uniform_reference_per_token(schedule: NoiseSchedule, num_timesteps: int, log
     alphas = schedule.alpha(torch.tensor(times)).numpy()
     out = np.zeros(V)
     for x0 in range(V):
-        total = -math.log(p_hat[x0])  # step 1: reconstruction, x_t-independent under the stub
+        marg_1 = alphas[1] * eye + (1 - alphas[1]) * u[None, :]  # q(x_{t_1} | x_0)
+        # step 1: reconstruction -log p(x_0 | x_{t_1} = k) = -log[q(k | x_0) p_hat(x_0) / sum_y q(k | y) p_hat(y)]
+        total = -float(np.sum(marg_1[x0] * np.log(marg_1[x0] * p_hat[x0] / (p_hat @ marg_1))))
         for i in range(2, num_timesteps + 1):
             a_s, a_t = alphas[i - 1], alphas[i]
             step = (a_t / a_s) * eye + (1 - a_t / a_s) * u[None, :]  # step[j, k] = q(x_t = k | x_s = j)
@@ -86,7 +89,8 @@ def uniform_reference_per_token(schedule: NoiseSchedule, num_timesteps: int, log
             marg_t = marg_s @ step  # q(x_t | x_0)
             for k in range(V):  # x_t = k
                 post = step[:, k][None, :] * marg_s / marg_t[:, k][:, None]  # post[y, j] = q(x_s = j | x_t = k, y)
-                p = p_hat @ post
+                p = step[:, k] * (p_hat @ marg_s)
+                p = p / p.sum()
                 q = post[x0]
                 kl = float(np.sum(np.where(q > 0, q * (np.log(np.where(q > 0, q, 1)) - np.log(p)), 0.0)))
                 total += marg_t[x0, k] * kl
@@ -128,8 +132,10 @@ def test_uniform_nelbo_of_fixed_prediction_matches_enumeration(num_timesteps, sc
         coarse = uniform_reference_per_token(model.noise_schedule, 500, fixed_logits())
         slack = 2 * float(sum(abs(per_token - coarse)[b].sum() for b in BLOCKS * 4))
     reference = float(sum(per_token[b.numpy()].sum() for b in BLOCKS * 4))
-    # A fixed p_hat ignores x_t, so the bound can be no better than its cross-entropy.
-    assert reference > -float(sum(torch.softmax(fixed_logits(), -1).log()[b].sum() for b in BLOCKS * 4))
+    # A fixed p_hat ignores x_t: the reverse chain is then the exact reversal of the forward process started
+    # from p_hat, so the bound is tight at its cross-entropy.
+    cross_entropy = -float(sum(torch.softmax(fixed_logits(), -1).log()[b].sum() for b in BLOCKS * 4))
+    assert reference == pytest.approx(cross_entropy, rel=1e-9)
     check_within_stderr(model, reference, slack=slack)
 
 
@@ -429,7 +435,7 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
     text_file = tmp_path / "eval.txt"
     text_file.write_text(" ".join(words[:7]) + "\n" + " ".join(words[7:10]) + "\n")
     out = tmp_path / "result.json"
-    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--num-samples", "4",
+    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--nelbo-samples", "4",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "word perplexity" in printed and "NELBO upper bound, 4 t samples" in printed
@@ -447,6 +453,7 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
 
 
 def test_benchmark_report_renders_every_json_with_its_command(tmp_path):
+    # (the quality benchmark's own tables are tested in tests/test_quality_benchmark.py)
     import importlib.util
     import json
 
@@ -454,18 +461,6 @@ def test_benchmark_report_renders_every_json_with_its_command(tmp_path):
                                                                                "benchmarks", "report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    test = {"token_perplexity": 100.0, "token_perplexity_stderr": 2.0, "word_perplexity": 300.0,
-            "word_perplexity_stderr": 6.0, "bits_per_byte": 1.5, "bits_per_byte_stderr": 0.01}
-    runs = [{"name": name, "dataset": "ptb", "kind": kind, "parameters": 10, "non_embedding_parameters": 5,
-             "tokens_seen": 64, "train_seconds": 1.0, "test": dict(test, word_perplexity=wp)}
-            for name, kind, wp in (("sfdlm-uniform", "sfdlm", 300.0), ("gpt2-ar", "ar", 150.0))]
-    quality = {"benchmark": "quality", "command": "python benchmarks/quality.py --preset cpu", "preset": "cpu",
-               "settings": {"block_size": 64}, "datasets": {"ptb": {"model_vocabulary": 9, "train_token_coverage": 0.9,
-                                                                    "train_tokens": 100, "test_subset": "all",
-                                                                    "test_words": 50}}, "runs": runs}
-    (tmp_path / "quality_cpu.json").write_text(json.dumps(quality))
     (tmp_path / "speed.json").write_text(json.dumps({"benchmark": "speed", "results": [{"model": "a", "tok_s": 12.5}]}))
     text = report.render(tmp_path)
-    assert "Command: `python benchmarks/quality.py --preset cpu`" in text
-    assert "| sfdlm-uniform | 10 | 5 | 64 | 1 | 100 ± 2 | 300 ± 6 | 1.5 ± 0.01 | 2x |" in text
     assert "Command: not recorded in the JSON" in text and "| a | 12.5 |" in text

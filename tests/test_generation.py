@@ -12,7 +12,7 @@ from conftest import tiny_config
 from scipy import stats
 
 from hf_sfdlm import SFDLMForDiffusionLM, SFDLMGenerationConfig, SFDLMGenerationOutput
-from hf_sfdlm.generation_sfdlm import SAMPLERS, Sampler, confidence, filter_logits, register_sampler
+from hf_sfdlm.sampling_sfdlm import SAMPLERS, Sampler, confidence, filter_logits, register_sampler
 from hf_sfdlm.streaming import CanvasStreamer
 from hf_sfdlm.synthetic import word_level_tokenizer
 
@@ -28,11 +28,14 @@ def stub_model(process, probs, mask=None, time_conditioning=False, **config):
                                             time_conditioning=time_conditioning, **config)).eval()
     logits = probs.log().float()
     model.stub_calls = []
+    model.stub_head_positions = []
 
-    def denoise(ids, timesteps=None, attention_mask=None):
+    def denoise(ids, timesteps=None, attention_mask=None, positions=None):
         model.stub_calls.append(ids.shape[0])
+        model.stub_head_positions.append(ids.numel() if positions is None else int(positions.sum()))
         table = logits.expand(ids.shape[1], vocab) if logits.dim() == 1 else logits[: ids.shape[1]]
-        return table.expand(ids.shape[0], -1, -1).clone()
+        out = table.expand(ids.shape[0], -1, -1).clone()
+        return out if positions is None else out[positions]
 
     model.denoise = denoise
     return model
@@ -100,8 +103,8 @@ def test_absorbing_ancestral_intermediate_marginals():
 
 def exact_uniform_marginals(p_hat, alphas):
     """Marginals of x_s after each reverse step, by composing the reverse kernels in float64. The kernel is
-    built by brute force from Bayes' rule, q(x_s | x_t, x_0) proportional to q(x_t | x_s) q(x_s | x_0),
-    independently of `DiscreteDiffusion.reverse_probs`."""
+    the normalised D3PM kernel built by brute force, p(x_s | x_t) proportional to q(x_t | x_s)
+    sum_{x_0} q(x_s | x_0) p_hat(x_0), independently of `UniformDiffusion.reverse_probs`."""
     p_hat = np.asarray(p_hat, dtype=np.float64)
     vocab = len(p_hat)
     marginal = np.full(vocab, 1.0 / vocab)  # x_1 ~ uniform prior
@@ -112,12 +115,40 @@ def exact_uniform_marginals(p_hat, alphas):
         from_clean = alpha_s * np.eye(vocab) + (1 - alpha_s) / vocab  # q(x_s = col | x_0 = row)
         kernel = np.zeros((vocab, vocab))  # kernel[z, y] = p(x_s = y | x_t = z)
         for z in range(vocab):
-            for x0 in range(vocab):
-                joint = from_clean[x0] * step[:, z]
-                kernel[z] += p_hat[x0] * joint / joint.sum()
+            for y in range(vocab):
+                kernel[z, y] = step[y, z] * sum(p_hat[x0] * from_clean[x0, y] for x0 in range(vocab))
+            kernel[z] /= kernel[z].sum()
         marginal = marginal @ kernel
         out.append(marginal)
     return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_in_place_uniform_kernel_is_the_process_kernel(dtype):
+    from hf_sfdlm.diffusion import DiscreteDiffusion, NoiseSchedule
+    from hf_sfdlm.sampling_sfdlm import uniform_reverse_weights_
+
+    torch.manual_seed(0)
+    diffusion = DiscreteDiffusion(11, "uniform", NoiseSchedule("cosine"))
+    p_hat = torch.randn(40, 11, dtype=torch.float64).mul(3).softmax(-1)
+    x_t = torch.randint(0, 11, (40,))
+    t = torch.rand(40, dtype=torch.float64)
+    alpha_t, alpha_s = diffusion.schedule.alpha(t), diffusion.schedule.alpha(t * torch.rand(40, dtype=torch.float64))
+    expected = diffusion.reverse_probs(p_hat.unsqueeze(1), x_t.unsqueeze(1), alpha_s, alpha_t).squeeze(1)
+    weights = p_hat.to(dtype).clone()
+    assert uniform_reverse_weights_(weights, x_t, alpha_s, alpha_t).data_ptr() == weights.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(weights.double() / weights.double().sum(-1, keepdim=True), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_inverse_cdf_never_draws_a_zero_probability_id(overwrite):
+    from hf_sfdlm.sampling_sfdlm import inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.0, 0.8, 0.0, 0.0], [0.0, 0.5, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    edges = torch.tensor([0.0, 0.2, 0.5, 1.0], dtype=torch.float64)  # 1.0: rounding reached the total
+    drawn = [inverse_cdf(probs.clone(), u.expand(3), overwrite=overwrite).tolist() for u in edges]
+    assert drawn == [[0, 1, 0], [2, 1, 0], [2, 3, 0], [2, 3, 0]]
 
 
 UNIFORM_P = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
@@ -130,18 +161,33 @@ def test_uniform_samplers_match_composed_reverse_kernels(sampler, schedule):
     steps = 4
     out = model.generate(None, max_new_tokens=64, num_return_sequences=64, steps=steps, sampler=sampler,
                          output_history=True, generator=torch.Generator().manual_seed(2))
-    alphas = [float(model.diffusion.schedule.alpha(torch.tensor(k / steps))) for k in range(steps, -1, -1)]
+    grid = SAMPLERS[sampler](None).time_grid(steps)  # "uniform": steps ancestral steps to t_min, then argmax
+    alphas = [float(model.diffusion.schedule.alpha(torch.tensor(t))) for t in [grid[0][0]] + [s for _, s in grid]]
     exact = exact_uniform_marginals(UNIFORM_P, alphas)
-    for j in range(steps - 1):  # every intermediate draft x_s, s > 0
+    ancestral_drafts = steps - 1 if sampler == "ancestral" else steps  # drafts x_s with s > 0
+    assert len(out.history) == len(grid)
+    for j in range(ancestral_drafts):
         assert chi_square_p(counts(out.history[j], 6), exact[j]) > P_VALUE, j
-    # the test has power: the draft one step before the end is not yet distributed as p_hat
-    assert chi_square_p(counts(out.history[steps - 2], 6), UNIFORM_P) < 1e-6
+    # the test has power: the draft at s = 1/2 is not yet distributed as p_hat (its marginal is
+    # alpha_s p_hat + (1 - alpha_s) / V under the D3PM kernel with an x_t-independent p_hat)
+    assert chi_square_p(counts(out.history[steps - 3], 6), UNIFORM_P) < 1e-6
     final = out.sequences
     if sampler == "ancestral":  # at s = 0 the posterior is p_hat itself
         assert np.allclose(exact[-1], UNIFORM_P)
         assert chi_square_p(counts(final, 6), UNIFORM_P) > P_VALUE
-    else:  # Duo's greedy final step
+    else:  # Duo's greedy tail: the argmax of p_hat(. | x_{t_min}), one pass more than the steps
+        assert grid[-1] == (grid[-2][1], 0.0) and 0 < grid[-1][0] < 1e-3
         assert bool((final == int(np.argmax(UNIFORM_P))).all())
+
+
+def test_duo_greedy_tail_keeps_one_step_sampling_random():
+    """The tail is an extra argmax pass at t_min after the ancestral steps (not an argmax in place of the
+    last step), so even one step draws x_{t_min} at random and different seeds give different texts."""
+    model = word_model("uniform")
+    outs = [model.generate(None, max_new_tokens=8, steps=1, return_dict_in_generate=True,
+                           generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    assert all(out.num_forward_passes.tolist() == [2] for out in outs)
+    assert len({tuple(out.sequences[0].tolist()) for out in outs}) > 1
 
 
 def test_uniform_model_never_writes_the_mask_token():
@@ -299,19 +345,24 @@ def test_text_after_the_first_generated_eos_is_padding_and_ends_the_row():
 
 
 def test_logits_processors_and_filters_shape_p_hat():
-    from transformers import GenerationConfig, LogitsProcessorList
+    """Processors get what transformers passes them: (N, L) ids (each sampled position's row) and (N, V)
+    float32 scores at the N positions drawn in this evaluation; transformers' own processors work."""
+    from transformers import GenerationConfig, LogitsProcessorList, SuppressTokensLogitsProcessor
 
     seen = []
 
-    def ban_zero(canvas, logits):
-        seen.append((tuple(canvas.shape), tuple(logits.shape)))
-        logits[..., 0] = -math.inf
-        return logits
+    def record(input_ids, scores):
+        seen.append((tuple(input_ids.shape), tuple(scores.shape), scores.dtype))
+        return scores
 
     model = stub_model("absorbing", ABSORBING_P, mask=7)
+    processors = LogitsProcessorList([record, SuppressTokensLogitsProcessor([0])])
     out = model.generate(None, max_new_tokens=32, num_return_sequences=8, steps=4,
-                         logits_processor=LogitsProcessorList([ban_zero]), generator=torch.Generator().manual_seed(0))
-    assert not bool((out == 0).any()) and seen[0] == ((8, 32), (8, 32, 8))
+                         logits_processor=processors, generator=torch.Generator().manual_seed(0))
+    assert not bool((out == 0).any())
+    assert all(ids[0] == scores[0] and ids[1] == 32 and scores[1] == 8 and dtype == torch.float32
+               for ids, scores, dtype in seen)
+    assert sum(ids[0] for ids, _, _ in seen) == 8 * 32  # each position is drawn once, in one evaluation
     top1 = model.generate(None, max_new_tokens=16, steps=4, top_k=1, generator=torch.Generator().manual_seed(0))
     assert bool((top1 == 0).all())  # top-k = 1 keeps only the most probable clean token
     plain = model.generate(torch.tensor([[1, 2]]), generation_config=GenerationConfig(max_new_tokens=3))
@@ -331,28 +382,140 @@ def test_semi_autoregressive_blocks_finish_left_to_right():
     assert len(out.history) <= 6 and not bool((out.sequences == 7).any())
 
 
-def test_mdlm_cache_skips_the_network_when_nothing_changed():
-    """Not noise-conditioned: a row is re-evaluated only when its canvas changed since its last evaluation."""
-    model = stub_model("absorbing", ABSORBING_P, mask=7)
-    steps = 64
-    out = model.generate(None, max_new_tokens=6, num_return_sequences=4, steps=steps, sampler="ancestral",
-                         output_history=True, generator=torch.Generator().manual_seed(0))
+def count_network_work(model):
+    """Record (rows through the backbone, rows through the LM head) of every forward pass of a real model."""
+    calls = []
+    model.model.register_forward_hook(lambda module, args, out: calls.append([args[0].shape[0], 0]))
+    model.lm_head.register_forward_hook(lambda module, args, out: calls[-1].__setitem__(1, args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_absorbing_run_evaluates_the_head_exactly_where_tokens_unmask(time_conditioning):
+    """Forward passes and head rows, counted on the real model: every step's one pass runs the backbone on
+    the rows where something unmasks and the LM head on exactly the positions that unmask; rows (and steps)
+    without a change make no backbone call."""
+    model = word_model("absorbing", time_conditioning=time_conditioning)
+    calls = count_network_work(model)
+    prompt = torch.tensor([encode("the small dog sees a [MASK] ball")] * 2)
+    out = model.generate(prompt, max_new_tokens=10, num_return_sequences=3, steps=24, output_history=True,
+                         generator=torch.Generator().manual_seed(0))
+    drafts = [out.sequences.new_full(out.sequences.shape, MASK)] + list(out.history)
+    drafts[0][:, :7] = prompt.repeat_interleave(3, 0)
     expected = []
-    for row in range(4):
-        drafts = [torch.full((6,), 7)] + [h[row] for h in out.history]
-        evaluated, calls = None, 0
-        for canvas in drafts[:-1]:  # the input of every step
-            if bool((canvas == 7).any()) and (evaluated is None or not torch.equal(canvas, evaluated)):
-                evaluated, calls = canvas, calls + 1
-        expected.append(calls)
-    assert out.num_forward_passes.tolist() == expected
-    assert max(expected) <= 7 < steps  # at most one evaluation per distinct canvas
-    assert sum(model.stub_calls) == sum(expected)
-    conditioned = stub_model("absorbing", ABSORBING_P, mask=7, time_conditioning=True)
-    out = conditioned.generate(None, max_new_tokens=6, steps=8, return_dict_in_generate=True, output_history=True,
-                               generator=torch.Generator().manual_seed(0))
-    still_masked = [True] + [bool((h == 7).any()) for h in out.history[:-1]]
-    assert int(out.num_forward_passes[0]) == sum(still_masked)  # a new t means a new evaluation
+    for before, after in zip(drafts[:-1], drafts[1:]):
+        changed = before != after
+        if changed.any():
+            expected.append([int(changed.any(-1).sum()), int(changed.sum())])
+    assert calls == expected
+    assert sum(head for _, head in calls) == 6 * 11  # each generated position once, nothing else
+    assert sum(rows for rows, _ in calls) < 6 * 24  # rows where nothing unmasked cost nothing
+    changed_rows = torch.stack([(b != a).any(-1) for b, a in zip(drafts[:-1], drafts[1:])])
+    assert out.num_forward_passes.tolist() == changed_rows.sum(0).tolist()
+
+
+def reference_absorbing_ancestral(model, canvas, steps, generators):
+    """A straightforward absorbing ancestral sampler: the full network output at every step, p_hat over the
+    whole vocabulary at every position, then per row (its own generator) one uniform per masked position for
+    "unmasks now" and one inverse-CDF uniform per unmasking position, in row-major order."""
+    canvas = canvas.clone()
+    mask = model.config.mask_token_id
+    schedule = model.diffusion.schedule
+    for k in range(steps, 0, -1):
+        t, s = k / steps, (k - 1) / steps
+        alpha_t, alpha_s = float(schedule.alpha(torch.tensor(t))), float(schedule.alpha(torch.tensor(s)))
+        probs = model.denoise(canvas, torch.full((len(canvas),), t)).float().softmax(-1)
+        for row, g in enumerate(generators):
+            masked = (canvas[row] == mask).nonzero().squeeze(-1)
+            if not len(masked):
+                continue
+            if k > 1:
+                u = torch.rand(len(masked), generator=g, dtype=torch.float64)
+                masked = masked[u < (alpha_s - alpha_t) / (1 - alpha_t)]
+            if len(masked):
+                cdf = probs[row, masked].cumsum(-1)
+                u = torch.rand(len(masked), generator=g, dtype=torch.float64).float() * cdf[:, -1]
+                canvas[row, masked] = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+    return canvas
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_fast_absorbing_path_gives_the_reference_samples(time_conditioning):
+    model = word_model("absorbing", time_conditioning=time_conditioning, noise_schedule="cosine")
+    prompt = torch.tensor([encode("the small dog [MASK] a")] * 3)
+    seeds = [5, 6, 7]
+    fast = model.generate(prompt, max_new_tokens=9, steps=6, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    start = torch.cat([prompt, torch.full((3, 9), MASK)], 1)
+    reference = reference_absorbing_ancestral(model, start, 6, [torch.Generator().manual_seed(s) for s in seeds])
+    assert torch.equal(fast, reference)
+    assert not bool((fast == MASK).any()) and len({tuple(r.tolist()) for r in fast}) == 3
+
+
+def reference_uniform(model, canvas, steps, generators):
+    """The `uniform` sampler written plainly: the time grid down to t_min, the full network output (the mask
+    token banned), p_hat and the whole reverse kernel at every position, one inverse-CDF uniform per position per row (row-major),
+    then the argmax pass at t_min."""
+    from hf_sfdlm.sampling_sfdlm import UNIFORM_T_MIN, inverse_cdf
+
+    canvas = canvas.clone()
+    diffusion = model.diffusion
+    knots = [UNIFORM_T_MIN + (1 - UNIFORM_T_MIN) * k / steps for k in range(steps, -1, -1)]
+    for t, s in zip(knots[:-1], knots[1:]):
+        rows = len(canvas)
+        logits = model.denoise(canvas, torch.full((rows,), t)).float()
+        logits[..., MASK] = -math.inf  # a uniform model never writes the mask token
+        p_hat = logits.softmax(-1)
+        alpha_t, alpha_s = (diffusion.schedule.alpha(torch.full((rows,), x, dtype=torch.float64)) for x in (t, s))
+        kernel = diffusion.reverse_probs(p_hat, canvas, alpha_s, alpha_t)
+        for row, g in enumerate(generators):
+            u = torch.rand(canvas.shape[1], generator=g, dtype=torch.float64)
+            canvas[row] = inverse_cdf(kernel[row], u)
+    logits = model.denoise(canvas, torch.full((len(canvas),), UNIFORM_T_MIN))
+    logits[..., MASK] = -math.inf
+    return logits.argmax(-1)
+
+
+def test_uniform_sampler_gives_the_reference_samples():
+    model = word_model("uniform", noise_schedule="cosine")
+    seeds = [3, 4]
+    fast = model.generate(None, max_new_tokens=10, num_return_sequences=2, steps=5,
+                          generator=[torch.Generator().manual_seed(s) for s in seeds])
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    prior = torch.stack([torch.randint(len(TOKENIZER), (10,), generator=g) for g in generators])
+    assert torch.equal(fast, reference_uniform(model, prior, 5, generators))
+
+
+def test_bf16_autocast_generation():
+    """compute_dtype="bfloat16": the network runs under autocast, sampling in float32; for the absorbing
+    process the unmasking sets do not depend on the network, so they equal float32's draw for draw."""
+    model = word_model("absorbing")
+    options = dict(max_new_tokens=12, num_return_sequences=3, steps=6, output_history=True)
+    runs = {dtype: model.generate(None, compute_dtype=dtype, generator=torch.Generator().manual_seed(0), **options)
+            for dtype in ("float32", "bfloat16")}
+    for a, b in zip(runs["float32"].history, runs["bfloat16"].history):
+        assert torch.equal(a == MASK, b == MASK)
+    assert not bool((runs["bfloat16"].sequences == MASK).any())
+    dtypes = []
+    model.generate(None, compute_dtype="bfloat16", max_new_tokens=4, steps=2,
+                   logits_processor=[lambda ids, scores: dtypes.append(scores.dtype) or scores])
+    assert dtypes and set(dtypes) == {torch.float32}  # sampling sees float32 logits
+    with pytest.raises(ValueError, match="compute_dtype"):
+        model.generate(None, max_new_tokens=2, compute_dtype="int8")
+    assert SFDLMGenerationConfig(compute_dtype=torch.bfloat16).compute_dtype == "bfloat16"
+
+
+def test_mdlm_cache_reuses_logits_while_the_canvas_does_not_change():
+    """Not noise-conditioned: a row is evaluated again only when its canvas changed since its last evaluation."""
+    model = stub_model("uniform", [0.94, 0.02, 0.02, 0.02])
+    steps, seeds = 32, [0, 1, 2, 3]
+    out = model.generate(None, max_new_tokens=3, num_return_sequences=4, steps=steps, sampler="ancestral",
+                         output_history=True, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for row, seed in enumerate(seeds):
+        prior = torch.randint(4, (3,), generator=torch.Generator().manual_seed(seed))  # x_1, drawn first
+        inputs = [prior] + [h[row] for h in out.history[:-1]]  # the canvas each step starts from
+        changes = sum(not torch.equal(a, b) for a, b in zip(inputs[:-1], inputs[1:]))
+        assert int(out.num_forward_passes[row]) == 1 + changes < steps
+    assert sum(model.stub_calls) == int(out.num_forward_passes.sum())
 
 
 def test_stop_when_stable_and_stopping_criteria():
@@ -412,7 +575,7 @@ def test_canvas_streamer_redraws_in_place_and_prints_plain_text_elsewhere():
     ids = torch.tensor([encode("the small dog sees a")])
     live = io.StringIO()
     out = model.generate(ids, max_new_tokens=3, steps=3, streamer=CanvasStreamer(TOKENIZER, 3, stream=live, live=True),
-                         generator=torch.Generator().manual_seed(0))
+                         sampler="confidence", generator=torch.Generator().manual_seed(0))  # one token per step
     text = TOKENIZER.decode(out[0], skip_special_tokens=True)
     shown = live.getvalue()
     first_draft = shown.split("\n")[0]
@@ -420,7 +583,7 @@ def test_canvas_streamer_redraws_in_place_and_prints_plain_text_elsewhere():
     assert "\033[J" in shown and "3/3" in shown  # redrawn in place, with the progress meter
     assert shown.rstrip("\n").endswith(text)
     plain = io.StringIO()
-    model.generate(ids, max_new_tokens=3, steps=3, generator=torch.Generator().manual_seed(0),
+    model.generate(ids, max_new_tokens=3, steps=3, generator=torch.Generator().manual_seed(0), sampler="confidence",
                    streamer=CanvasStreamer(TOKENIZER, 3, stream=plain, progress=False))
     assert plain.getvalue() == text + "\n"
 
@@ -459,6 +622,45 @@ def test_bad_inputs_fail_before_any_forward_pass():
     model.config.mask_token_id = model.diffusion.mask_token_id = None
     with pytest.raises(ValueError, match="no mask token"):
         model.generate(prompt, max_new_tokens=2)
+
+
+def test_do_sample_speaks_transformers_language():
+    from transformers import GenerationConfig
+
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    greedy = model.generate(ids, max_new_tokens=6, steps=6, temperature=0, generator=torch.Generator().manual_seed(0))
+    for seed in range(3):  # greedy, whatever the seed, as a kwarg or through a plain GenerationConfig
+        generator = torch.Generator().manual_seed(seed)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, steps=6, do_sample=False, generator=generator), greedy)
+        plain = GenerationConfig(do_sample=False, max_new_tokens=6)
+        assert torch.equal(model.generate(ids, generation_config=plain, steps=6,
+                                          generator=torch.Generator().manual_seed(seed)), greedy)
+    sampled = {tuple(model.generate(ids, max_new_tokens=6, steps=6, do_sample=True,
+                                    generator=torch.Generator().manual_seed(seed))[0].tolist()) for seed in range(4)}
+    assert len(sampled) > 1
+    with pytest.raises(ValueError, match="do_sample"):
+        model.generate(ids, max_new_tokens=2, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="unexpected arguments \\['num_beams'\\]"):
+        model.generate(ids, max_new_tokens=2, num_beams=2)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-8, 5e-4])
+def test_tiny_temperatures_mean_greedy_never_nan(temperature):
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    out = model.generate(ids, max_new_tokens=6, steps=6, temperature=temperature,
+                         generator=torch.Generator().manual_seed(1))
+    assert not bool((out == MASK).any())
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6, steps=6, temperature=0,
+                                           generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("generator", [123, "seed", [123]])
+def test_generator_of_a_wrong_type_is_named(generator):
+    model = forbid_forward(word_model("absorbing"))
+    with pytest.raises(TypeError, match="`generator`.*(int|str)"):
+        model.generate(torch.tensor([encode("the dog")]), max_new_tokens=2, generator=generator)
 
 
 def test_uniform_model_mask_errors():
@@ -524,6 +726,15 @@ def test_generation_config_is_saved_and_used_by_default(tmp_path):
         assert len(loaded.generate(torch.tensor([encode("the dog")]), max_new_tokens=4, steps=2,
                                    output_history=True).history) == 2  # keyword arguments override
     assert isinstance(out, SFDLMGenerationOutput)
+    from transformers import GenerationConfig
+
+    plain = GenerationConfig.from_pretrained(tmp_path)  # the saved sampler fields survive a plain load
+    assert (plain.steps, plain.sampler, plain.mask_token_id) == (3, "confidence", MASK)
+    assert SFDLMGenerationConfig.from_generation_config(plain).to_diff_dict() == \
+        SFDLMGenerationConfig.from_pretrained(tmp_path).to_diff_dict()
+    out = model.generate(torch.tensor([encode("the dog")]), generation_config=plain, max_new_tokens=4,
+                         output_history=True)
+    assert len(out.history) == 3
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -564,8 +775,8 @@ def test_cli_infill_with_a_uniform_model(saved_word_model, capsys):
     assert main(["infill", "--model", str(path), "--text", text, "--steps", "4", "--no-live"]) == 0
     filled = capsys.readouterr().out.strip().split(" ")
     assert "[MASK]" not in filled and filled[0] == "the" and filled[2] == "dog"
-    with pytest.raises(SystemExit, match="placeholder"):
-        main(["infill", "--model", str(path), "--text", "no holes here", "--no-live"])
+    assert main(["infill", "--model", str(path), "--text", "no holes here", "--no-live"]) == 2
+    assert "sfdlm infill: error: --text contains no '[MASK]' placeholder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ a trained model

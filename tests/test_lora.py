@@ -201,7 +201,7 @@ def sft_files(tmp_path):
 def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     from hf_sfdlm.cli import main as cli_main
     from hf_sfdlm.model_card import validate_model_card
-    from hf_sfdlm.training import read_metrics
+    from hf_sfdlm.tracking import read_metrics
 
     base, data = sft_files(tmp_path)
     base_bytes = (base / "model.safetensors").read_bytes()
@@ -221,7 +221,7 @@ def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     assert card.data.base_model == "org/tiny-sfdlm" and card.data.library_name == "peft"
     measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert measured["nelbo"] == evals[-1]["eval/nelbo"] and measured["perplexity"] == evals[-1]["eval/perplexity"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finished.json", "step-2", "step-4"]
 
     fresh = AutoModel.from_pretrained(base, trust_remote_code=True)
     adapted = load_adapter(AutoModel.from_pretrained(base, trust_remote_code=True), out)
@@ -231,23 +231,24 @@ def test_finetune_trains_the_adapter_with_the_shared_loop_and_resumes(tmp_path):
     torch.testing.assert_close(fixed_logits(merged), fixed_logits(adapted), rtol=1e-5, atol=1e-5)
 
 
-def test_finetune_refuses_bad_input_before_training(tmp_path):
+def test_finetune_refuses_bad_input_before_training(tmp_path, capsys):
     from hf_sfdlm.cli import main as cli_main
 
+    def refused(argv, message):  # the CLI reports a mistake in one line and exits with status 2
+        assert cli_main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("sfdlm finetune: error: ") and message in error, error
+
     base, data = sft_files(tmp_path)
-    with pytest.raises(ValueError, match="does not exist"):
-        cli_main(["finetune", "--model", str(base), "--data", str(tmp_path / "missing.jsonl")])
-    with pytest.raises(ValueError, match="q_proj"):
-        cli_main(["finetune", "--model", str(base), "--data", str(data), "--target-modules", "q_proj,v_proj",
-                  "--output-dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="Invalid Hub repo id"):
-        cli_main(["finetune", "--model", "org/bad name", "--data", str(data)])
-    with pytest.raises(ValueError, match="training.key=value"):
-        cli_main(["finetune", "--model", str(base), "--data", str(data), "max_steps=3"])
+    refused(["finetune", "--model", str(base), "--data", str(tmp_path / "missing.jsonl")], "does not exist")
+    refused(["finetune", "--model", str(base), "--data", str(data), "--target-modules", "q_proj,v_proj",
+             "--output-dir", str(tmp_path / "o")], "q_proj")
+    refused(["finetune", "--model", "org/bad name", "--data", str(data)], "neither a local folder nor a valid Hub id")
+    refused(["finetune", "--model", str(base), "--data", str(data), "max_steps=3"], "training.key=value")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no config.json"):
-        cli_main(["finetune", "--model", str(empty), "--data", str(data), "--output-dir", str(tmp_path / "o")])
+    refused(["finetune", "--model", str(empty), "--data", str(data), "--output-dir", str(tmp_path / "o")],
+            "no config.json")
 
 
 def test_finetune_on_plain_text_adapts_with_the_pretraining_objective(tmp_path):
@@ -264,5 +265,5 @@ def test_finetune_on_plain_text_adapts_with_the_pretraining_objective(tmp_path):
                      "training.batch_size=4", "training.progress_bar=false", "training.log_with=[]"]) == 0
     card = validate_model_card(out)
     assert "LoRA domain adaptation" in card.text and "| Trained in full (modules_to_save) | mixer |" in card.text
-    assert {r.metric_type for r in card.data.eval_results} == {"nelbo", "perplexity"}
+    assert {r.metric_type for r in card.data.eval_results} == {"nelbo", "perplexity", "bits_per_byte"}
     assert card.data.base_model is None  # a local base is named in the text only

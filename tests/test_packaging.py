@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from conftest import tiny_config
 from hf_sfdlm import SFDLMConfig, SFDLMForDiffusionLM
 
-REMOTE_CODE_FILES = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py"}
+REMOTE_CODE_FILES = {"configuration_sfdlm.py", "modeling_sfdlm.py", "diffusion.py", "diffusion_lm.py",
+                     "generation_sfdlm.py", "sampling_sfdlm.py"}
 
 
 @pytest.fixture

@@ -271,8 +271,7 @@ def test_config_and_model_routing():
         se.euler_probs(torch.zeros(2, 3, 3), x, 0.4, 0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         se.tweedie_probs(torch.zeros(2, 3, 3), x, 1.5, 0.4)
-    with pytest.raises(ValueError, match="reconstruction"):
-        se.draw_noise(4, reconstruction_probability=0.1)
+    assert not se.draw_noise(4).reconstruction.any()  # the SEDD ELBO has no t = 0 term
 
 
 def test_save_pretrained_ships_score_entropy_and_reloads(tmp_path):
@@ -358,8 +357,10 @@ def test_stable_loss_equals_the_definition(graph, schedule):
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_score_entropy_of_x0_model_is_the_continuous_nelbo(graph):
-    """With scores implied by x_0 probabilities, DSE is diffusion.py's continuous-time NELBO integrand
-    (an independent implementation): the objectives differ only in what the network parameterises."""
+    """With the scores implied by an x_0 model's reverse kernel, DSE is diffusion.py's continuous-time NELBO
+    integrand (an independent implementation): the objectives differ only in what the network parameterises.
+    Absorbing: the scores of the posterior mixture. Uniform: the normalised D3PM kernel (UDLM, Duo) jumps
+    z -> y at rate sigma Q(y -> z) m(y) / m(z), m = alpha p_hat + (1 - alpha) / V, so s_y = m(y) / m(z)."""
     se = make(graph)
     x0_model = DiscreteDiffusion(se.vocab_size, graph, se.schedule, None, se.mask_token_id, objective="elbo")
     gen = torch.Generator().manual_seed(2)
@@ -370,7 +371,13 @@ def test_score_entropy_of_x0_model_is_the_continuous_nelbo(graph):
     if graph == "absorbing":
         logits[..., se.mask_token_id] = -math.inf
     x0_probs = x0_model.x0_probs(logits, x_t)
-    dse = se.score_entropy(se.log_scores_from_x0_probs(x0_probs, x_t, t), x0, x_t, t)
+    if graph == "absorbing":
+        scores = se.log_scores_from_x0_probs(x0_probs, x_t, t)
+    else:
+        alpha = se.schedule.alpha(t).view(-1, 1, 1)
+        m = alpha * x0_probs + (1 - alpha) / se.vocab_size
+        scores = (m / m.gather(-1, x_t.unsqueeze(-1))).log()
+    dse = se.score_entropy(scores, x0, x_t, t)
     draw = NoiseDraw(t, None, torch.ones_like(t), torch.zeros_like(t, dtype=torch.bool))
     assert torch.allclose(dse, x0_model.loss_terms(logits, x0, x_t, draw), rtol=1e-8, atol=1e-10)
 

@@ -174,3 +174,39 @@ def test_jsonl_file_round_trip_and_errors_name_the_record(tmp_path, tokenizer):
     assert not is_sft_file(text)
     with pytest.raises(ValueError, match="SFT records need"):
         load_sft_dataset(text, tokenizer)
+
+
+def test_literal_special_token_text_in_records_is_ordinary_text():
+    """A prompt or reply that mentions "[MASK]" means the text (issue 10 item 6): it is neither a position to fill
+    nor a masked target, while the chat template's own markup keeps its special tokens."""
+    from hf_sfdlm.data import train_bpe_tokenizer
+
+    texts = ["write [MASK] or [PAD] or [EOS] literally", "the user said hello", "assistant answers"] * 20
+    bpe = train_bpe_tokenizer(texts, vocab_size=300)
+    specials = {bpe.mask_token_id, bpe.pad_token_id}
+    example = sft_example({"prompt": "what is [MASK]?", "response": "[MASK] and [PAD] are tokens [EOS]"}, bpe)
+    assert not specials & set(example["input_ids"])
+    assert example["input_ids"].count(bpe.eos_token_id) == 1 and example["input_ids"][-1] == bpe.eos_token_id
+    assert bpe.decode(example["input_ids"][:-1]) == "what is [MASK]?[MASK] and [PAD] are tokens [EOS]"
+
+    bpe.chat_template = CHAT_TEMPLATE
+    chat = [{"role": "user", "content": "fill [MASK] please"}, {"role": "assistant", "content": "no [MASK] here"}]
+    ids = sft_example({"messages": chat}, bpe)["input_ids"]
+    assert bpe.mask_token_id not in ids
+    # The template's "[EOS]" after each turn stays the control token, as in a conversation without the literal.
+    plain = [{"role": "user", "content": "the user said hello"}, {"role": "assistant", "content": "assistant answers"}]
+    plain_ids = sft_example({"messages": plain}, bpe)["input_ids"]
+    assert ids.count(bpe.eos_token_id) == plain_ids.count(bpe.eos_token_id) == 3  # 2 turn ends + the learned stop
+    assert plain_ids[:-1] == bpe.apply_chat_template(plain, tokenize=True)["input_ids"]  # unchanged without literals
+    assert "fill [MASK] please" in bpe.decode(ids) and "no [MASK] here" in bpe.decode(ids)
+
+
+def test_a_prompt_mentioning_mask_trains_with_a_finite_loss(tokenizer):
+    record = {"prompt": words(tokenizer, 3) + " [MASK] [PAD]", "response": words(tokenizer, 4, 10) + " [MASK]"}
+    example = sft_example(record, tokenizer)
+    assert tokenizer.mask_token_id not in example["input_ids"]  # word-level: the literal becomes [UNK]
+    model = model_for(tokenizer, process="absorbing", mask_token_id=tokenizer.mask_token_id)
+    batch = SFTCollator(tokenizer.pad_token_id)([example, sft_example(records(tokenizer)[0], tokenizer)])
+    loss = model(**batch, generator=torch.Generator().manual_seed(0)).loss
+    assert torch.isfinite(loss)
+    loss.backward()

@@ -5,7 +5,7 @@
     python training/finetune_lora.py --model outputs/sfdlm-tiny --data notes.txt --max-steps 200
 
 Every option of `sfdlm finetune` works here (`--help`). The loop, checkpoints (`--resume`) and logs are those
-of `hf_sfdlm.training.DiffusionTrainer`; the adapter, tokenizer and model card land in `--output-dir`.
+of `hf_sfdlm.trainer.DiffusionTrainer`; the adapter, tokenizer and model card land in `--output-dir`.
 """
 
 import sys

@@ -15,15 +15,22 @@ import argparse
 __all__ = ["register"]
 
 
+# The samplers hf_sfdlm ships (`hf_sfdlm.generation_sfdlm.SAMPLERS`; tests keep the two in step). Listed
+# here so `--help` and a mistyped --model do not wait for torch; plug-in samplers are accepted too.
+BUILTIN_SAMPLERS = ("ancestral", "confidence", "euler", "threshold", "tweedie", "uniform")
+CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+
+
 def register(subparsers) -> None:
     """Add the `generate` and `infill` subcommands."""
-    from ..generation_sfdlm import CONFIDENCE_MEASURES, SAMPLERS
+    from ._common import add_threads_argument
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
 
     generate = subparsers.add_parser(
         "generate", help="continue a prompt by iterative denoising",
         description="Generate text after a prompt (or unconditionally) by iterative denoising.")
-    generate.add_argument("--prompt", default="", help="text to continue (empty: unconditional)")
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    generate.add_argument("--prompt", default="", help="text to continue (default: empty, unconditional)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     generate.set_defaults(func=run_generate)
 
     infill = subparsers.add_parser(
@@ -32,37 +39,78 @@ def register(subparsers) -> None:
     infill.add_argument("--text", required=True, help='text with placeholders, e.g. "The [MASK] sat on the [MASK]."')
     infill.add_argument("--mask-string", default=None,
                         help="placeholder in --text (default: the tokenizer's mask token, else [MASK])")
-    infill.add_argument("--max-new-tokens", type=int, default=0, help="tokens to append after the text (default 0)")
+    infill.add_argument("--max-new-tokens", type=int, default=0, help="tokens to append after the text (default: 0)")
     infill.set_defaults(func=run_infill)
 
     for parser in (generate, infill):
-        parser.add_argument("--model", required=True, help="local directory or Hub id of an SFDLM checkpoint")
-        parser.add_argument("--tokenizer", default=None, help="tokenizer location (default: --model)")
-        parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
-        parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None,
-                            help="default: ancestral (absorbing models) or uniform (uniform models)")
-        parser.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-        parser.add_argument("--top-k", type=int, default=None)
-        parser.add_argument("--top-p", type=float, default=None)
-        parser.add_argument("--confidence-measure", choices=CONFIDENCE_MEASURES, default=None)
-        parser.add_argument("--confidence-threshold", type=float, default=None, help="for --sampler threshold")
-        parser.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size")
-        parser.add_argument("--num-return-sequences", type=int, default=None)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-        parser.add_argument("--no-live", action="store_true", help="print only the final text")
-        parser.add_argument("--sleep", type=float, default=None, help="pause after each draft (seconds)")
+        parser.add_argument("--model", required=True, help="local folder or Hub id (org/name) of an SFDLM checkpoint")
+        parser.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: --model)")
+        parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
+        parser.add_argument("--steps", type=int, default=None,
+                            help="denoising steps (default: `steps` of the model's generation_config.json, else 64)")
+        parser.add_argument("--sampler", default=None, metavar="NAME",
+                            help=f"reverse-chain sampler, one of {', '.join(BUILTIN_SAMPLERS)} (default: ancestral "
+                                 "for absorbing models, uniform for uniform ones)")
+        parser.add_argument("--temperature", type=float, default=None,
+                            help="softmax temperature of the denoiser's predictions; 0 = greedy (default: 1.0)")
+        parser.add_argument("--top-k", type=int, default=None,
+                            help="sample only among the k most likely tokens; 0 = all (default: 0)")
+        parser.add_argument("--top-p", type=float, default=None,
+                            help="nucleus sampling: the smallest token set with this much probability (default: 1.0)")
+        parser.add_argument("--confidence-measure", choices=CONFIDENCE_MEASURES, default=None,
+                            help="how --sampler confidence/threshold rank positions to unmask (default: max_prob)")
+        parser.add_argument("--confidence-threshold", type=float, default=None,
+                            help="--sampler threshold: unmask every position at least this confident (default: 0.9)")
+        parser.add_argument("--block-length", type=int, default=None,
+                            help="semi-autoregressive blocks of this many tokens (default: the whole canvas at once)")
+        parser.add_argument("--num-return-sequences", type=int, default=None,
+                            help="independent samples to draw (default: 1)")
+        parser.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default: 0)")
+        parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if "
+                                                           "available, else cpu)")
+        add_threads_argument(parser)
+        parser.add_argument("--no-live", action="store_true",
+                            help="print only the final text (default: redraw the canvas live on a terminal)")
+        parser.add_argument("--sleep", type=float, default=None,
+                            help="pause after each draft, in seconds, to slow a demo down (default: none)")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numeric flags checked before anything is loaded."""
+    for name, minimum in (("steps", 1), ("top_k", 0), ("num_return_sequences", 1), ("block_length", 1)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
+    for name, low, high in (("top_p", 0.0, 1.0), ("confidence_threshold", 0.0, 1.0)):
+        value = getattr(args, name)
+        if value is not None and not low < value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in ({low}, {high}], got {value}.")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
 
 
 def _load(args: argparse.Namespace):
+    from ._common import check_model_location
+
+    check_numbers(args)
+
+    model_path = check_model_location(args.model)
+    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True) if args.tokenizer else model_path
+    if args.sampler is not None:
+        from ..generation_sfdlm import SAMPLERS
+
+        if args.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler {args.sampler!r} is not one of {', '.join(sorted(SAMPLERS))}.")
     import torch
-    from transformers import AutoTokenizer
 
-    from ..modeling_sfdlm import SFDLMForDiffusionLM
+    from ..hub import load_pretrained, load_tokenizer
+    from ._common import quiet_expected_warnings, set_cpu_threads
 
+    quiet_expected_warnings()
+    set_cpu_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SFDLMForDiffusionLM.from_pretrained(args.model).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = load_pretrained(model_path, trust_remote_code=args.trust_remote_code).to(device).eval()
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
     return model, tokenizer
 
 
@@ -93,10 +141,15 @@ def _run(args: argparse.Namespace, model, tokenizer, input_ids, **extra) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     """`sfdlm generate`."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}.")
+    model, tokenizer = _load(args)
     import torch
 
-    model, tokenizer = _load(args)
-    ids = tokenizer(args.prompt)["input_ids"] if args.prompt else []
+    from ._common import warn_unknown_words
+
+    warn_unknown_words(tokenizer, args.prompt)
+    ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"] if args.prompt else []
     input_ids = torch.tensor([ids], device=model.device) if ids else None
     return _run(args, model, tokenizer, input_ids)
 
@@ -118,19 +171,24 @@ def encode_with_masks(tokenizer, text: str, mask_string: str, mask_token_id: int
 
 def run_infill(args: argparse.Namespace) -> int:
     """`sfdlm infill`."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be 0 or more, got {args.max_new_tokens}.")
+    model, tokenizer = _load(args)
     import torch
 
-    model, tokenizer = _load(args)
     mask_id = model.config.mask_token_id
     if mask_id is None:
         mask_id = getattr(tokenizer, "mask_token_id", None)
     if mask_id is None:
-        raise SystemExit("sfdlm infill: neither the model nor its tokenizer defines a mask token, so the "
+        raise ValueError("neither the model nor its tokenizer defines a mask token, so the "
                          "placeholders cannot be filled (a uniform model needs `mask_token_id` in its config "
                          "or a tokenizer with a mask token).")
     mask_string = args.mask_string or getattr(tokenizer, "mask_token", None) or "[MASK]"
     if mask_string not in args.text:
-        raise SystemExit(f"sfdlm infill: --text contains no {mask_string!r} placeholder to fill.")
+        raise ValueError(f"--text contains no {mask_string!r} placeholder to fill.")
+    from ._common import warn_unknown_words
+
+    warn_unknown_words(tokenizer, " ".join(args.text.split(mask_string)), "--text")
     ids = encode_with_masks(tokenizer, args.text, mask_string, mask_id)
     input_ids = torch.tensor([ids], device=model.device)
     return _run(args, model, tokenizer, input_ids, mask_token_id=mask_id)

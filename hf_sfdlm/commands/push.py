@@ -6,24 +6,31 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from ..remote_code import TRUST_REMOTE_CODE_HELP
+
     parser = subparsers.add_parser(
         "push", help="Upload a model or adapter folder (weights, config, remote code, tokenizer, card) to the Hub.",
-        description="Upload a saved SFDLM model or LoRA adapter folder to the Hub in one commit. A model card is "
-                    "written into the folder first if it has none. --dry-run lists the files without any network.",
+        description="Upload a saved SFDLM model or LoRA adapter folder to the Hub in one commit. The folder is "
+                    "verified first (file integrity, the model loads and runs one forward pass, the tokenizer "
+                    "loads); only its regular files are sent, never symbolic links. A model card is written into "
+                    "the folder if it has none. --dry-run lists the files without any network and writes nothing.",
     )
     parser.add_argument("--model", required=True, help="Folder written by save_pretrained / save_adapter.")
     parser.add_argument("--repo-id", required=True, help="Target repository, 'org/name'.")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--revision", default=None, help="Branch to commit to (created if needed).")
+    parser.add_argument("--revision", default=None, help="Branch to commit to, created if needed (default: the main branch).")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing.")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None, help="Commit message (default: \"Upload SFDLM model|adapter with hf_sfdlm\").")
     parser.add_argument("--token", default=None, help="Hub token (default: the one from `hf auth login`).")
-    parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push.")
+    parser.add_argument("--license", default="apache-2.0", help="License id for a card written on push (default: apache-2.0).")
     parser.add_argument("--base-model", default=None,
-                        help="Adapters: Hub repo id of the base model (required if the adapter records a local path).")
+                        help="Adapters: Hub repo id of the base model, written into the card (default: the one the "
+                             "adapter records; required if that is a local path).")
     parser.add_argument("--no-card", action="store_true", help="Do not write a model card if the folder lacks one.")
     parser.add_argument("--dry-run", action="store_true",
-                        help="Check everything and print the files that would be uploaded; no network.")
+                        help="Check everything and print the files that would be uploaded; no network, "
+                             "nothing written.")
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.set_defaults(func=run)
 
 
@@ -33,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
                         create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
                         write_card=not args.no_card, license=args.license, dry_run=args.dry_run,
+                        trust_remote_code=args.trust_remote_code,
                         **({"base_model": args.base_model} if args.base_model else {}))
     if args.dry_run:
         for operation in result:

@@ -17,20 +17,33 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML preset, e.g. training/configs/small.yaml (default: the tiny preset).")
-    parser.add_argument("--data", help="Text/JSON lines/CSV/Parquet file or folder, or a Hub dataset name, "
-                                       "replacing the synthetic corpus (sets data.dataset).")
-    parser.add_argument("--text-column", help="Column holding the text (sets data.text_column).")
+    parser.add_argument("--config", help="YAML preset, e.g. training/configs/small.yaml (default: the tiny preset, "
+                                         "training/configs/tiny.yaml)")
+    parser.add_argument("--data", help="text/JSON lines/CSV/Parquet file or folder, or a Hub dataset name, replacing "
+                                       "the synthetic corpus (sets data.dataset; default: the synthetic corpus)")
+    parser.add_argument("--text-column", help="column holding the text (sets data.text_column; default: text)")
     parser.add_argument("--tokenizer", help="AutoTokenizer name or folder (default: word-level for the synthetic "
-                                            "corpus, otherwise a byte-level BPE trained on the data).")
-    parser.add_argument("--output-dir", help="Where the model, checkpoints and logs go (sets training.output_dir).")
-    parser.add_argument("--max-steps", type=int, help="Optimizer steps (sets training.max_steps).")
+                                            "corpus, otherwise a byte-level BPE trained on the data)")
+    parser.add_argument("--output-dir", help="where the model, checkpoints and logs go (sets training.output_dir; "
+                                             "default: the preset's, outputs/sfdlm-tiny, or outputs/sfdlm-<data name> "
+                                             "with --data)")
+    parser.add_argument("--max-steps", type=int,
+                        help="optimizer steps (sets training.max_steps; default: the preset's, 500 for tiny)")
     parser.add_argument("--resume", action="store_true",
-                        help="Continue from the newest complete checkpoint in <output-dir>/checkpoints.")
-    parser.add_argument("--num-samples", type=int, default=3, help="Samples printed after training (0: none).")
-    parser.add_argument("--sample-steps", type=int, default=32, help="Denoising steps of the printed samples.")
+                        help="continue the run in <output-dir> from its newest usable checkpoint (a finished run "
+                             "is left as it is)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the checkpoints and logs of an earlier run in <output-dir> and start afresh "
+                             "(default: refuse to touch a used folder)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU intra-op threads (sets training.cpu_threads; default: the preset's, 1 for tiny)")
+    parser.add_argument("--num-samples", type=int, default=3,
+                        help="samples printed after training, 0 for none (default: 3)")
+    parser.add_argument("--sample-steps", type=int, default=32,
+                        help="denoising steps of the printed samples (default: 32)")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                        help="Config overrides, e.g. training.learning_rate=1e-3 model.process=uniform.")
+                        help="config overrides anywhere on the command line, e.g. training.learning_rate=1e-3 "
+                             "model.process=uniform")
 
 
 def register(subparsers) -> None:
@@ -41,11 +54,18 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..training import load_config
+    from ..train_config import load_config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides or [])
+    if args.data is not None and args.output_dir is None and \
+            not any(item.startswith("training.output_dir=") for item in overrides):
+        from ._common import slug
+
+        # Other data, another model: never the tiny preset's folder.
+        overrides.insert(0, f"training.output_dir=outputs/sfdlm-{slug(args.data)}")
     for flag, key in (("data", "data.dataset"), ("text_column", "data.text_column"),
-                      ("output_dir", "training.output_dir"), ("max_steps", "training.max_steps")):
+                      ("output_dir", "training.output_dir"), ("max_steps", "training.max_steps"),
+                      ("threads", "training.cpu_threads")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
@@ -73,11 +93,20 @@ def warn_if_mpi_launch_without_mpi() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import run_training
+    from ..pipelines import run_training
 
     warn_if_mpi_launch_without_mpi()
+    if args.num_samples < 0 or args.sample_steps < 1:
+        raise ValueError(f"--num-samples must be 0 or more and --sample-steps positive, got {args.num_samples} "
+                         f"and {args.sample_steps}.")
     config = config_from_args(args)
-    result, trainer = run_training(config, resume=args.resume, callbacks=[model_card_callback(config)])
+    from ._common import quiet_expected_warnings
+
+    quiet_expected_warnings()
+    result, trainer = run_training(config, resume=args.resume, overwrite=args.overwrite,
+                                   callbacks=[model_card_callback(config)])
+    if result.already_finished:
+        return 0  # the trainer said so; card, report and model stay as they are
     if trainer.accelerator.is_main_process:
         report = entropy_report(config, result)
         print_report(report)
@@ -88,20 +117,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def model_card_callback(config):
-    """Writes a model card (with the latest held-out NELBO) into every folder the run saves."""
-    from ..model_card import ModelCardCallback
+    """Writes a model card (held-out NELBO, examples from held-out text, NELBO / entropy rate on the
+    synthetic corpus) into every folder the run saves."""
+    from ..model_card import ModelCardCallback, is_hub_dataset
 
     data = config.data
+    entropy_rate = None
     if data.is_synthetic:
-        name = f"hf_sfdlm synthetic grammar corpus ({data.synthetic_sentences} sentences, seed {data.synthetic_seed})"
+        from ..synthetic import SyntheticGrammar
+
+        name, kind = "hf_sfdlm synthetic grammar", "synthetic-grammar"
+        description = (f"hf_sfdlm synthetic grammar corpus ({data.synthetic_sentences:,} sentences, seed "
+                       f"{data.synthetic_seed}; `hf_sfdlm.synthetic`), exact entropy rate known")
         tokenizer = "word-level (hf_sfdlm.synthetic.word_level_tokenizer)"
+        entropy_rate = SyntheticGrammar().entropy_rate()
     else:
-        name = data.dataset if data.dataset_config is None else f"{data.dataset} ({data.dataset_config})"
+        hub = is_hub_dataset(data.dataset)
+        name, kind = data.dataset if hub else Path(data.dataset).name, None
+        description = (f"{data.dataset}" + (f" ({data.dataset_config})" if data.dataset_config else "")
+                       if hub else f"a local file or folder, {Path(data.dataset).name} (not on the Hub)")
         tokenizer = config.tokenizer or f"byte-level BPE trained on the data ({config.tokenizer_vocab_size} tokens)"
-    info = {"method": "pretraining from scratch (diffusion NELBO)", "block_size": data.block_size,
-            "packing": data.packing}
-    return ModelCardCallback(name, training_info=info, tokenizer_name=tokenizer,
-                             datasets=None if data.is_synthetic else [data.dataset])
+    info = {"method": "pretraining from scratch (diffusion NELBO)", "data": description,
+            "block_size": data.block_size, "packing": data.packing}
+    return ModelCardCallback(name, training_info=info, tokenizer_name=tokenizer, dataset_type=kind,
+                             entropy_rate=entropy_rate, datasets=None if data.is_synthetic else [data.dataset])
 
 
 def entropy_report(config, result) -> dict:
@@ -141,11 +180,14 @@ def print_report(report: dict) -> None:
 
 
 def print_samples(config, num_samples: int, steps: int) -> None:
-    """Unconditional samples and an infilling example from the model saved in `output_dir`."""
+    """Unconditional samples and an infilling example (a held-out line, the one on the model card) from
+    the model saved in `output_dir`; special tokens are never printed and samples stop at EOS."""
     import torch
     from transformers import AutoTokenizer
 
-    from ..modeling_sfdlm import SFDLMForDiffusionLM
+    from .. import SFDLMForDiffusionLM  # also registers the Auto classes the tokenizer's loader needs
+    from ..model_card import read_card_record
+    from ..streaming import decode_visible
 
     out = Path(config.training.output_dir)
     model = SFDLMForDiffusionLM.from_pretrained(out).eval()
@@ -155,37 +197,29 @@ def print_samples(config, num_samples: int, steps: int) -> None:
     with torch.no_grad():
         samples = model.generate(None, max_new_tokens=length, steps=steps, num_return_sequences=num_samples,
                                  generator=generator)
-    print(f"\nSamples ({length} tokens, {steps} denoising steps):")
-    for row in samples:
-        print("  " + tokenizer.decode(row, skip_special_tokens=False))
+    eos = tokenizer.eos_token_id
+    print(f"\nSamples ({length} tokens, {steps} denoising steps, up to the first {tokenizer.eos_token}):")
+    for row in samples.tolist():
+        print("  " + decode_visible(tokenizer, row[:row.index(eos)] if eos in row else row))
 
-    text = _infill_source(config, tokenizer)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    width = ids.shape[1]
-    start, stop = width // 3, width // 3 + max(1, width // 3)
-    masked = ids.clone()
-    masked[:, start:stop] = tokenizer.mask_token_id
+    example = read_card_record(out).get("examples") or {}
+    if not example.get("before") or tokenizer.mask_token is None:
+        return
+    text = example["before"] + tokenizer.mask_token * example["masked_tokens"] + example["after"]
+    masked = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        filled = model.generate(masked, steps=max(1, min(steps, stop - start)), generator=generator)
-    print("\nInfilling (the middle third is masked and regenerated):")
-    print("  original: " + tokenizer.decode(ids[0]))
-    print("  masked:   " + tokenizer.decode(masked[0]))
-    print("  filled:   " + tokenizer.decode(filled[0]))
-
-
-def _infill_source(config, tokenizer) -> str:
-    if config.data.is_synthetic:
-        from ..synthetic import SyntheticGrammar
-
-        return " ".join(SyntheticGrammar().sample_sentences(2, generator=config.training.seed + 1))
-    return "The quick brown fox jumps over the lazy dog near the river bank."
+        filled = model.generate(masked, steps=max(1, min(steps, example["masked_tokens"])), generator=generator)
+    print(f"\nInfilling a held-out line ({example['masked_tokens']} tokens masked and regenerated):")
+    print("  original: " + example["line"])
+    print("  masked:   " + decode_visible(tokenizer, masked[0].tolist()))
+    print("  filled:   " + decode_visible(tokenizer, filled[0].tolist()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    """Entry point of `training/train.py`: `sfdlm train`, with the same options and error reporting."""
+    from ..cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

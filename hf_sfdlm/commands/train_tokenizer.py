@@ -16,14 +16,14 @@ from itertools import islice
 def register(subparsers) -> None:
     parser = subparsers.add_parser("train-tokenizer", help="Train a byte-level BPE tokenizer on a corpus.",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="Text/JSON lines/CSV/Parquet file or folder, or a Hub dataset.")
-    parser.add_argument("--dataset-config", help="Configuration name of a Hub dataset.")
+    parser.add_argument("--data", required=True, help="Text/JSON lines/CSV/Parquet file or folder, or a Hub dataset (required).")
+    parser.add_argument("--dataset-config", help="Configuration name of a Hub dataset (default: none).")
     parser.add_argument("--split", default="train", help="Split to read (default: train).")
     parser.add_argument("--text-column", default="text", help="Column holding the text (default: text).")
     parser.add_argument("--streaming", action="store_true", help="Stream the corpus instead of loading it.")
-    parser.add_argument("--max-documents", type=int, help="Read at most this many documents.")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="Vocabulary size, special tokens included.")
-    parser.add_argument("--min-frequency", type=int, default=2, help="Minimum pair frequency of a merge.")
+    parser.add_argument("--max-documents", type=int, help="Read at most this many documents (default: all).")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="Vocabulary size, special tokens included (default: 8192).")
+    parser.add_argument("--min-frequency", type=int, default=2, help="Minimum pair frequency of a merge (default: 2).")
     parser.add_argument("--output-dir", required=True, help="Folder for the tokenizer files.")
     parser.set_defaults(func=run)
 

@@ -1,0 +1,218 @@
+"""The diffusion-LM head, once for every backbone: input checks, `forward(labels=...)`, `nelbo`.
+
+A model class mixes in `DiffusionLMMixin` and implements only `denoise(noisy_input_ids, timesteps,
+attention_mask)` returning logits (B, L, V) of p_hat(x_0 | x_t) (or log-score outputs for SEDD). The mixin
+builds the model's process (`self.diffusion`) from its config and owns the one rule of which positions
+are scored (`scored_positions`): labels -100 and padding are neither corrupted nor scored.
+
+This file is "remote code": it imports only torch, transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo, training_loss
+
+
+@dataclass
+class DiffusionLMOutput(ModelOutput):
+    """Output of a diffusion LM's `forward`.
+
+    Args:
+        loss: NELBO (or CE) per scored token, in nats, when `labels` were given.
+        logits: (B, L, V) logits of p_hat(x_0 | x_t). For absorbing models the mask logit is -inf.
+        noisy_input_ids: the corrupted x_t the network saw (when `labels` were given).
+        timesteps: (B,) noise levels t of each row (when `labels` were given).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    noisy_input_ids: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+
+def scored_positions(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool: the positions whose likelihood is measured. Labels -100 and padding (`attention_mask`
+    0) are neither corrupted nor scored; without labels every real position is."""
+    scored = torch.ones_like(input_ids, dtype=torch.bool) if labels is None else labels != -100
+    if attention_mask is not None:
+        scored = scored & attention_mask.bool()
+    return scored
+
+
+def clean_and_scored(input_ids: torch.Tensor, labels: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, scored) from a batch: labels give the clean ids to score; elsewhere `input_ids` stay as
+    conditioning (see `scored_positions`)."""
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"`labels` shape {tuple(labels.shape)} does not match `input_ids` {tuple(input_ids.shape)}.")
+    scored = scored_positions(input_ids, labels, attention_mask)
+    x0 = input_ids if labels is None else torch.where(scored, labels.to(input_ids.dtype), input_ids)
+    return x0, scored
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def check_inputs(config, input_ids, attention_mask=None, timesteps=None) -> None:
+    """Raise a clear TypeError/ValueError before any compute when ids, mask or noise levels are not what
+    the model accepts. Types and shapes are checked always; values (id range, 0/1 mask, finite t in
+    [0, 1]) with one host synchronisation, skipped while `torch.compile` traces (no graph break)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"`input_ids` must be an integer tensor of shape (batch, length), got "
+                        f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}.")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"`input_ids` must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}.")
+    max_length = getattr(config, "max_position_embeddings", None)
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds `max_position_embeddings`={max_length}.")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a tensor of 0/1 of shape {tuple(input_ids.shape)}, "
+                            f"got {type(attention_mask).__name__}.")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
+                             f"`input_ids` shape {tuple(input_ids.shape)}.")
+        if attention_mask.is_complex():
+            raise TypeError(f"`attention_mask` must hold 0/1 (bool, integer or float), got {attention_mask.dtype}.")
+    if timesteps is not None:
+        if isinstance(timesteps, bool) or not isinstance(timesteps, (numbers.Real, torch.Tensor)):
+            raise TypeError(f"`timesteps` must be a float tensor of shape ({input_ids.shape[0]},) or a number, "
+                            f"got {type(timesteps).__name__}.")
+        if isinstance(timesteps, torch.Tensor):
+            if timesteps.dtype == torch.bool or timesteps.is_complex():
+                raise TypeError(f"`timesteps` must be real numbers in [0, 1], got dtype {timesteps.dtype}.")
+            if timesteps.dim() > 1 or timesteps.numel() not in (1, input_ids.shape[0]):
+                raise ValueError(f"`timesteps` must be a scalar or have shape ({input_ids.shape[0]},) (one noise "
+                                 f"level per row), got shape {tuple(timesteps.shape)}.")
+    if _is_compiling():
+        return
+    _check_values(config, input_ids, attention_mask, timesteps)
+
+
+def _check_values(config, input_ids, attention_mask, timesteps) -> None:
+    """The value checks of `check_inputs`, all read back in one host synchronisation."""
+    checks = [input_ids.min(), input_ids.max()]
+    if attention_mask is not None:
+        checks.append(((attention_mask != 0) & (attention_mask != 1)).any())
+    t = None
+    if timesteps is not None:
+        t = torch.as_tensor(timesteps, dtype=torch.float64)
+        checks.append((~torch.isfinite(t) | (t < 0) | (t > 1)).any())
+    values = torch.stack([c.to(device=checks[0].device, dtype=torch.float64) for c in checks]).tolist()
+    low, high = int(values[0]), int(values[1])
+    if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"Token id {low if low < 0 else high} is outside [0, vocab_size={config.vocab_size}) "
+                         "in `input_ids`.")
+    rest = values[2:]
+    if attention_mask is not None and rest.pop(0):
+        raise ValueError("`attention_mask` must hold only 0 (padding) and 1 (real tokens); got other values.")
+    if t is not None and rest.pop(0):
+        raise ValueError(f"`timesteps` must be finite noise levels in [0, 1], got {t.flatten().tolist()[:8]}.")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
+
+
+class DiffusionLMMixin:
+    """Diffusion-LM head: `forward(labels=...)` returns the NELBO per scored token, `nelbo` estimates each
+    sequence's. The host class provides `config` (with the diffusion fields of `SFDLMConfig`) and
+    `denoise(noisy_input_ids, timesteps=None, attention_mask=None)`, which validates its inputs with
+    `self.check_inputs`; call `self.init_diffusion()` in `__init__`."""
+
+    diffusion: DiscreteDiffusion
+    output_class = DiffusionLMOutput
+
+    def init_diffusion(self) -> None:
+        """Build the model's process from its config (again after the vocabulary changed)."""
+        self.diffusion = DiscreteDiffusion.from_config(self.config)
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """`PreTrainedModel.resize_token_embeddings`, then the diffusion process is rebuilt for the new
+        vocabulary (the uniform prior is 1/V)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.init_diffusion()
+        return embeddings
+
+    def check_inputs(self, input_ids, attention_mask=None, timesteps=None) -> None:
+        """Raise before any compute when the inputs are not what the model accepts (see `check_inputs`)."""
+        check_inputs(self.config, input_ids, attention_mask, timesteps)
+
+    def _check_clean_ids(self, x0: torch.Tensor, scored: torch.Tensor) -> None:
+        self.check_inputs(x0)
+        self.diffusion.check_clean_ids(x0, scored)
+
+    def _clean_batch(self, input_ids, attention_mask, labels):
+        """Checked (x_0, scored) with long ids."""
+        self.check_inputs(input_ids, attention_mask)
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
+                                   or labels.is_complex() or labels.dtype == torch.bool):
+            raise TypeError(f"`labels` must be an integer tensor (clean ids, -100 where not scored), got "
+                            f"{type(labels).__name__} {getattr(labels, 'dtype', '')}.")
+        if labels is not None and not _is_compiling():
+            bad = labels[(labels != -100) & ((labels < 0) | (labels >= self.config.vocab_size))]
+            if bad.numel():
+                raise ValueError(f"Token id {int(bad[0])} is outside [0, vocab_size={self.config.vocab_size}) in "
+                                 "`labels` (use -100 for positions that are not scored).")
+        x0, scored = clean_and_scored(input_ids.long(), None if labels is None else labels.long(), attention_mask)
+        self._check_clean_ids(x0, scored)
+        return x0, scored
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, **kwargs):
+        """
+        Without `labels`: `input_ids` are corrupted ids x_t at noise levels `timesteps`; returns logits.
+
+        With `labels` (clean ids, -100 where a position is not scored): positions with a label are
+        corrupted at a random noise level (stratified over the batch), the rest (prompts, padding) stay
+        as given in `input_ids` and condition the prediction. `loss` is the NELBO (or CE) per scored
+        token in nats, so `Trainer` and a plain accelerate loop both work.
+        """
+        if labels is None:  # `denoise` checks its inputs
+            return self.output_class(logits=self.denoise(input_ids, timesteps, attention_mask))
+        _check_generator(generator)
+        x0, scored = self._clean_batch(input_ids, attention_mask, labels)
+        loss, logits, noisy, t = training_loss(
+            self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored, generator)
+        return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t)
+
+    @torch.no_grad()
+    def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None, num_samples: int = 16,
+              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
+        """Each sequence's NELBO in nats (an upper bound on -log p(x)), by Monte Carlo over noise levels.
+
+        The `num_samples` draws of each row are stratified over [0, 1). Positions with `labels == -100`
+        (or padding) condition the prediction and are not scored.
+
+        Returns:
+            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples`.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        if not self.diffusion.is_likelihood_bound:
+            raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
+                             "a 'ce' model's loss is not a likelihood bound.")
+        _check_generator(generator)
+        x0, scored = self._clean_batch(input_ids, attention_mask, labels)
+        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
+                                    num_samples, generator)
+        return samples if return_samples else samples.mean(-1)
+
+
+__all__ = ["DiffusionLMMixin", "DiffusionLMOutput", "check_inputs", "clean_and_scored", "scored_positions"]
