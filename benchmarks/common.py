@@ -57,3 +57,55 @@ def median_seconds(function, repeats: int, warmup: int = 1) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class PeakTensorMemory:
+    """Context manager: peak bytes of the tensor storages that operators create while it is active
+    (activations, temporaries, gradients), each storage counted from its creation until it is freed.
+
+    A TorchDispatchMode sees every operator output, forward and backward; a finaliser on each storage
+    subtracts it when freed. Unlike the process's resident set it is unaffected by the allocator keeping
+    freed memory, by other models in the process and by other users of the machine.
+    """
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_flatten(out)[0]:
+                    if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                        storage = tensor.untyped_storage()
+                        key, size = storage.data_ptr(), storage.nbytes()
+                        if size and key not in tracker._seen:
+                            tracker._seen.add(key)
+                            tracker.live += size
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(storage, tracker._free, key, size)
+                return out
+
+        self._mode = Mode()
+
+    def _free(self, key: int, size: int) -> None:
+        if key in self._seen:
+            self._seen.discard(key)
+            self.live -= size
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / 2**20

@@ -1,17 +1,21 @@
-"""Training throughput and peak memory: SFDLM vs a Transformer denoiser of equal parameter count.
+"""Training throughput and peak memory: SFDLM vs Transformer denoisers of equal parameter count.
 
-Both models train under the very same loop (`hf_sfdlm.trainer.DiffusionTrainer`), data (the synthetic
+All models train under the very same loop (`hf_sfdlm.trainer.DiffusionTrainer`), data (the synthetic
 grammar corpus, word-level tokenizer), batch (tokens per step held fixed across lengths) and objective:
-the absorbing-diffusion NELBO of `hf_sfdlm.diffusion.DiscreteDiffusion`. The Transformer is a randomly
-initialised `BertForMaskedLM` whose logits drive `DiscreteDiffusion.loss_terms` through the trainer's
-`compute_loss` hook (no noise-level input, as in MDLM's absorbing setting); its depth and MLP width are
-chosen so its parameter count matches the SFDLM's.
+the absorbing-diffusion NELBO of `hf_sfdlm.diffusion.DiscreteDiffusion`. The Transformers, configured as
+their users train them (dropout 0 like SFDLM, attention on the flash SDPA kernel; see
+benchmarks/contenders.py), drive `DiscreteDiffusion.loss_terms` through the trainer's `compute_loss` hook:
+`transformer`, a randomly initialised `BertForMaskedLM` (no noise-level input, as in MDLM's absorbing
+setting), and `dit`, the MDLM-style DiT of benchmarks/contenders.py (adaLN on the noise level, rotary
+positions) with a head tied to its embedding. Their depth and MLP width are chosen so their parameter
+counts match the SFDLM's.
 
 Each (model, sequence length) measurement runs in a fresh subprocess, alternating models, so peak memory
 is that run's alone. Memory is reported two ways: the activations autograd saves for the backward pass
 of one step (exact, from `saved_tensors_hooks`; this is what grows with length and batch), and the peak
 resident set size of the process (Linux VmHWM; mostly libraries and allocator caching on CPU, so only a
-coarse check). Throughput is tokens per second over the timed steps (after warm-up steps). Matmul FLOPs
+coarse check). Throughput is tokens per second of process CPU time (one intra-op thread: the machine is
+shared, and wall time would measure the neighbours) over the timed steps, after warm-up steps. Matmul FLOPs
 per token come from `torch.utils.flop_counter` (FFTs are not counted, so the SFDLM figure is a lower
 bound). On a CUDA device `--mixed-precision bf16` and model FLOPs
 utilisation against `--peak-tflops` are reported too.
@@ -35,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-MODELS = ("sfdlm", "transformer")
+MODELS = ("sfdlm", "transformer", "dit")
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -64,9 +68,10 @@ def sfdlm_model_config(args, tokenizer):
 
 
 def matched_bert_config(target: int, vocab_size: int, hidden: int, max_length: int):
-    """A BertConfig with `hidden` width whose parameter count is closest to `target` (layers, MLP width)."""
-    import torch
+    """A dropout-free BertConfig with `hidden` width whose parameter count is closest to `target`."""
     from transformers import BertConfig, BertForMaskedLM
+
+    from contenders import match_depth_and_width
 
     def build(layers: int, intermediate: int) -> BertConfig:
         return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
@@ -74,22 +79,17 @@ def matched_bert_config(target: int, vocab_size: int, hidden: int, max_length: i
                           max_position_embeddings=max_length, type_vocab_size=1, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0)
 
-    def count(config) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in BertForMaskedLM(config).parameters())
+    layers, intermediate = match_depth_and_width(lambda n, i: BertForMaskedLM(build(n, i)), target, hidden)
+    return build(layers, intermediate)
 
-    best = None
-    for layers in range(1, 25):
-        base = count(build(layers, 32))
-        per_unit = (count(build(layers, 64)) - base) / 32  # parameters per unit of MLP width
-        intermediate = max(32, round((32 + (target - base) / per_unit) / 32) * 32)
-        config = build(layers, intermediate)
-        gap = abs(count(config) - target)
-        # Prefer the usual 4x MLP shape: a 1% parameter gap weighs as much as a 20% departure from 4x.
-        score = gap / target + 0.05 * abs(intermediate / hidden - 4) / 4
-        if best is None or score < best[0]:
-            best = (score, config)
-    return best[1]
+
+def matched_dit(target: int, vocab_size: int, hidden: int):
+    """The contenders' DiT with `hidden` width (head dim 32 at this small width) matched to `target`."""
+    from contenders import DiTDenoiser, match_depth_and_width
+
+    layers, intermediate = match_depth_and_width(lambda n, i: DiTDenoiser(hidden, n, i, 32, vocab_size),
+                                                 target, hidden)
+    return DiTDenoiser(hidden, layers, intermediate, 32, vocab_size)
 
 
 def run_one(args) -> dict:
@@ -112,17 +112,33 @@ def run_one(args) -> dict:
     if args.model == "sfdlm":
         model, compute_loss = build_model(sfdlm_config), None
     else:
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from transformers import BertForMaskedLM
 
         target = sum(p.numel() for p in build_model(sfdlm_config).parameters())
-        model = BertForMaskedLM(matched_bert_config(target, sfdlm_config.vocab_size, args.hidden_size,
-                                                    max(args.lengths_all)))
+        if args.model == "transformer":
+            model = BertForMaskedLM._from_config(matched_bert_config(
+                target, sfdlm_config.vocab_size, args.hidden_size, max(args.lengths_all)), attn_implementation="sdpa")
+        else:
+            model = matched_dit(target, sfdlm_config.vocab_size, args.hidden_size)
 
-        def compute_loss(model, batch):  # the same absorbing NELBO, driven by the BERT logits
+            def save_pretrained(directory, **kwargs):  # the trainer's final save, for this plain nn.Module
+                from safetensors.torch import save_model
+
+                Path(directory).mkdir(parents=True, exist_ok=True)
+                save_model(model, str(Path(directory) / "model.safetensors"))
+            model.save_pretrained = save_pretrained
+
+        def compute_loss(model, batch):  # the same absorbing NELBO, driven by the Transformer's logits
             x0, scored = batch["input_ids"], batch["labels"] != -100
             draw = diffusion.draw_noise(x0.shape[0], device=x0.device)
             noisy = diffusion.corrupt(x0, diffusion.schedule.alpha(draw.t), corruptible=scored)
-            logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                if args.model == "transformer":
+                    logits = model(input_ids=noisy, attention_mask=batch["attention_mask"]).logits
+                else:
+                    logits = F.linear(model(noisy, draw.t), model.embed_tokens.weight)
             return (diffusion.loss_terms(logits, x0, noisy, draw) * scored).sum() / scored.sum()
 
     parameters = sum(p.numel() for p in model.parameters())
@@ -135,7 +151,7 @@ def run_one(args) -> dict:
         def on_step_end(self, trainer, step, loss):
             if trainer.accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter())
+            times.append(time.process_time())
             if step == args.warmup + args.steps:
                 peak["rss"] = _rss_kib("VmHWM")
 
@@ -167,6 +183,9 @@ def run_one(args) -> dict:
     if args.model == "transformer":
         record["bert_layers"] = model.config.num_hidden_layers
         record["bert_intermediate"] = model.config.intermediate_size
+    if args.model == "dit":
+        record["dit_blocks"] = len(model.blocks)
+        record["dit_intermediate"] = model.blocks[0].mlp[0].out_features
     return record
 
 
@@ -206,7 +225,7 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for model, marker in zip(MODELS, "os"):
+    for model, marker in zip(MODELS, "os^"):
         rows = sorted((r for r in runs if r["model"] == model), key=lambda r: r["length"])
         lengths = sorted({r["length"] for r in rows})
         speed = [statistics.median(r["tokens_per_second"] for r in rows if r["length"] == n) for n in lengths]
@@ -282,18 +301,21 @@ def main(argv=None) -> int:
         memory = {m: max(r["activation_mib"] for r in runs if r["model"] == m and r["length"] == length)
                   for m in MODELS}
         rss = {m: max(r["peak_rss_mib"] for r in runs if r["model"] == m and r["length"] == length) for m in MODELS}
-        ratios.append({"length": length, "sfdlm_tokens_per_second": speed["sfdlm"],
-                       "transformer_tokens_per_second": speed["transformer"],
-                       "speed_ratio_sfdlm_over_transformer": speed["sfdlm"] / speed["transformer"],
-                       "sfdlm_activation_mib": memory["sfdlm"], "transformer_activation_mib": memory["transformer"],
-                       "activation_memory_ratio_sfdlm_over_transformer": memory["sfdlm"] / memory["transformer"],
-                       "sfdlm_peak_rss_mib": rss["sfdlm"], "transformer_peak_rss_mib": rss["transformer"]})
+        row = {"length": length, "sfdlm_tokens_per_second": speed["sfdlm"], "sfdlm_activation_mib": memory["sfdlm"],
+               "sfdlm_peak_rss_mib": rss["sfdlm"]}
+        for other in MODELS[1:]:
+            row.update({f"{other}_tokens_per_second": speed[other],
+                        f"speed_ratio_sfdlm_over_{other}": speed["sfdlm"] / speed[other],
+                        f"{other}_activation_mib": memory[other],
+                        f"activation_memory_ratio_sfdlm_over_{other}": memory["sfdlm"] / memory[other],
+                        f"{other}_peak_rss_mib": rss[other]})
+        ratios.append(row)
     command = "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     payload = {
         "command": command.strip(),
-        "headline": [f"L={r['length']}: SFDLM {r['sfdlm_tokens_per_second']:.0f} tok/s vs Transformer "
-                     f"{r['transformer_tokens_per_second']:.0f} tok/s (x{r['speed_ratio_sfdlm_over_transformer']:.2f}); "
-                     f"activation memory x{r['activation_memory_ratio_sfdlm_over_transformer']:.2f}"
+        "headline": [f"L={r['length']}: SFDLM {r['sfdlm_tokens_per_second']:.0f} tok/s; " + "; ".join(
+                     f"{other} {r[f'{other}_tokens_per_second']:.0f} tok/s (SFDLM x{r[f'speed_ratio_sfdlm_over_{other}']:.2f}, "
+                     f"activation memory x{r[f'activation_memory_ratio_sfdlm_over_{other}']:.2f})" for other in MODELS[1:])
                      for r in ratios],
         "config": {k: v for k, v in vars(args).items() if k not in ("one", "length", "lengths_all")},
         "seconds": round(time.time() - started, 1),

@@ -14,12 +14,14 @@ This file is "remote code": it imports only torch, transformers and its sibling 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -32,7 +34,52 @@ from .generation_sfdlm import SFDLMGenerationMixin
 
 def _fft_precision(x: torch.Tensor):
     """FFTs run in float32 even under bf16/fp16 autocast (cuFFT half precision is limited and lossy)."""
+    if not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta", as FLOP counters use
+        return contextlib.nullcontext()
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def fast_fft_size(minimum: int) -> int:
+    """Smallest n >= minimum whose only prime factors are 2, 3 and 5 (where FFTs are fastest)."""
+    n = minimum
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+class _FFTConvolution(torch.autograd.Function):
+    """y = irfft(rfft(u, n) * rfft(k, n))[..., :L]: linear convolution of u (B, H, L) with the real circular
+    kernel k (H, n), n >= 2L - 1, along the last dimension. Saves u and the kernel's spectrum for the
+    backward pass rather than autograd's complex rfft(u) (twice u's size), and recomputes rfft(u) there."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        ctx.n = kernel.shape[-1]
+        spectrum = torch.fft.rfft(kernel)
+        ctx.save_for_backward(u, spectrum)
+        return _convolve(u, spectrum, ctx.n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        u, spectrum = ctx.saved_tensors
+        n, length = ctx.n, u.shape[-1]
+        grad_spectrum = torch.fft.rfft(grad, n=n)
+        grad_u = grad_kernel = None
+        if ctx.needs_input_grad[0]:  # the adjoint of a convolution is a correlation: conj(spectrum)
+            grad_u = torch.fft.irfft(grad_spectrum * spectrum.conj(), n=n)[..., :length]
+        if ctx.needs_input_grad[1]:  # dL/dk[p] = sum_t g[t] u[t - p]: a correlation, summed over the batch
+            correlation = (grad_spectrum * torch.fft.rfft(u, n=n).conj()).sum(0)
+            grad_kernel = torch.fft.irfft(correlation, n=n)
+        return grad_u, grad_kernel
+
+
+def _convolve(u: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.fft.irfft(torch.fft.rfft(u, n=n) * spectrum, n=n)[..., : u.shape[-1]]
 
 
 class BidirectionalDiagonalSSM(nn.Module):
@@ -40,8 +87,8 @@ class BidirectionalDiagonalSSM(nn.Module):
 
     For channel h: z_{n+1} = A z_n + B u_n, y_n = C z_n, with A diagonal complex. Unrolled, this is a
     convolution with kernel K_n = Re(C dA^n dB) computed for any length in O(N L). A forward and a
-    reversed kernel (own C each, shared A and dt) make one two-sided kernel of length 2L - 1, applied by
-    an FFT of size 2L so the convolution is linear, not circular. D is the skip term.
+    reversed kernel (own C each, shared A and dt) and the skip D make one two-sided kernel with lags
+    -(L-1)..L-1, applied by an FFT of a fast size n >= 2L - 1 so the convolution is linear, not circular.
     """
 
     def __init__(self, hidden_size: int, state_size: int, dt_min: float, dt_max: float):
@@ -67,37 +114,59 @@ class BidirectionalDiagonalSSM(nn.Module):
     def kernel(self, length: int) -> torch.Tensor:
         """(2, H, L) forward and backward kernels K_l = 2 Re(sum_n C_n dB_n dA_n^l), l = 0..L-1.
 
-        Writing l = q M + r with M ~ sqrt(L), dA^l = dA^(qM) dA^r, so the sum over modes becomes one
-        batched complex matmul of (Q x N) by (N x M) tables instead of an (H, N, L) table of exponentials.
+        Writing l = q M + r with M ~ sqrt(L), dA^l = dA^(qM) dA^r, so the sum over modes is one real
+        batched matmul of [Re, -Im](C dB dA^(qM)) (2Q x 2N) by [Re; Im](dA^r) (2N x M) per channel, in
+        real arithmetic (exp, cos, sin) rather than complex exponentials and a complex einsum.
         """
         dt = self.log_dt.float().exp().unsqueeze(-1)  # (H, 1)
-        a = torch.complex(-self.log_neg_a_real.float().exp(), self.a_imag.float())  # (H, N)
-        dt_a = a * dt
-        c = torch.view_as_complex(self.c.float().contiguous()) * (dt_a.exp() - 1) / a  # C * dB, B = 1
+        a_re, a_im = -self.log_neg_a_real.float().exp(), self.a_imag.float()  # (H, N)
+        x_re, x_im = a_re * dt, a_im * dt  # dt * a
+        # dB = (exp(dt a) - 1) / a (B = 1), then 2 C dB, all as (re, im) pairs
+        decay = x_re.exp()
+        num_re, num_im = decay * x_im.cos() - 1, decay * x_im.sin()
+        norm = a_re.square() + a_im.square()
+        db_re, db_im = (num_re * a_re + num_im * a_im) / norm, (num_im * a_re - num_re * a_im) / norm
+        c_re, c_im = 2 * self.c[..., 0].float(), 2 * self.c[..., 1].float()  # (2, H, N)
+        cb_re, cb_im = c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
         block = math.isqrt(length - 1) + 1
         blocks = -(-length // block)
-        steps = torch.arange(block, device=a.device)
-        low = torch.exp(dt_a.unsqueeze(-1) * steps)  # dA^r, (H, N, M)
-        high = torch.exp(dt_a.unsqueeze(-1) * (block * torch.arange(blocks, device=a.device)))  # dA^(qM), (H, N, Q)
-        kernel = torch.einsum("khnq,hnm->khqm", c.unsqueeze(-1) * high, low)
-        return 2 * kernel.reshape(2, self.hidden_size, blocks * block)[..., :length].real
+
+        def powers(exponents: torch.Tensor):  # dA^e for e in exponents: (H, N, E) real and imaginary parts
+            magnitude = torch.exp(x_re.unsqueeze(-1) * exponents)
+            angle = x_im.unsqueeze(-1) * exponents
+            return magnitude * angle.cos(), magnitude * angle.sin()
+
+        low_re, low_im = powers(torch.arange(block, device=dt.device, dtype=dt.dtype))
+        high_re, high_im = powers(block * torch.arange(blocks, device=dt.device, dtype=dt.dtype))
+        p_re = cb_re.unsqueeze(-1) * high_re - cb_im.unsqueeze(-1) * high_im  # C dB dA^(qM): (2, H, N, Q)
+        p_im = cb_re.unsqueeze(-1) * high_im + cb_im.unsqueeze(-1) * high_re
+        left = torch.cat([p_re, -p_im], dim=2).permute(1, 0, 3, 2).reshape(self.hidden_size, 2 * blocks, -1)
+        right = torch.cat([low_re, low_im], dim=1)  # (H, 2N, M)
+        kernel = torch.bmm(left, right).view(self.hidden_size, 2, blocks * block)[..., :length]
+        return kernel.transpose(0, 1)
+
+    def two_sided_kernel(self, length: int) -> torch.Tensor:
+        """(H, n) circular kernel for an FFT of size n: lag 0 (both directions and D), lags 1..L-1 forward
+        at the start, lags -(L-1)..-1 backward at the end, zeros between."""
+        n = fast_fft_size(2 * length - 1)
+        k_fwd, k_bwd = self.kernel(length)
+        parts = [k_fwd[:, :1] + k_bwd[:, :1] + self.d.float().unsqueeze(-1), k_fwd[:, 1:],
+                 k_fwd.new_zeros(self.hidden_size, n - 2 * length + 1), k_bwd[:, 1:].flip(-1)]
+        return torch.cat(parts, dim=-1)
 
     def kernel_spectrum(self, length: int) -> torch.Tensor:
-        """rFFT (size 2L) of the two-sided kernel: lags 0..L-1 forward, -(L-1)..-1 backward.
+        """rFFT (size n) of the two-sided kernel, (H, n // 2 + 1).
 
         Without autograd (sampling, evaluation) the spectrum is cached per length until a parameter
         changes, so the many denoising steps of `generate` compute it once.
         """
-        parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c)
+        parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c, self.d)
         key = (length, self.log_dt.device, tuple((id(p), p._version) for p in parameters))
         # Not under torch.compile: the key's tensor versions would be data-dependent guards (recompiles).
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable and self._spectrum_cache is not None and self._spectrum_cache[0] == key:
             return self._spectrum_cache[1]
-        k_fwd, k_bwd = self.kernel(length)
-        two_sided = torch.cat([k_fwd, torch.zeros_like(k_fwd[:, :1]), k_bwd[:, 1:].flip(-1)], dim=-1)
-        two_sided[:, 0] += k_bwd[:, 0]
-        spectrum = torch.fft.rfft(two_sided, n=2 * length)
+        spectrum = torch.fft.rfft(self.two_sided_kernel(length))
         self._spectrum_cache = (key, spectrum) if cacheable else None
         return spectrum
 
@@ -105,10 +174,13 @@ class BidirectionalDiagonalSSM(nn.Module):
         """u: (B, L, H) -> (B, L, H)."""
         length = u.shape[1]
         with _fft_precision(u):
-            x = u.float().transpose(1, 2)  # (B, H, L)
-            spectrum = self.kernel_spectrum(length)
-            y = torch.fft.irfft(torch.fft.rfft(x, n=2 * length) * spectrum, n=2 * length)[..., :length]
-            y = y + self.d.float().unsqueeze(-1) * x
+            x = u.float().transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
+            if torch.is_grad_enabled():
+                # The kernel's (H, N, sqrt L) tables are cheap to recompute and costly to keep for backward.
+                kernel = checkpoint(self.two_sided_kernel, length, use_reentrant=False)
+                y = _FFTConvolution.apply(x, kernel)
+            else:
+                y = _convolve(x, self.kernel_spectrum(length), fast_fft_size(2 * length - 1))
         return y.transpose(1, 2).to(u.dtype)
 
 
@@ -140,6 +212,49 @@ class SequenceMixerBranch(nn.Module):
         return self.out_proj(F.gelu(self.mixer(self.in_proj(h))))
 
 
+def _one_sided_weights(spectrum: torch.Tensor, length: int, interior: float) -> torch.Tensor:
+    """Scale the bins that a one-sided spectrum of a real length-`length` signal stands for twice (all but
+    DC and, for even lengths, Nyquist) by `interior`, along dim 1, in place."""
+    last = spectrum.shape[1] - (1 if length % 2 == 0 else 0)
+    spectrum[:, 1:last] *= interior
+    return spectrum
+
+
+class _SpectrumFeatures(torch.autograd.Function):
+    """[Re, Im] of the orthonormal rFFT along dim 1: (B, L, H) -> (B, L // 2 + 1, 2H).
+
+    Its backward is an irFFT of half the size (the adjoint of the one-sided DFT: halve the bins irFFT
+    counts twice), where autograd's rFFT backward runs a full-size complex FFT."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        ctx.length = h.shape[1]
+        spectrum = torch.fft.rfft(h, dim=1, norm="ortho")
+        return torch.cat([spectrum.real, spectrum.imag], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        real, imag = grad.chunk(2, dim=-1)
+        spectrum = _one_sided_weights(torch.complex(real, imag), ctx.length, 0.5)
+        return torch.fft.irfft(spectrum, n=ctx.length, dim=1, norm="ortho")
+
+
+class _SignalFromFeatures(torch.autograd.Function):
+    """Inverse of `_SpectrumFeatures`: (B, F, 2H) [Re, Im] -> orthonormal irFFT (B, L, H) along dim 1.
+    Its backward is the rFFT with the twice-counted bins doubled."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, length: int) -> torch.Tensor:
+        ctx.length = length
+        real, imag = features.chunk(2, dim=-1)
+        return torch.fft.irfft(torch.complex(real, imag), n=length, dim=1, norm="ortho")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        spectrum = _one_sided_weights(torch.fft.rfft(grad, dim=1, norm="ortho"), ctx.length, 2.0)
+        return torch.cat([spectrum.real, spectrum.imag], dim=-1), None
+
+
 class ComplexFourierMLP(nn.Module):
     """The f_Fourier branch (paper Eq. 8-10): rFFT along the sequence, an MLP on the concatenated
     real and imaginary parts of each frequency, back to complex, irFFT to the original length."""
@@ -153,12 +268,10 @@ class ComplexFourierMLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         length = h.shape[1]
         with _fft_precision(h):
-            spectrum = torch.fft.rfft(h.float(), dim=1, norm="ortho")  # (B, L//2 + 1, H)
-        features = torch.cat([spectrum.real, spectrum.imag], dim=-1).to(h.dtype)
+            features = _SpectrumFeatures.apply(h.float()).to(h.dtype)  # (B, L//2 + 1, 2H)
         features = self.fc_out(F.gelu(self.fc_in(features)))
         with _fft_precision(h):
-            real, imag = features.float().chunk(2, dim=-1)
-            out = torch.fft.irfft(torch.complex(real, imag), n=length, dim=1, norm="ortho")
+            out = _SignalFromFeatures.apply(features.float(), length)
         return out.to(h.dtype)
 
 

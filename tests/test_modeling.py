@@ -18,11 +18,22 @@ def perturbed(model, scale=0.3):
     return model.eval()
 
 
-def test_ssm_fft_convolution_equals_the_unrolled_recurrence():
+AUTOCAST = {"float32": dict(enabled=False), "bf16-autocast": dict(dtype=torch.bfloat16)}
+# bf16 autocast: inputs and outputs (and in the Fourier MLP the matmuls) are bf16, 8 significant bits
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-4), "bf16-autocast": dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("precision", AUTOCAST)
+@pytest.mark.parametrize("length", [1, 11, 64, 97])
+def test_ssm_fft_convolution_equals_the_unrolled_recurrence(precision, length):
     ssm = BidirectionalDiagonalSSM(hidden_size=3, state_size=4, dt_min=0.01, dt_max=0.5).double()
     ssm.reset_parameters()
-    u = torch.randn(2, 11, 3, dtype=torch.float64)
-    got = ssm(u.float()).double()
+    u = torch.randn(2, length, 3, dtype=torch.float64)
+    with torch.autocast("cpu", **AUTOCAST[precision]):
+        inputs = u.float().to(torch.bfloat16 if precision != "float32" else torch.float32)
+        got = ssm(inputs)
+    assert got.dtype == inputs.dtype
+    got, u = got.double(), inputs.double()
 
     dt = ssm.log_dt.exp().unsqueeze(-1)
     a = torch.complex(-ssm.log_neg_a_real.exp(), ssm.a_imag)
@@ -41,14 +52,38 @@ def test_ssm_fft_convolution_equals_the_unrolled_recurrence():
     backward = run(1, u.flip(1)).flip(1)
     # both directions include lag 0; the D skip is added once
     expected = forward + backward + ssm.d * u
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, **TOLERANCE[precision])
 
 
-def test_fourier_mlp_equals_explicit_dft_matrices():
+def test_ssm_gradients_equal_those_of_the_unrolled_recurrence():
+    """The FFT convolution's hand-written backward against autograd through the explicit convolution."""
+    ssm = BidirectionalDiagonalSSM(hidden_size=3, state_size=4, dt_min=0.01, dt_max=0.5)
+    ssm.reset_parameters()
+    u = torch.randn(2, 13, 3, requires_grad=True)
+    weights = torch.randn(2, 13, 3)
+    (ssm(u) * weights).sum().backward()
+    got = [u.grad] + [p.grad for p in ssm.parameters()]
+    u.grad = None
+    ssm.zero_grad()
+    k_fwd, k_bwd = ssm.kernel(13)  # y_t = sum_s K(t - s) u_s, K(l) = k_fwd[l] (l >= 0), k_bwd[-l] (l <= 0)
+    lags = torch.arange(13).unsqueeze(1) - torch.arange(13)  # (t, s)
+    toeplitz = torch.where(lags >= 0, k_fwd[:, lags.clamp(min=0)], 0) + torch.where(lags <= 0, k_bwd[:, (-lags).clamp(min=0)], 0)
+    expected_y = torch.einsum("hts,bsh->bth", toeplitz, u) + ssm.d * u
+    (expected_y * weights).sum().backward()
+    expected = [u.grad] + [p.grad for p in ssm.parameters()]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", AUTOCAST)
+@pytest.mark.parametrize("length", [7, 8])
+def test_fourier_mlp_equals_explicit_dft_matrices(precision, length):
     config = tiny_config(hidden_size=4, fourier_intermediate_size=8)
-    layer = ComplexFourierMLP(config).double()
-    h = torch.randn(2, 7, 4, dtype=torch.float64)
-    length = 7
+    layer = ComplexFourierMLP(config)
+    h = torch.randn(2, length, 4)
+    with torch.autocast("cpu", **AUTOCAST[precision]):
+        got = layer(h if precision == "float32" else h.bfloat16())
+    layer, h = layer.double(), (h if precision == "float32" else h.bfloat16()).double()
     n = torch.arange(length, dtype=torch.float64)
     freqs = torch.arange(length // 2 + 1, dtype=torch.float64)
     dft = torch.exp(-2j * math.pi * torch.outer(freqs, n) / length) / math.sqrt(length)  # ortho rFFT rows
@@ -57,14 +92,14 @@ def test_fourier_mlp_equals_explicit_dft_matrices():
     real, imag = features.chunk(2, -1)
     # inverse real DFT: Hermitian extension, imaginary parts of DC (and Nyquist for even L) dropped
     coefficient = torch.complex(real, imag)
-    full = torch.zeros(2, length, 4, dtype=torch.complex128)
+    full = torch.zeros(2, length, 4, dtype=torch.complex128)  # (the imaginary part of Nyquist too)
     full[:, : length // 2 + 1] = coefficient
     full[:, 0] = coefficient[:, 0].real
     for k in range(1, length // 2 + 1):
         full[:, length - k] = coefficient[:, k].conj()
     inverse = torch.exp(2j * math.pi * torch.outer(n, torch.arange(length, dtype=torch.float64)) / length) / math.sqrt(length)
     expected = torch.einsum("nk,bkh->bnh", inverse, full).real
-    torch.testing.assert_close(layer(h), expected)
+    torch.testing.assert_close(got.double(), expected, **TOLERANCE[precision])
 
 
 @pytest.mark.parametrize("ssm_mode", ["diagonal", "conv"])
@@ -281,3 +316,14 @@ def test_resizing_the_vocabulary_rebuilds_the_diffusion_process():
     assert torch.allclose(model.diffusion.prior(), torch.full((40,), 1 / 40))
     ids = torch.randint(0, 40, (2, 6))
     assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 8])
+def test_fourier_transforms_hand_written_backwards_pass_gradcheck(length):
+    """The rFFT/irFFT feature maps' backward passes (half-size transforms) against finite differences."""
+    from hf_sfdlm.modeling_sfdlm import _SignalFromFeatures, _SpectrumFeatures
+
+    signal = torch.randn(2, length, 3, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, length // 2 + 1, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SpectrumFeatures.apply, (signal,))
+    assert torch.autograd.gradcheck(lambda f: _SignalFromFeatures.apply(f, length), (features,))
