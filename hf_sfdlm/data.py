@@ -122,11 +122,16 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown `data` option(s) {unknown}; expected some of {sorted(known)}.")
+        reject_unknown_keys(values, cls, "Unknown `data` option(s)")
         return cls(**values)
+
+
+def reject_unknown_keys(values: dict[str, Any], dataclass_type, what: str) -> None:
+    """Raise a ValueError naming the keys of `values` that are not fields of `dataclass_type`."""
+    known = {f.name for f in fields(dataclass_type)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}.")
 
 
 # ---------------------------------------------------------------------------------------------- sources

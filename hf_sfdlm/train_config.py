@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DataConfig
+from .data import DataConfig, reject_unknown_keys
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -169,20 +169,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown top-level config key(s) {unknown}; expected some of {sorted(known)}.")
+        reject_unknown_keys(values, cls, "Unknown top-level config key(s)")
         values = dict(values)
         model = values.pop("model", None)
         if model is not None and not isinstance(model, dict):
             raise ValueError(f"`model` must be a mapping of SFDLMConfig arguments, got {type(model).__name__}.")
         data = DataConfig.from_dict(values.pop("data", None) or {})
         training_values = values.pop("training", None) or {}
-        allowed = {f.name for f in fields(TrainingConfig)}
-        unknown = sorted(set(training_values) - allowed)
-        if unknown:
-            raise ValueError(f"Unknown `training` option(s) {unknown}; expected some of {sorted(allowed)}.")
+        reject_unknown_keys(training_values, TrainingConfig, "Unknown `training` option(s)")
         return cls(model=dict(TINY_MODEL) if model is None else dict(model), data=data,
                    training=TrainingConfig(**training_values), **values)
 
