@@ -90,17 +90,19 @@ ABLATIONS = {  # of sfdlm-uniform, the paper's Table 3
     "sfdlm-uniform no-ssm": dict(MODELS["sfdlm-uniform"], use_ssm=False),
 }
 _CPU_MODEL = dict(hidden_size=128, fourier_intermediate_size=256, stage_depths=[1, 1], pool_factors=[2],
-                  ssm_state_size=16, num_heads=4, batch_size=32, warmup=50, eval_samples=4, eval_batch_size=64,
+                  ssm_state_size=16, num_heads=4, batch_size=32, warmup=50, eval_samples=2, eval_batch_size=64,
                   device="cpu", dtype="float32")
 PRESETS = {
     # Two CPU cores, the whole benchmark (5 models x 3 seeds + 2 ablations x 3 seeds on ptb-word,
-    # 5 models x 1 seed on ptb-char, sweeps, generation, length generalisation) in about 100 minutes:
-    # sized from a timing on a quiet machine (2 threads: GPT-2 ~6.1k, SFDLM ~5.1k training tokens/s at
-    # ~2.1M parameters, ~20-45 s to score the test set), not yet from a full run.
+    # 5 models x 1 seed on ptb-char, sweeps, generation, length generalisation) in about 100 minutes as
+    # two single-thread lanes (`benchmarks/quality_cpu.sh`). Sized from single-thread timings with both
+    # lanes busy (training tokens/s at ~2.1M parameters, word level: GPT-2 3.5k, SFDLM absorbing 3.6k,
+    # SFDLM uniform 1.65k, MDLM and SEDD 2.8k; the 10k-word output layer is most of the cost). Lower
+    # learning rates won every pilot at this length (1e-3 over 3e-3 over 1e-2), hence the sweep's range.
     "cpu": {
-        "ptb-word": dict(_CPU_MODEL, block_size=64, steps=400, sweep_steps=100, lrs=[1e-3, 3e-3, 1e-2],
+        "ptb-word": dict(_CPU_MODEL, block_size=64, steps=400, sweep_steps=100, lrs=[3e-4, 1e-3, 3e-3],
                          gen_samples=8, gen_steps=[8, 32, 128], length_factors=[4, 16]),
-        "ptb-char": dict(_CPU_MODEL, block_size=256, steps=200, sweep_steps=60, lrs=[1e-3, 3e-3, 1e-2],
+        "ptb-char": dict(_CPU_MODEL, block_size=256, steps=200, sweep_steps=50, lrs=[3e-4, 1e-3, 3e-3],
                          gen_samples=0, gen_steps=[], length_factors=[]),
     },
     # One GPU, bf16 autocast, >= 50M training tokens per model, under 30 minutes (never run in CI).
@@ -382,6 +384,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS) + sorted(ABLATIONS),
                         help="default: every model, and the ablations on ptb-word")
     parser.add_argument("--lr", type=float, help="skip the sweep and train every model at this learning rate")
+    parser.add_argument("--lr-from", help="take each model's swept learning rate from this quality JSON")
+    parser.add_argument("--no-extras", dest="extras", action="store_false",
+                        help="skip generation and length generalisation (measured on the first seed's models)")
     parser.add_argument("--steps", type=int, help="override the preset's training steps (smoke runs)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     parser.add_argument("--data-dir", default=DATA)
@@ -418,19 +423,16 @@ def main(argv=None) -> int:
     if 0 in args.seeds:
         report["baselines"] = count_based_baselines(args.setting, data, len(vocab), preset["block_size"])
     _save(report, output, started)
+    learning_rates = choose_learning_rates(args, names, report, data, preset, len(vocab), vocab.eos_id, output, started)
     models_seed0 = {}
     for name in names:
-        lr = args.lr
-        if lr is None and name in ABLATIONS and "sfdlm-uniform" in report["sweeps"]:
-            lr = report["sweeps"]["sfdlm-uniform"]["best_lr"]  # an ablation keeps the full model's recipe
-        elif lr is None:
-            report["sweeps"][name] = sweep(name, specs[name], args.setting, data, preset, len(vocab), vocab.eos_id)
-            lr = report["sweeps"][name]["best_lr"]
+        lr = learning_rates[name]
         for seed in args.seeds:  # length generalisation, like generation, on the first seed's models
+            extras = args.extras and seed == args.seeds[0]
             record, model = run_model(name, specs[name], args.setting, data, preset, len(vocab), vocab.eos_id, lr, seed,
-                                      length_generalisation=seed == args.seeds[0])
+                                      length_generalisation=extras)
             report["runs"].append(record)
-            if seed == args.seeds[0]:
+            if extras:
                 models_seed0[name] = model
             _save(report, output, started)
     judge = models_seed0.get("gpt2-ar")
@@ -446,6 +448,28 @@ def main(argv=None) -> int:
     plot(report, output.replace(".json", ".png"))
     log(f"wrote {output} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def choose_learning_rates(args, names: list[str], report: dict, data: dict, preset: dict, vocab_size: int,
+                          bos_id: int, output: str, started: float) -> dict[str, float]:
+    """Every model's learning rate: `--lr`, or the sweeps of `--lr-from` (another invocation's JSON, so
+    seeds can run in parallel processes without sweeping twice), or sweeps run here first, before any
+    training. An ablation keeps sfdlm-uniform's rate (the full model's recipe)."""
+    if args.lr is not None:
+        return {name: args.lr for name in names}
+    if args.lr_from:
+        with open(args.lr_from) as handle:
+            report["sweeps"] = json.load(handle).get("sweeps", {})
+        report["lr_from"] = os.path.relpath(args.lr_from, os.path.dirname(output))
+    swept = [name for name in names if name not in ABLATIONS] + (["sfdlm-uniform"] if set(names) & set(ABLATIONS) else [])
+    for name in dict.fromkeys(swept):
+        if name not in report["sweeps"]:
+            if args.lr_from:
+                raise SystemExit(f"{args.lr_from} has no sweep for {name!r}.")
+            report["sweeps"][name] = sweep(name, {**MODELS, **ABLATIONS}[name], args.setting, data, preset, vocab_size,
+                                           bos_id)
+            _save(report, output, started)
+    return {name: report["sweeps"]["sfdlm-uniform" if name in ABLATIONS else name]["best_lr"] for name in names}
 
 
 def _save(report: dict, path: str, started: float) -> None:

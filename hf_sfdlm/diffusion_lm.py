@@ -1,7 +1,9 @@
 """The diffusion-LM head, once for every backbone: input checks, `forward(labels=...)`, `nelbo`.
 
 A model class mixes in `DiffusionLMMixin` and implements only `denoise(noisy_input_ids, timesteps,
-attention_mask)` returning logits (B, L, V) of p_hat(x_0 | x_t) (or log-score outputs for SEDD). The mixin
+attention_mask, positions=None)` returning logits (B, L, V) of p_hat(x_0 | x_t) (or log-score outputs for
+SEDD); with `positions` (B, L) bool it returns only the (N, V) rows at the N `True` entries, row-major, and
+runs the output head there only (generation asks for the positions it samples). The mixin
 builds the model's process (`self.diffusion`) from its config and owns the one rule of which positions
 are scored (`scored_positions`): labels -100 and padding are neither corrupted nor scored.
 
@@ -147,7 +149,8 @@ def _invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, itera
 class DiffusionLMMixin:
     """Diffusion-LM head: `forward(labels=...)` returns the NELBO per scored token, `nelbo` estimates each
     sequence's. The host class provides `config` (with the diffusion fields of `SFDLMConfig`) and
-    `denoise(noisy_input_ids, timesteps=None, attention_mask=None)`, which validates its inputs with
+    `denoise(noisy_input_ids, timesteps=None, attention_mask=None, positions=None)` (see the module
+    docstring for `positions`), which validates its inputs with
     `self.check_inputs`; call `self.init_diffusion()` in `__init__`."""
 
     diffusion: DiscreteDiffusion

@@ -80,13 +80,6 @@ def _as_rows(value, batch: int, device) -> torch.Tensor:
     return value
 
 
-def _categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of (..., V) probabilities (need not be normalised)."""
-    flat = probs.reshape(-1, probs.shape[-1]).double()
-    draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-    return draws.view(probs.shape[:-1])
-
-
 def _x0_only(name: str) -> property:
     """A method of the x_0 parameterisation, which a score model does not have."""
 
@@ -303,21 +296,6 @@ class ScoreEntropy(DiscreteDiffusion):
         probs = jump + F.one_hot(x_t, self.vocab_size) * (1 - leap).clamp_min(0)
         probs = self._euler_final(probs, weights, x_t, self.schedule.alpha(s))
         return probs / probs.sum(-1, keepdim=True)
-
-    def sample(self, probs: torch.Tensor, x_t: torch.Tensor, fixed: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw x_s from per-position probabilities; positions where `fixed` is True keep x_t (prompts and
-        infilling context, SEDD's `proj_fun`)."""
-        x_s = _categorical(probs, generator).to(x_t.dtype)
-        return x_s if fixed is None else torch.where(fixed.bool(), x_t, x_s)
-
-    def tweedie_step(self, outputs, x_t, t, s, fixed=None, generator=None) -> torch.Tensor:
-        """One Tweedie tau-leaping step t -> s: x_s (B, L)."""
-        return self.sample(self.tweedie_probs(outputs, x_t, t, s), x_t, fixed, generator)
-
-    def euler_step(self, outputs, x_t, t, s, fixed=None, generator=None) -> torch.Tensor:
-        """One Euler step t -> s: x_s (B, L)."""
-        return self.sample(self.euler_probs(outputs, x_t, t, s), x_t, fixed, generator)
 
 
 class AbsorbingScoreEntropy(ScoreEntropy, AbsorbingDiffusion):

@@ -145,3 +145,25 @@ def test_benchmark_runs_end_to_end_on_a_tiny_corpus(tmp_path):
     assert {(g["model"], g["steps"]) for g in record["generation"]} >= {("sfdlm-uniform", 8), ("sfdlm-uniform", 128)}
     assert (tmp_path / "q.png").exists()
     assert "## quality: ptb-word" in _load_report().render(tmp_path)
+
+
+@pytest.mark.slow
+def test_seeds_in_a_second_process_reuse_the_first_ones_sweeps(tmp_path):
+    """Sweeps run before any training and land in the JSON; a later invocation with `--lr-from` trains at
+    those rates without sweeping (an ablation at sfdlm-uniform's), and `--no-extras` skips length
+    generalisation and generation."""
+    data_dir = _write_setting(tmp_path, "ptb-word")
+    first, second = tmp_path / "seed0.json", tmp_path / "seed1.json"
+    common = ["--setting", "ptb-word", "--steps", "4", "--threads", "1", "--data-dir", data_dir]
+    assert quality.main(common + ["--seeds", "0", "--models", "sfdlm-uniform", "--output", str(first)]) == 0
+    swept = json.loads(first.read_text())["sweeps"]
+    assert set(swept) == {"sfdlm-uniform"} and len(swept["sfdlm-uniform"]["lrs"]) == 3
+    assert quality.main(common + ["--seeds", "1", "--no-extras", "--lr-from", str(first),
+                                  "--models", "sfdlm-uniform no-ssm", "--output", str(second)]) == 0
+    record = json.loads(second.read_text())
+    assert [(r["name"], r["seed"], r["lr"]) for r in record["runs"]] == [
+        ("sfdlm-uniform no-ssm", 1, swept["sfdlm-uniform"]["best_lr"])]
+    assert "length_generalisation" not in record["runs"][0] and record["generation"] == []
+    with pytest.raises(SystemExit, match="no sweep for 'gpt2-ar'"):
+        quality.main(common + ["--seeds", "1", "--lr-from", str(first), "--models", "gpt2-ar",
+                               "--output", str(tmp_path / "x.json")])

@@ -508,10 +508,11 @@ def run_sampler(se, truth, step: str, steps: int, batch: int, seed: int, fixed=N
     else:
         x = torch.randint(0, se.vocab_size, (batch, length), generator=gen)
     grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    fn = se.tweedie_step if step == "tweedie" else se.euler_step
+    predictor = se.tweedie_probs if step == "tweedie" else se.euler_probs
     for t, s in zip(grid[:-1], grid[1:]):
-        outputs = truth.outputs(t)[index_of(x, se.vocab_size)]
-        x = fn(outputs, x, t, s, fixed=fixed, generator=gen)
+        probs = predictor(truth.outputs(t)[index_of(x, se.vocab_size)], x, t, s)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).view_as(x)
+        x = drawn if fixed is None else torch.where(fixed.bool(), x, drawn)  # SEDD's proj_fun
     return x
 
 
