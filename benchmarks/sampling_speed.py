@@ -23,6 +23,7 @@ generates the full length: no EOS). Writes benchmarks/results/sampling_speed_<gr
     python benchmarks/sampling_speed.py --quick --threads 1          # a few minutes
     python benchmarks/sampling_speed.py --grid full --threads 1      # ~50 min on a loaded 2-core machine
     python benchmarks/sampling_speed.py --grid precision --threads 1 # CPU bf16 vs float32, same rounds
+    python benchmarks/sampling_speed.py --grid targets --threads 1   # the target shapes, ~15 min quiet
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ GRIDS = {
         point(2048, 1024, 1, "bfloat16", [32]),
         point(2048, 256, 1, "bfloat16", [32]),
         point(2048, 1024, 16, "float32", [8, 32], uniform_steps=[]),
+    ],
+    # The issue's target shapes only (batch 16 at L=256, batch 1 at L=1024, the GPT-2 vocabulary, bf16 at
+    # batch 16), with both processes: a re-measurement that fits in ~15 minutes of one CPU thread.
+    "targets": [
+        point(2048, 256, 16, "float32", [8, 32, 128], uniform_steps=[8, 32]),
+        point(2048, 1024, 1, "float32", [32]),
+        point(GPT2_VOCAB, 256, 16, "float32", [32]),
+        point(GPT2_VOCAB, 1024, 1, "float32", [32]),
+        point(2048, 256, 16, "bfloat16", [32]),
     ],
     # CPU bf16 autocast against float32, side by side in the same rounds (absorbing, 32 steps).
     "precision": [point(2048, length, batch, "float32", [32], uniform_steps=[], also_bf16=True)
