@@ -45,4 +45,5 @@ lane_b > "$LOGS/quality_lane_b.log" 2>&1 &
 B=$!
 wait $A
 wait $B
+"$PYTHON" benchmarks/quality_plot.py
 "$PYTHON" benchmarks/report.py

@@ -215,6 +215,9 @@ def render(results: Path = RESULTS) -> str:
         lines += [f"## quality: {setting}, preset {preset} ({names})", ""]
         lines += [f"Command: `{data.get('command')}`" for _, data in group] + ["", machine_line(group[0][1]), ""]
         lines += quality_section([data for _, data in group])
+        summary = results / f"quality_{preset}_{setting}.png"  # benchmarks/quality_plot.py, every seed merged
+        if summary.exists():
+            lines += [f"![quality {setting}](results/{summary.name})", ""]
         for path, _ in group:
             lines += _attachments(path)
     return "\n".join(lines).rstrip() + "\n"

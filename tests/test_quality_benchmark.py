@@ -129,6 +129,13 @@ def test_report_merges_seeds_with_mean_and_spread(tmp_path):
     assert "| sfdlm-absorbing | bound | 2 | 210 ± 14.14 | 1 |" in text and "| 2x |" in text
     assert "| gpt2-ar | exact | 2 | 105 ± 7.071 |" in text
     assert "unigram (test stream)" in text and "published: Kneser-Ney 5-gram" in text
+    # the merged figure (every seed of the setting) is drawn and then linked from the section
+    spec = importlib.util.spec_from_file_location("bench_quality_plot", os.path.join(BENCHMARKS, "quality_plot.py"))
+    quality_plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality_plot)
+    assert quality_plot.main(["--results", str(tmp_path)]) == 0
+    assert (tmp_path / "quality_cpu_ptb-word.png").stat().st_size > 0
+    assert "![quality ptb-word](results/quality_cpu_ptb-word.png)" in _load_report().render(tmp_path)
 
 
 @pytest.mark.slow
