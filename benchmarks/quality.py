@@ -357,9 +357,16 @@ def run_model(name: str, spec: dict, setting: str, data: dict, preset: dict, voc
         unit = SETTINGS[setting]["unit"]
         record["length_generalisation"] = [{"factor": 1, **figures(record["test"], unit)}] + [
             {"factor": k, **figures(nll(model, blocks_of(data["test"], k * preset["block_size"], whole_only=True),
-                                        preset, bos_id, seed), unit)}
+                                        longer_blocks(preset, k), bos_id, seed), unit)}
             for k in factors if len(data["test"]) >= k * preset["block_size"]]
     return record, model
+
+
+def longer_blocks(preset: dict, factor: int) -> dict:
+    """The preset for scoring blocks `factor` times longer: as many tokens per batch as at the training
+    length (a uniform model's NELBO holds a few (batch, length, V) tensors: at 16 x 64 tokens, batch 64 and
+    a 10k vocabulary that was over 20 GB)."""
+    return dict(preset, eval_batch_size=max(1, preset["eval_batch_size"] // factor))
 
 
 def count_based_baselines(setting: str, data: dict, vocab_size: int, block_size: int) -> list[dict]:
