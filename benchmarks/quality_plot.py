@@ -37,8 +37,8 @@ def plot(files: list[dict], path: Path) -> None:
     for data in files:
         for run in data.get("runs", []):
             by_model.setdefault(run["name"], []).append(run)
-    names = list(by_model)
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 2.2))
+    names = sorted(by_model, key=lambda name: (by_model[name][0]["kind"] != "ar", list(by_model).index(name)))
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(names) + 2.2))
     for row, name in enumerate(names):
         values = [run["test"][figure] for run in by_model[name]]
         bound = by_model[name][0]["kind"] != "ar"
@@ -63,7 +63,7 @@ def plot(files: list[dict], path: Path) -> None:
     settings = files[0].get("settings", {})
     ax.set_title(f"{files[0]['setting']}, preset {files[0]['preset']}: {settings.get('steps')} steps x "
                  f"{settings.get('batch_size')} x {settings.get('block_size')} tokens per model", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="x", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
