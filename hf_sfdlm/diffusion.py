@@ -589,7 +589,8 @@ class UniformDiffusion(DiscreteDiffusion):
         hazard = torch.where(alpha64 > 0, -self.schedule.alpha_derivative(t) / alpha64.clamp_min(1e-300),
                              torch.zeros_like(alpha64))
         alpha = alpha64.to(dtype).view(-1, 1)
-        c = (self.schedule.one_minus_alpha(t) / self.vocab_size).to(dtype).view(-1, 1)  # q_t(y | x_0), y != x_0
+        c64 = self.schedule.one_minus_alpha(t) / self.vocab_size  # q_t(y | x_0), y != x_0
+        c = c64.to(dtype).view(-1, 1)
         p_z = probs.gather(-1, x_t.unsqueeze(-1)).squeeze(-1)
         p_x0 = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         # 1 - p_hat(x_0) summed from the other entries: -expm1(-nll) inherits log_softmax's absolute error
@@ -605,8 +606,7 @@ class UniformDiffusion(DiscreteDiffusion):
         m_x0 = c + alpha * p_x0
         g_x0 = torch.log1p(alpha * one_minus_p_x0 / m_x0)
         g_z = -torch.log1p(alpha * p_z / c.clamp_min(torch.finfo(dtype).tiny))
-        true_rate = ((alpha64 + self.schedule.one_minus_alpha(t) / self.vocab_size)
-                     / (self.schedule.one_minus_alpha(t) / self.vocab_size).clamp_min(1e-300)).to(dtype).view(-1, 1)
+        true_rate = ((alpha64 + c64) / c64.clamp_min(1e-300)).to(dtype).view(-1, 1)
         x0_term = _kl_terms(m_x0 / m_z, true_rate.expand_as(m_z), g_x0 - g_z)
         total = gamma * others + torch.where(clean, torch.zeros_like(x0_term), x0_term)
         return (hazard / self.vocab_size).to(dtype).view(-1, 1) * total
