@@ -22,24 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_sfdlm.baselines import rotary_tables, rotate
+
 MODELS = ("sfdlm", "bert", "dit")
 VOCAB = 1024
 
 
 # ---------------------------------------------------------------------------------------------- DiT
-def rotary_tables(length: int, head_dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of the rotary angles, (L, head_dim / 2), base 10 000."""
-    inverse = 1.0 / 10_000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(-1) * inverse
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of (B, heads, L, d): the two halves of each head as (re, im)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
-
-
 class DiTBlock(nn.Module):
     """x + g1 * Attn(adaLN(x)) ; x + g2 * MLP(adaLN(x)), shift/scale/gate from the noise embedding."""
 

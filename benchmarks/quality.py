@@ -16,7 +16,8 @@ optimiser recipe (AdamW, warm-up + cosine, clip 1.0) and the same number of toke
 parameters (within 10 %, checked), each at its best learning rate from a short sweep on the validation split:
 
     gpt2-ar           GPT2LMHeadModel: exact likelihood
-    mdlm-transformer  a BERT encoder under the absorbing continuous-time NELBO (MDLM)
+    mdlm-transformer  a bidirectional pre-LN Transformer with rotary positions (MDLM's DiT layout, without
+                      noise conditioning) under the absorbing continuous-time NELBO (MDLM)
     sfdlm-absorbing   SFDLM, absorbing process, log-linear schedule, continuous-time NELBO
     sfdlm-uniform     SFDLM, uniform process (the paper's), UDLM/Duo reverse kernel, continuous time
     sedd-absorbing    the SFDLM backbone trained as SEDD (score entropy, absorbing graph)
@@ -25,8 +26,8 @@ plus the paper's ablations of sfdlm-uniform (no Fourier MLP, no SSM) at the same
 Diffusion figures are NELBO upper bounds (Monte Carlo over noise levels; the standard error is given).
 On ptb-word, the seed-0 models are also measured for generation (samples' perplexity under the trained
 AR model, unigram entropy, distinct-2 at 8/32/128 steps) and length generalisation (trained on blocks
-of L tokens, scored on blocks of 4L and 16L; the Transformers' position tables are extended with
-untrained rows, SFDLM has none).
+of L tokens, scored on blocks of 4L and 16L; GPT-2's position table is extended with untrained rows, the
+Transformer denoiser's rotary positions and SFDLM need none).
 
 Each invocation writes one JSON (seeds and settings may run as separate invocations; `report.py` merges
 them):
@@ -184,9 +185,9 @@ def sfdlm_config(preset: dict, vocab_size: int, **overrides) -> SFDLMConfig:
 
 
 def build_model(name: str, spec: dict, preset: dict, vocab_size: int, max_length: int):
-    """The model `name`, with position tables (Transformers) long enough for `max_length` tokens.
+    """The model `name`, accepting `max_length` tokens (GPT-2's position table gets untrained rows).
 
-    Parameters are matched to sfdlm-absorbing at the training length `block_size`: the position rows
+    Parameters are matched to sfdlm-absorbing at the training length `block_size`: GPT-2's position rows
     beyond it are extra, never trained, and not counted (`trained_parameters`)."""
     spec = dict(spec)
     kind = spec.pop("kind")
@@ -211,14 +212,12 @@ def matching_target(preset: dict, vocab_size: int) -> int:
 
 
 def trained_parameters(model, preset: dict) -> int:
-    """Parameters that training can reach: position rows beyond the training length are excluded."""
+    """Parameters that training can reach: GPT-2's position rows beyond the training length (and its BOS)
+    are excluded; the other models have no position table."""
     total = count_parameters(model)
-    config = model.config
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    if isinstance(model, SFDLMForDiffusionLM) or positions is None:
+    if not isinstance(model, GPT2LMHeadModel):
         return total
-    used = preset["block_size"] + (1 if isinstance(model, GPT2LMHeadModel) else 0)
-    return total - (positions - used) * config.hidden_size
+    return total - (model.config.n_positions - preset["block_size"] - 1) * model.config.hidden_size
 
 
 def training_loss(model, kind: str, x: torch.Tensor, bos_id: int, generator: torch.Generator) -> torch.Tensor:

@@ -137,8 +137,8 @@ def quality_section(files: list[dict]) -> list[str]:
         for name, seed, g in lengths:
             table_rows.setdefault((name, seed), {})[g["factor"]] = g[figure]
         lines += [f"Length generalisation ({label} on test blocks of k x {settings.get('block_size')} tokens; "
-                  "the Transformers' positions beyond the training length are untrained rows, SFDLM has no "
-                  "position table):", "",
+                  "GPT-2's position rows beyond the training length are untrained; the Transformer denoiser's "
+                  "rotary positions and SFDLM need no table):", "",
                   table(["model", "seed"] + [f"k = {f}" for f in factors],
                         [[name, seed] + [values.get(f) for f in factors] for (name, seed), values in table_rows.items()]),
                   ""]

@@ -1,10 +1,10 @@
 """Baselines measured against SFDLM under the same data, tokenizer and budget.
 
-* `TransformerDenoiserForDiffusionLM`: a randomly initialised `BertForMaskedLM`-style encoder (BERT
-  embeddings, bidirectional self-attention, MLM head tied to the embedding) trained and evaluated under
-  `hf_sfdlm.diffusion.DiscreteDiffusion`, with the same `denoise` / `forward(labels=...)` / `nelbo`
-  interface as `SFDLMForDiffusionLM`. With the absorbing process and the log-linear schedule in
-  continuous time it is MDLM (arXiv 2406.07524) with a BERT backbone.
+* `TransformerDenoiserForDiffusionLM`: a randomly initialised bidirectional Transformer as MDLM's DiT
+  builds it (pre-LayerNorm blocks, rotary positions, no position table; an MLM head tied to the
+  embedding) trained and evaluated under `hf_sfdlm.diffusion.DiscreteDiffusion`, with the same
+  `denoise` / `forward(labels=...)` / `nelbo` interface as `SFDLMForDiffusionLM`. With the absorbing
+  process and the log-linear schedule in continuous time it is MDLM (arXiv 2406.07524).
 * `gpt2_config` / `matched_gpt2_config`: an autoregressive `GPT2LMHeadModel` whose parameter count
   matches a target (e.g. an SFDLM model's).
 
@@ -14,11 +14,15 @@ Importing this module registers `TransformerDenoiserConfig` with `AutoConfig` an
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config,
-                          GPT2LMHeadModel)
-from transformers.models.bert.modeling_bert import BertModel, BertOnlyMLMHead, BertPreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config, GPT2LMHeadModel,
+                          PreTrainedModel)
+from transformers.activations import ACT2FN
+from transformers import initialization as init
 
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput
@@ -27,7 +31,8 @@ from .modeling_sfdlm import timestep_embedding
 
 
 class TransformerDenoiserConfig(BertConfig):
-    r"""A BERT encoder configuration plus the diffusion fields of `SFDLMConfig`.
+    r"""The Transformer denoiser's configuration: `BertConfig`'s field names plus the diffusion fields of
+    `SFDLMConfig`.
 
     Args:
         process (`str`, defaults to `"absorbing"`), num_timesteps (`int`, *optional*, defaults to `None`,
@@ -38,8 +43,14 @@ class TransformerDenoiserConfig(BertConfig):
         time_conditioning (`bool`, defaults to `False`):
             Add an MLP embedding of the noise level t to every input embedding. MDLM found the absorbing
             process needs none (the share of masks tells the level); the uniform process wants it.
-        All other arguments are `BertConfig`'s (hidden_size, num_hidden_layers, num_attention_heads,
-        intermediate_size, max_position_embeddings, ...).
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps,
+        initializer_range:
+            As in `BertConfig`. `hidden_size / num_attention_heads` must be an even integer (rotary
+            positions rotate pairs of features).
+        max_position_embeddings (`int`, defaults to 512):
+            The longest accepted input. Positions are rotary, so there is no table: a longer limit costs
+            no parameters (the model was only trained on the lengths it saw).
+        Dropout and BERT's token-type and position-table fields are not used.
     """
 
     model_type = "sfdlm_transformer_denoiser"
@@ -60,6 +71,11 @@ class TransformerDenoiserConfig(BertConfig):
         self.is_decoder = False
         if process not in PROCESSES:
             raise ValueError(f"`process` must be one of {PROCESSES}, got {process!r}.")
+        heads = self.num_attention_heads
+        if not (isinstance(heads, int) and heads > 0 and self.hidden_size % heads == 0
+                and (self.hidden_size // heads) % 2 == 0):
+            raise ValueError(f"`hidden_size` ({self.hidden_size}) must split into `num_attention_heads` ({heads}) heads "
+                             f"of an even width (rotary positions rotate pairs of features).")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}.")
         if objective not in OBJECTIVES:
@@ -72,16 +88,57 @@ class TransformerDenoiserConfig(BertConfig):
                              f"got {mask_token_id!r}.")
 
 
+def rotary_tables(length: int, head_dim: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles of positions 0..length-1, each (length, head_dim / 2), base 10 000."""
+    inverse = 1.0 / 10_000 ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(-1) * inverse
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of (B, heads, L, d): the two halves of each head as (re, im)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+class PreNormEncoderLayer(nn.Module):
+    """x + Attention(LN(x)), then x + MLP(LN(x)): bidirectional self-attention with rotary queries and keys."""
+
+    def __init__(self, config: TransformerDenoiserConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.attention_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attention_out = nn.Linear(hidden, hidden)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(hidden, config.intermediate_size), ACT2FN[config.hidden_act],
+                                 nn.Linear(config.intermediate_size, hidden))
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                key_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(self.attention_norm(x)).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(rotate(q, *rotary), rotate(k, *rotary), v, attn_mask=key_mask)
+        x = x + self.attention_out(attended.transpose(1, 2).reshape(batch, length, hidden))
+        return x + self.mlp(self.mlp_norm(x))
+
+
 # As `SFDLMDiffusionLMOutput`: NELBO per scored token, logits of p_hat(x_0 | x_t), x_t and t.
 TransformerDenoiserOutput = DiffusionLMOutput
 
 
-class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, BertPreTrainedModel):
-    """A bidirectional Transformer (BERT) that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
+class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, PreTrainedModel):
+    """A bidirectional Transformer that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
+
+    The backbone is MDLM's DiT without adaLN: token embedding, pre-LayerNorm blocks with rotary positions,
+    a final LayerNorm, and BERT's MLM head tied to the embedding. (It replaced BERT's post-LN encoder with
+    a learned position table, which learns where its neighbours are far more slowly:
+    `benchmarks/denoiser_positions.py`.)
 
     The diffusion-LM head (`forward(labels=...)`, `nelbo`, input checks) is the shared
     `diffusion_lm.DiffusionLMMixin` of `SFDLMForDiffusionLM`, so the estimator is the same draw for draw
-    (same stratification, corruption and loss terms); this class adds the BERT backbone and `denoise`.
+    (same stratification, corruption and loss terms); this class adds the backbone and `denoise`.
     `generate` is SFDLM's (iterative denoising with the same samplers), so generation quality compares
     like with like.
     """
@@ -89,26 +146,43 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
     config_class = TransformerDenoiserConfig
     config: TransformerDenoiserConfig
     _tied_weights_keys = {
-        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias",
+        "lm_head.weight": "embed_tokens.weight",
     }
 
     def __init__(self, config: TransformerDenoiserConfig):
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = BertOnlyMLMHead(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(PreNormEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         hidden = config.hidden_size
         self.time_embed = (nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
                            if config.time_conditioning else None)
         self.init_diffusion()
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """Linear layers keep PyTorch's default initialisation, as in MDLM's DiT (normal(0, 0.02) learned
+        more slowly: `benchmarks/denoiser_positions.py`); the embedding, tied to the output layer, and the
+        LayerNorms get transformers' defaults."""
+        if isinstance(module, nn.Linear) and module is not self.lm_head:
+            fan_in = module.weight.shape[1]
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            return
+        super()._init_weights(module)  # normal(0, initializer_range) weights, zero biases, unit LayerNorms
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embed_tokens = new_embeddings
+
     def get_output_embeddings(self):
-        return self.cls.predictions.decoder
+        return self.lm_head
 
     def set_output_embeddings(self, new_embeddings):
-        self.cls.predictions.decoder = new_embeddings
-        self.cls.predictions.bias = new_embeddings.bias
+        self.lm_head = new_embeddings
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,17 +192,26 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
         runs at those positions only (generation asks for the positions it samples).
         """
         self.check_inputs(noisy_input_ids, attention_mask, timesteps)
-        embeds = self.bert.embeddings.word_embeddings(noisy_input_ids)
+        embeds = self.embed_tokens(noisy_input_ids)
         if self.time_embed is not None:
             if timesteps is None:
                 raise ValueError("This denoiser is noise-conditioned (`time_conditioning=True`): pass `timesteps`.")
             t = torch.as_tensor(timesteps, device=embeds.device, dtype=torch.float32).reshape(-1)
             t = t.expand(noisy_input_ids.shape[0])
             embeds = embeds + self.time_embed(timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)).unsqueeze(1)
-        hidden = self.bert(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        rotary = rotary_tables(noisy_input_ids.shape[1], self.config.hidden_size // self.config.num_attention_heads,
+                               embeds.device, embeds.dtype)
+        key_mask = None
+        if attention_mask is not None:  # padding is never attended to (an all-padding row attends to all, not to none: NaN)
+            real = attention_mask.bool()
+            key_mask = (real | ~real.any(-1, keepdim=True))[:, None, None, :]
+        hidden = embeds
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, key_mask)
+        hidden = self.final_norm(hidden)
         if positions is not None:
             hidden = hidden[positions]
-        return self.diffusion.restrict_logits(self.cls(hidden))
+        return self.diffusion.restrict_logits(self.lm_head(hidden))
 
 
 # ---------------------------------------------------------------------------------------------- parameter matching
