@@ -132,7 +132,7 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
     """A bidirectional Transformer that predicts p_hat(x_0 | x_t), trained by the diffusion NELBO.
 
     The backbone is MDLM's DiT without adaLN: token embedding, pre-LayerNorm blocks with rotary positions,
-    a final LayerNorm, and BERT's MLM head tied to the embedding. (It replaced BERT's post-LN encoder with
+    a final LayerNorm, and an output layer tied to the embedding. (It replaced BERT's post-LN encoder with
     a learned position table, which learns where its neighbours are far more slowly:
     `benchmarks/denoiser_positions.py`.)
 

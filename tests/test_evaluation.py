@@ -339,6 +339,27 @@ def test_transformer_denoiser_trains_saves_and_loads(tmp_path):
         transformer_denoiser_config(V, 16, 1, 32, num_heads=2)
 
 
+def test_transformer_denoiser_never_attends_to_padding():
+    config = transformer_denoiser_config(V, 16, 2, 32, num_heads=2, mask_token_id=V - 1)
+    model = TransformerDenoiserForDiffusionLM(config).eval()
+    ids = torch.randint(0, V - 1, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    other = ids.clone()
+    other[0, 6:] = (ids[0, 6:] + 1) % (V - 1)  # different tokens under the padding
+    with torch.no_grad():
+        a = model.denoise(ids, attention_mask=mask)
+        b = model.denoise(other, attention_mask=mask)
+        unmasked = model.denoise(other)
+    torch.testing.assert_close(a[0, :6], b[0, :6])
+    torch.testing.assert_close(a[1], b[1])
+    assert not torch.allclose(a[0, :6], unmasked[0, :6])  # without the mask the same tokens do change them
+    with torch.no_grad():  # an all-padding row still gives finite logits (the mask id's is -inf by design)
+        assert torch.isfinite(model.denoise(ids, attention_mask=torch.zeros_like(ids))[..., :V - 1]).all()
+    with pytest.raises(ValueError, match="even width"):
+        transformer_denoiser_config(V, 18, 1, 32, num_heads=2, mask_token_id=V - 1)  # heads of 9 features
+
+
 def test_ablation_switches_drop_a_branch():
     full = SFDLMForDiffusionLM(tiny_config())
     for field, branch in (("use_ssm", "ssm"), ("use_fourier_mlp", "fourier")):
