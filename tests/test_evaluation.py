@@ -339,6 +339,20 @@ def test_transformer_denoiser_trains_saves_and_loads(tmp_path):
         transformer_denoiser_config(V, 16, 1, 32, num_heads=2)
 
 
+def test_rotary_scores_depend_only_on_the_distance_between_positions():
+    from hf_sfdlm.baselines import rotary_tables, rotate
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    cos, sin = rotary_tables(40, 8, dtype=torch.float64)
+    rq, rk = rotate(q.expand(1, 1, 40, 8), cos, sin), rotate(k.expand(1, 1, 40, 8), cos, sin)
+    scores = (rq[0, 0] @ rk[0, 0].T)  # scores[i, j] = <R_i q, R_j k>
+    for shift in (1, 7, 20):
+        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift], rtol=1e-5, atol=1e-5)  # float32 angles
+    torch.testing.assert_close(scores[0, 0], (q * k).sum())  # position 0 is not rotated
+    assert not torch.allclose(scores[0, 1], scores[0, 3])  # but the distance matters
+
+
 def test_transformer_denoiser_never_attends_to_padding():
     config = transformer_denoiser_config(V, 16, 2, 32, num_heads=2, mask_token_id=V - 1)
     model = TransformerDenoiserForDiffusionLM(config).eval()
