@@ -13,7 +13,7 @@ the absorbing NELBO with the quality benchmark's recipe (`quality.train`: AdamW,
                          MDLM's DiT)
     sfdlm                SFDLM under the same process (its SSM sees its neighbours from the first step)
 
-    python benchmarks/denoiser_positions.py            # ~5 minutes on 2 cores
+    python benchmarks/denoiser_positions.py            # ~6 minutes on one thread
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def blocks(count: int, seed: int) -> torch.Tensor:
 
 
 def build(name: str, preset: dict):
-    spec = quality.MODELS["sfdlm-absorbing" if name == "sfdlm" else "mdlm-transformer"]
-    model = quality.build_model("sfdlm-absorbing" if name == "sfdlm" else "mdlm-transformer", spec, preset,
-                                VOCAB, LENGTH)
+    benchmark_name = "sfdlm-absorbing" if name == "sfdlm" else "mdlm-transformer"
+    spec = quality.MODELS[benchmark_name]
+    model = quality.build_model(benchmark_name, spec, preset, VOCAB, LENGTH)
     if name == "bert-post-ln":
         model = BertPostLNDenoiser(model.config)
     if name == "rotary-pre-ln-0.02":

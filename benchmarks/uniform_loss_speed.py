@@ -10,18 +10,22 @@ import os
 import statistics
 import time
 
+import sys
+
 import torch
 
-from hf_sfdlm import SFDLMConfig, SFDLMForDiffusionLM
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quality import MODELS, PRESETS, sfdlm_config  # noqa: E402
+
+from hf_sfdlm import SFDLMForDiffusionLM  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def model(process: str, vocab: int) -> SFDLMForDiffusionLM:
-    return SFDLMForDiffusionLM(SFDLMConfig(
-        vocab_size=vocab + 1, mask_token_id=vocab, hidden_size=128, fourier_intermediate_size=256,
-        stage_depths=[1, 1], pool_factors=[2], ssm_state_size=16, process=process,
-        noise_schedule="loglinear" if process == "absorbing" else "cosine", num_timesteps=None))
+    """The quality benchmark's cpu-preset SFDLM (sfdlm-absorbing or sfdlm-uniform) over `vocab` words."""
+    spec = {k: v for k, v in MODELS[f"sfdlm-{process}"].items() if k != "kind"}
+    return SFDLMForDiffusionLM(sfdlm_config(PRESETS["cpu"]["ptb-word"], vocab, **spec))
 
 
 def step_seconds(net, ids) -> float:

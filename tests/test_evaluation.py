@@ -339,16 +339,17 @@ def test_transformer_denoiser_trains_saves_and_loads(tmp_path):
         transformer_denoiser_config(V, 16, 1, 32, num_heads=2)
 
 
-def test_rotary_scores_depend_only_on_the_distance_between_positions():
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-5), (torch.float32, 1e-4)])
+def test_rotary_scores_depend_only_on_the_distance_between_positions(dtype, tolerance):
     from hf_sfdlm.baselines import rotary_tables, rotate
 
     torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
-    cos, sin = rotary_tables(40, 8, dtype=torch.float64)
+    q, k = torch.randn(1, 1, 1, 8, dtype=dtype), torch.randn(1, 1, 1, 8, dtype=dtype)
+    cos, sin = rotary_tables(40, 8, dtype=dtype)
     rq, rk = rotate(q.expand(1, 1, 40, 8), cos, sin), rotate(k.expand(1, 1, 40, 8), cos, sin)
     scores = (rq[0, 0] @ rk[0, 0].T)  # scores[i, j] = <R_i q, R_j k>
     for shift in (1, 7, 20):
-        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift], rtol=1e-5, atol=1e-5)  # float32 angles
+        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift], rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(scores[0, 0], (q * k).sum())  # position 0 is not rotated
     assert not torch.allclose(scores[0, 1], scores[0, 3])  # but the distance matters
 
@@ -372,6 +373,22 @@ def test_transformer_denoiser_never_attends_to_padding():
         assert torch.isfinite(model.denoise(ids, attention_mask=torch.zeros_like(ids))[..., :V - 1]).all()
     with pytest.raises(ValueError, match="even width"):
         transformer_denoiser_config(V, 18, 1, 32, num_heads=2, mask_token_id=V - 1)  # heads of 9 features
+
+
+def test_transformer_denoiser_under_bf16_autocast_matches_float32():
+    torch.manual_seed(0)
+    model = TransformerDenoiserForDiffusionLM(transformer_denoiser_config(V, 32, 2, 32, num_heads=2,
+                                                                         mask_token_id=V - 1)).eval()
+    ids = torch.randint(0, V - 1, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        reference = model.denoise(ids, attention_mask=mask)[..., :V - 1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.denoise(ids, attention_mask=mask)[..., :V - 1]
+    assert low.dtype == torch.bfloat16  # the low-precision path really ran
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
 
 
 def test_ablation_switches_drop_a_branch():
