@@ -32,6 +32,12 @@ from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs
 from .generation_sfdlm import SFDLMGenerationMixin
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype FFT-side arithmetic runs in: float32 for half-precision inputs, float64 kept as float64
+    (so a `.double()` model is exact to float64 rounding, which block-causality and equivalence tests use)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _fft_precision(x: torch.Tensor):
     """FFTs run in float32 even under bf16/fp16 autocast (cuFFT half precision is limited and lossy)."""
     if not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta", as FLOP counters use
@@ -118,15 +124,16 @@ class BidirectionalDiagonalSSM(nn.Module):
         batched matmul of [Re, -Im](C dB dA^(qM)) (2Q x 2N) by [Re; Im](dA^r) (2N x M) per channel, in
         real arithmetic (exp, cos, sin) rather than complex exponentials and a complex einsum.
         """
-        dt = self.log_dt.float().exp().unsqueeze(-1)  # (H, 1)
-        a_re, a_im = -self.log_neg_a_real.float().exp(), self.a_imag.float()  # (H, N)
+        dtype = _compute_dtype(self.log_dt)
+        dt = self.log_dt.to(dtype).exp().unsqueeze(-1)  # (H, 1)
+        a_re, a_im = -self.log_neg_a_real.to(dtype).exp(), self.a_imag.to(dtype)  # (H, N)
         x_re, x_im = a_re * dt, a_im * dt  # dt * a
         # dB = (exp(dt a) - 1) / a (B = 1), then 2 C dB, all as (re, im) pairs
         decay = x_re.exp()
         num_re, num_im = decay * x_im.cos() - 1, decay * x_im.sin()
         norm = a_re.square() + a_im.square()
         db_re, db_im = (num_re * a_re + num_im * a_im) / norm, (num_im * a_re - num_re * a_im) / norm
-        c_re, c_im = 2 * self.c[..., 0].float(), 2 * self.c[..., 1].float()  # (2, H, N)
+        c_re, c_im = 2 * self.c[..., 0].to(dtype), 2 * self.c[..., 1].to(dtype)  # (2, H, N)
         cb_re, cb_im = c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
         block = math.isqrt(length - 1) + 1
         blocks = -(-length // block)
@@ -150,7 +157,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         at the start, lags -(L-1)..-1 backward at the end, zeros between."""
         n = fast_fft_size(2 * length - 1)
         k_fwd, k_bwd = self.kernel(length)
-        parts = [k_fwd[:, :1] + k_bwd[:, :1] + self.d.float().unsqueeze(-1), k_fwd[:, 1:],
+        parts = [k_fwd[:, :1] + k_bwd[:, :1] + self.d.to(k_fwd.dtype).unsqueeze(-1), k_fwd[:, 1:],
                  k_fwd.new_zeros(self.hidden_size, n - 2 * length + 1), k_bwd[:, 1:].flip(-1)]
         return torch.cat(parts, dim=-1)
 
@@ -174,7 +181,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         """u: (B, L, H) -> (B, L, H)."""
         length = u.shape[1]
         with _fft_precision(u):
-            x = u.float().transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
+            x = u.to(_compute_dtype(u)).transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
             if torch.is_grad_enabled():
                 # The kernel's (H, N, sqrt L) tables are cheap to recompute and costly to keep for backward.
                 kernel = checkpoint(self.two_sided_kernel, length, use_reentrant=False)
@@ -268,10 +275,10 @@ class ComplexFourierMLP(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         length = h.shape[1]
         with _fft_precision(h):
-            features = _SpectrumFeatures.apply(h.float()).to(h.dtype)  # (B, L//2 + 1, 2H)
+            features = _SpectrumFeatures.apply(h.to(_compute_dtype(h))).to(h.dtype)  # (B, L//2 + 1, 2H)
         features = self.fc_out(F.gelu(self.fc_in(features)))
         with _fft_precision(h):
-            out = _SignalFromFeatures.apply(features.float(), length)
+            out = _SignalFromFeatures.apply(features.to(_compute_dtype(features)), length)
         return out.to(h.dtype)
 
 
