@@ -154,6 +154,9 @@ class SFDLMGenerationConfig(GenerationConfig):
         self.bos_token_id: int | None = kwargs.pop("bos_token_id", None)
 
         kwargs.pop("_commit_hash", None)
+        for name in ("output_attentions", "output_hidden_states"):  # False in files written by transformers 5.0
+            if not kwargs.get(name, True):
+                kwargs.pop(name)
         self._from_model_config: bool | None = kwargs.pop("_from_model_config", None)
         self.transformers_version: str | None = kwargs.pop("transformers_version", None)
         if kwargs:
@@ -286,6 +289,13 @@ class SFDLMGenerationMixin:
     """
 
     generation_config_class = SFDLMGenerationConfig
+
+    def post_init(self):
+        super().post_init()
+        # transformers 5.0 ignores `generation_config_class` and gives every model a plain
+        # `GenerationConfig.from_model_config` (later versions build ours).
+        if not isinstance(getattr(self, "generation_config", None), SFDLMGenerationConfig):
+            self.generation_config = SFDLMGenerationConfig.from_model_config(self.config)
 
     @torch.no_grad()
     def generate(

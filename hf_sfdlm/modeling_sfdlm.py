@@ -31,6 +31,12 @@ from .configuration_sfdlm import SFDLMConfig
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs
 from .generation_sfdlm import SFDLMGenerationMixin
 
+# transformers 5.0 copies into its module cache only the files that the modeling file itself imports (later
+# versions follow imports transitively): every remote-code module is imported here directly.
+from .diffusion import DiscreteDiffusion  # noqa: F401
+from .sampling_sfdlm import Sampler  # noqa: F401
+from .score_entropy import ScoreEntropy  # noqa: F401
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype FFT-side arithmetic runs in: float32 for half-precision inputs, float64 kept as float64

@@ -192,6 +192,7 @@ class DiffusionTrainer:
         self.evaluate_batch = evaluate_batch or default_evaluate_batch
         self.callbacks = list(callbacks)
         self.run_config = run_config or {"training": asdict(args)}
+        self._unsharded: nn.Module | None = None  # see `save_model`
         self.trackers = self._make_trackers()
         self.accelerator = self._make_accelerator(accelerator_kwargs)
         self.data_collator = self._make_collator(data_collator, tokenizer)
@@ -207,6 +208,7 @@ class DiffusionTrainer:
     # ------------------------------------------------------------------ setup steps
     def _make_accelerator(self, accelerator_kwargs: dict[str, Any] | None):
         from accelerate import Accelerator, DataLoaderConfiguration
+        from accelerate.utils import DistributedType
 
         args = self.args
         accelerator = Accelerator(
@@ -220,6 +222,8 @@ class DiffusionTrainer:
             step_scheduler_with_optimizer=False,
             **{"cpu": _no_accelerator(), **(accelerator_kwargs or {})},
         )
+        if _fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
+            _shard_on_cpu(accelerator)
         self._check_world(accelerator)
         if args.cpu_threads is not None and accelerator.device.type == "cpu":
             torch.set_num_threads(args.cpu_threads)
@@ -584,7 +588,10 @@ class DiffusionTrainer:
 
     # ------------------------------------------------------------------ evaluation and saving
     def eval_model(self) -> nn.Module:
-        """The weights used for evaluation and saving: the EMA copy if there is one, else the trained model."""
+        """The weights used for evaluation and saving: the EMA copy if there is one, else the trained model
+        (under FSDP, while the main process saves, the unsharded copy it saves)."""
+        if self._unsharded is not None:
+            return self._unsharded
         return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     @torch.no_grad()
@@ -602,7 +609,7 @@ class DiffusionTrainer:
         devices = [] if acc.device.type == "cpu" else [acc.device]
         total_nats = torch.zeros((), dtype=torch.float64, device=acc.device)
         total_tokens = torch.zeros((), dtype=torch.float64, device=acc.device)
-        with torch.random.fork_rng(devices=devices, device_type=acc.device.type):
+        with torch.random.fork_rng(devices=devices, device_type=acc.device.type), self._root_unsharded():
             torch.manual_seed(self.args.seed + 10_007 + acc.process_index)
             for batch in self.eval_loader:
                 with acc.autocast():
@@ -614,6 +621,20 @@ class DiffusionTrainer:
         nelbo = float(total_nats / total_tokens.clamp_min(1))
         return {"eval/nelbo": nelbo, "eval/perplexity": math.exp(min(nelbo, 700.0)),
                 "eval/bits_per_token": nelbo / math.log(2), "eval/tokens": float(total_tokens)}
+
+    @contextlib.contextmanager
+    def _root_unsharded(self):
+        """Under FSDP2, the root unit's weights (embeddings, head) gathered for the block: evaluation calls
+        methods such as `nelbo`, not `forward`, so the root's pre-forward hook that gathers them never runs
+        (the blocks, called through their `forward`, gather their own)."""
+        if not self._fsdp:
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
 
     def _evaluate_and_track(self, progress) -> None:
         metrics = self.evaluate()
@@ -642,7 +663,9 @@ class DiffusionTrainer:
         is ever seen half-written. Every process must call this."""
         acc = self.accelerator
         directory = Path(directory)
-        model = self.eval_model()
+        # FSDP: every process holds a shard. Gather the full weights (a collective, on every process); the main
+        # process saves them from an unsharded copy, which callbacks also see as `eval_model()`.
+        full_weights = acc.get_state_dict(self.model) if self._fsdp else None
         own_folder = directory.resolve() == self.output_dir.resolve()
         # Temporary folders stay inside the output folder (cleaned at the next start); an outside
         # `directory` is staged next to it, on the same filesystem, for the atomic rename.
@@ -652,12 +675,16 @@ class DiffusionTrainer:
             staging.mkdir(parents=True, exist_ok=True)
             tmp = staging / f".tmp-save-{'model' if own_folder else directory.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
+            if full_weights is not None:
+                self._unsharded = _unsharded_copy(self.eval_model(), full_weights)
+            model = self.eval_model()
             model.save_pretrained(tmp)
             write_checksums(tmp)  # SHA-256 of the weights (adapters too), verified by every loader
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             for callback in self.callbacks:
                 callback.on_save(self, tmp)
+            self._unsharded = None
             if own_folder:
                 for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
                     target = directory / item.name
@@ -692,6 +719,51 @@ def _no_accelerator() -> bool:
     from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
 
     return not (torch.cuda.is_available() or is_xpu_available() or is_npu_available() or is_mps_available())
+
+
+def _fsdp_requested() -> bool:
+    """True when the launch configuration asks for FSDP (`distributed_type: FSDP`, which `accelerate launch`
+    passes on as ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _shard_on_cpu(accelerator) -> None:
+    """Make FSDP2 run on CPU processes (gloo) as the launch configuration asks.
+
+    accelerate only switches to FSDP for accelerator process groups (CUDA, XPU, ...): on a machine without one
+    it forms a MULTI_CPU group and drops the FSDP plugin, so an FSDP configuration would silently train as
+    plain data parallel. torch's FSDP2 (`fully_shard`) itself runs on CPU with gloo, and accelerate's FSDP2
+    code path (sharding, `get_state_dict`, `save_state`/`load_state` through torch.distributed.checkpoint)
+    only needs the state to say FSDP: set it, with the plugin built from the launch configuration."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise ValueError(f"The launch configuration asks for FSDP but accelerate set up "
+                         f"{accelerator.distributed_type}: launch with at least 2 processes "
+                         "(`accelerate launch --config_file training/accelerate_configs/fsdp_cpu.yaml`).")
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables set by `accelerate launch`
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"FSDP on CPU processes needs `fsdp_version: 2` (FSDP2) in the launch configuration, got "
+                         f"{plugin.fsdp_version}.")
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    logger.warning("FSDP2 on %d CPU processes (gloo): accelerate's FSDP path with the CPU device.",
+                   accelerator.num_processes)
+
+
+def _unsharded_copy(model: nn.Module, full_weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded) instance of the model's own class holding `full_weights`. FSDP2 swaps the class of
+    the sharded model for a generated subclass defined in torch, so `save_pretrained` on it would copy
+    torch's files as the remote code instead of the model's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    copy = cls(model.config)
+    copy.load_state_dict(full_weights)  # copied into the new parameters, so tied weights stay tied
+    copy.generation_config = model.generation_config
+    return copy.eval()
 
 
 def _scored_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
