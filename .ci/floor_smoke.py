@@ -8,7 +8,8 @@ are installed, the paths a user of those versions takes first:
 2. in a clean process where `hf_sfdlm` cannot be imported: `AutoModel.from_pretrained(folder,
    trust_remote_code=True)` on the saved folder (every remote-code file it needs must have been saved),
    `pipeline("fill-mask")` and `generate`;
-3. the remote-code model's logits equal the installed class's on the same inputs.
+3. the remote-code model's logits equal the installed class's on the same inputs;
+4. PEFT: LoRA adapters on the model, one backward pass.
 
     python .ci/floor_smoke.py            # exits non-zero with the failing step's output
 """
@@ -104,8 +105,11 @@ def main() -> None:
                   "sfdlm train").strip()[-600:])
         assert (folder / "model.safetensors").is_file() and (folder / "checkpoints" / "step-2").is_dir()
 
-        torch.manual_seed(0)
-        ids = torch.randint(0, 20, (2, 9))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        ids = tokenizer(["the small dog sees a red ball .", "a cat finds the key and runs ."], padding=True,
+                        return_tensors="pt").input_ids
         t = torch.tensor([0.4, 0.9])
         torch.save({"ids": ids, "t": t}, work / "inputs.pt")
         clean = {k: v for k, v in env.items() if k != "PYTHONPATH"}
@@ -119,7 +123,27 @@ def main() -> None:
             expected = model(ids, timesteps=t).logits
         remote = torch.load(work / "out.pt")
         torch.testing.assert_close(remote["logits"], expected, rtol=1e-5, atol=1e-5)
+        lora_step(model, ids, t)
     print("floor smoke test passed")
+
+
+def lora_step(model, ids, t) -> None:
+    """PEFT: LoRA adapters on the model, one backward pass; only adapter weights get gradients, and the
+    untrained adapter leaves the outputs unchanged (LoRA's B starts at zero)."""
+    import torch
+
+    from hf_sfdlm.lora import apply_lora
+
+    with torch.no_grad():
+        before = model(ids, timesteps=t).logits
+    peft_model = apply_lora(model.train(), r=4)
+    output = peft_model(input_ids=ids, labels=ids, timesteps=t)
+    output.loss.backward()
+    with_grad = [name for name, p in peft_model.named_parameters() if p.grad is not None]
+    assert with_grad and all("lora_" in name for name in with_grad), with_grad
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model.eval()(ids, timesteps=t).logits, before)
+    print(f"peft: LoRA on {len(peft_model.targeted_module_names)} modules, loss {output.loss.item():.3f}")
 
 
 if __name__ == "__main__":
