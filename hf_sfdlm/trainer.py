@@ -626,10 +626,16 @@ class DiffusionTrainer:
     def _root_unsharded(self):
         """Under FSDP2, the root unit's weights (embeddings, head) gathered for the block: evaluation calls
         methods such as `nelbo`, not `forward`, so the root's pre-forward hook that gathers them never runs
-        (the blocks, called through their `forward`, gather their own)."""
+        (the blocks, called through their `forward`, gather their own). Also drops the SSM spectrum caches:
+        FSDP2 gathers new values into the same parameter objects without bumping their version counters, so
+        a cache keyed on (id, version) can outlive an optimizer step (measured: a second evaluation in the
+        same process off by 4e-7 relative until the cache is dropped)."""
         if not self._fsdp:
             yield
             return
+        for module in self.model.modules():
+            if getattr(module, "_spectrum_cache", None) is not None:
+                module._spectrum_cache = None
         self.model.unshard()
         try:
             yield
@@ -760,7 +766,8 @@ def _unsharded_copy(model: nn.Module, full_weights: dict[str, torch.Tensor]) -> 
     from torch.distributed.fsdp import FSDPModule
 
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    copy = cls(model.config)
+    with torch.random.fork_rng(devices=[]):  # its initialisation must not move the training RNG
+        copy = cls(model.config)
     copy.load_state_dict(full_weights)  # copied into the new parameters, so tied weights stay tied
     copy.generation_config = model.generation_config
     return copy.eval()

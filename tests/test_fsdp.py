@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_sfdlm.pipelines import prepare_pipeline
+from hf_sfdlm.tracking import read_metrics
 from hf_sfdlm.trainer import DiffusionTrainer, _shard_on_cpu
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,6 +38,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[2])
 from test_training import clean_loss
 from hf_sfdlm.pipelines import prepare_pipeline
+from hf_sfdlm.tracking import read_metrics
 from hf_sfdlm.train_config import TrainConfig
 from hf_sfdlm.trainer import DiffusionTrainer
 config = TrainConfig.from_dict(json.loads(open(sys.argv[1]).read()))
@@ -160,6 +162,9 @@ def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tmp_path, one_thread):
                   CUDA_VISIBLE_DEVICES="")
     assert "Resumed from" in log and "step-4" in log
     assert _losses(resumed) == _losses(reference) and sorted(_losses(reference)) == list(range(1, 9))
+    evaluations = [[(r["step"], r["eval/nelbo"]) for r in read_metrics(run / "logs" / "metrics.jsonl")
+                    if "eval/nelbo" in r] for run in (resumed, reference)]
+    assert evaluations[0] == evaluations[1] and [s for s, _ in evaluations[0]] == [4, 8]
     a, b = load_file(resumed / "model.safetensors"), load_file(reference / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
 
