@@ -428,7 +428,9 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
 
     Diffusion models load through `hf_sfdlm.hub.load_pretrained` (file checks, installed classes, no folder
     code without `trust_remote_code=True`); other configurations with `AutoModelForCausalLM`, passing
-    `trust_remote_code` on. Returns the model in eval mode.
+    `trust_remote_code` on. A LoRA adapter folder (`adapter_config.json`, e.g. from `sfdlm finetune`) loads
+    onto the base it names, checked to be the base it was made for (`hf_sfdlm.lora.load_adapter`). Returns
+    the model in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -440,6 +442,10 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA adapter (`sfdlm finetune`) on its base
+        model = load_pretrained(path, trust_remote_code=trust_remote_code,
+                                **({"dtype": dtype} if dtype is not None else {}))
+        return (model.to(device) if device is not None else model).eval()
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
     loader = load_pretrained if config.model_type in diffusion_types else AutoModelForCausalLM.from_pretrained

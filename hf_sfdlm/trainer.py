@@ -653,6 +653,10 @@ class DiffusionTrainer:
             tmp = staging / f".tmp-save-{'model' if own_folder else directory.name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
+            if getattr(model, "peft_config", None):  # an adapter: loadable by AutoPeftModel from any folder
+                from .lora import finish_adapter_config
+
+                finish_adapter_config(model, tmp)
             write_checksums(tmp)  # SHA-256 of the weights (adapters too), verified by every loader
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
