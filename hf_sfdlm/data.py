@@ -93,6 +93,7 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise ValueError(f"`data.dataset` must be 'synthetic', a file/folder path or a Hub name, got {self.dataset!r}.")
         for name in ("block_size", "shuffle_buffer", "synthetic_sentences"):
@@ -132,6 +133,37 @@ def reject_unknown_keys(values: dict[str, Any], dataclass_type, what: str) -> No
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}.")
+
+
+# Seeds go to `random`, numpy (which takes at most 32 bits) and torch.
+MAX_SEED = 2**32 - 1
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "None": "null", "list[str]": "a list of strings"}
+
+
+def _has_type(value: Any, name: str) -> bool | None:
+    """Whether `value` is of the annotated type `name` (None for an annotation not checked here)."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "None": lambda v: v is None,
+              "list[str]": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)}
+    return checks[name](value) if name in checks else None
+
+
+def check_field_types(config, section: str) -> None:
+    """Raise a ValueError naming `section.field` for a field of the dataclass `config` whose value does not
+    have its annotated type (`int`, `float`, `bool`, `str`, `None`, `list[str]` and unions of them; a bool
+    is not an int, an int is a float), or for a `*seed` field outside [0, 2**32 - 1]."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        names = [name.strip() for name in str(item.type).split("|")]
+        verdicts = [_has_type(value, name) for name in names]
+        if None not in verdicts and not any(verdicts):
+            expected = " or ".join(_TYPE_NAMES[name] for name in names)
+            raise ValueError(f"`{section}.{item.name}` must be {expected}, got {value!r}.")
+        if item.name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"`{section}.{item.name}` must be an integer in [0, 2**32 - 1], got {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------------- sources
