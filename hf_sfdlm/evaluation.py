@@ -54,8 +54,7 @@ def read_text(source, split: str | None = None, text_column: str = "text", max_l
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise ValueError(f"Evaluation text file {os.fspath(source)!r} does not exist.")
-        with open(source, encoding="utf-8") as handle:
-            lines = handle.read().splitlines(keepends=True)
+        lines = _read_utf8_lines(source)
     elif hasattr(source, "column_names"):
         if isinstance(source.column_names, dict):  # DatasetDict
             if split not in source:
@@ -69,6 +68,22 @@ def read_text(source, split: str | None = None, text_column: str = "text", max_l
     if max_lines is not None:
         lines = lines[:max_lines]
     return "".join(lines)
+
+
+def _read_utf8_lines(path) -> list[str]:
+    """The lines of a UTF-8 text file (newlines kept); `ValueError` naming the file, line and byte offset of
+    the first invalid byte sequence."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{os.fspath(path)!r} is not UTF-8 text: line {line}, byte {column} of the line "
+                         f"({error.reason}, byte {data[error.start:error.start + 1]!r}).") from None
+    # as text mode's universal newlines read it: \r\n and \r become \n
+    return text.replace("\r\n", "\n").replace("\r", "\n").splitlines(keepends=True)
 
 
 def count_words(text: str) -> int:
@@ -436,12 +451,14 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
     from . import register_auto_classes
-    from .hub import load_pretrained
+    from .hub import check_safetensors_weights, load_pretrained
 
     register_auto_classes()
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
+    if os.path.isdir(path):
+        check_safetensors_weights(path)  # causal LMs too: no pickle is ever opened
     if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA adapter (`sfdlm finetune`) on its base
         model = load_pretrained(path, trust_remote_code=trust_remote_code,
                                 **({"dtype": dtype} if dtype is not None else {}))

@@ -76,6 +76,22 @@ def folder_kind(model_dir: str | os.PathLike) -> str:
                      "with `save_pretrained` (or the adapter with `hf_sfdlm.lora.save_adapter`) first.")
 
 
+# Weight files in pickle formats: loading one can run code, so no loader here opens them.
+PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def check_safetensors_weights(folder: str | os.PathLike) -> None:
+    """Refuse (`ValueError`, naming the files) a model or adapter folder whose weights are only in a pickle
+    format (`pytorch_model.bin`, `adapter_model.bin`, ...): unpickling can run code, so they are never
+    loaded; convert them to safetensors first."""
+    folder = Path(folder)
+    pickles = sorted(path.name for pattern in PICKLE_WEIGHT_PATTERNS for path in folder.glob(pattern)
+                     if path.is_file())
+    if pickles and not list(folder.glob("*.safetensors")):
+        raise ValueError(f"{str(folder)!r} holds its weights as pickle file(s) {pickles}, which hf_sfdlm never loads "
+                         "(unpickling can run code); save them as safetensors (`save_pretrained` does by default).")
+
+
 def check_model_folder(model_dir: str | os.PathLike) -> str:
     """Check that a folder holds a loadable SFDLM model or adapter; return its kind.
 
@@ -356,6 +372,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     check_trust_remote_code(trust_remote_code)
     folder, commit = _local_files(name_or_path, revision, cache_dir)
     kind = folder_kind(folder)
+    check_safetensors_weights(folder)
     integrity.check_folder(folder)
     if kind == "model":
         return _load_model(name_or_path, folder, commit, cache_dir, trust_remote_code, kwargs)
@@ -368,6 +385,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     base_folder, base_commit = _local_files(base_name, None, cache_dir)
     if folder_kind(base_folder) != "model":
         raise ValueError(f"The base {base_name!r} of the adapter {str(name_or_path)!r} is itself an adapter.")
+    check_safetensors_weights(base_folder)
     integrity.check_folder(base_folder)
     base = _load_model(base_name, base_folder, base_commit, cache_dir, trust_remote_code, kwargs)
     return load_adapter(base, folder, is_trainable=is_trainable)
@@ -392,6 +410,7 @@ __all__ = [
     "check_model_folder",
     "check_repo_id",
     "check_revision",
+    "check_safetensors_weights",
     "commit_operations",
     "folder_kind",
     "load_pretrained",
