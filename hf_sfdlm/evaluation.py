@@ -26,6 +26,7 @@ infilling exact match and NLL of the true span.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import Counter
@@ -103,11 +104,15 @@ def count_bytes(text: str) -> int:
 
 
 def tokenize_lines(text: str, tokenizer) -> list[int]:
-    """Token ids of `text`, tokenized line by line (newlines kept), without special tokens."""
+    """Token ids of `text`, tokenized line by line (newlines kept), without special tokens. Special-token
+    strings in the text ("[MASK]", "[EOS]", ...) are read as the characters they are, exactly as training
+    and fine-tuning read their data (`hf_sfdlm.data.encode_plain_text`)."""
+    from .data import encode_plain_text
+
     lines = text.splitlines(keepends=True)
     if not lines:
         return []
-    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    encoded = encode_plain_text(tokenizer, lines)
     return [token for line in encoded for token in line]
 
 
@@ -451,7 +456,7 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
     from . import register_auto_classes
-    from .hub import check_safetensors_weights, load_pretrained
+    from .hub import check_safetensors_weights, load_pretrained, not_local_either
 
     register_auto_classes()
 
@@ -463,7 +468,8 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
         model = load_pretrained(path, trust_remote_code=trust_remote_code,
                                 **({"dtype": dtype} if dtype is not None else {}))
         return (model.to(device) if device is not None else model).eval()
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with contextlib.nullcontext() if os.path.isdir(path) else not_local_either(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
     loader = load_pretrained if config.model_type in diffusion_types else AutoModelForCausalLM.from_pretrained
     model = loader(path, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype is not None else {}))

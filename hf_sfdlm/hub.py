@@ -18,6 +18,7 @@ non-regular file) that is not excluded is refused, never followed. `dry_run=True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -343,9 +344,24 @@ def _local_files(name_or_path: str | os.PathLike, revision: str | None, cache_di
     from huggingface_hub import snapshot_download
 
     check_repo_id(str(name_or_path))
-    snapshot = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=_LOAD_PATTERNS))
+    with not_local_either(name_or_path):
+        snapshot = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=_LOAD_PATTERNS))
     return snapshot, snapshot.name
+
+
+@contextlib.contextmanager
+def not_local_either(name: str | os.PathLike):
+    """Around a Hub load of `name`: when it fails (`OSError`: offline, no such repo, no access, no network),
+    the error also says that no local folder of that name exists, from which working directory, since a
+    mistyped local path such as `outputs/sfdlm-tny` has the shape of a Hub id and the Hub's own message
+    never mentions the local folder the user meant."""
+    try:
+        yield
+    except OSError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise OSError(f"{str(name)!r} is not a local folder (nothing at {os.path.abspath(os.path.expanduser(name))!r}) "
+                      f"and could not be loaded from the Hub as a repo id: {message}") from error
 
 
 def _load_model(name_or_path, folder: Path, commit: str | None, cache_dir, trust_remote_code: bool, kwargs):
@@ -402,7 +418,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     register_auto_classes()  # AutoTokenizer reads an SFDLM folder's config.json: model_type 'sfdlm' must resolve
     if str(name_or_path) and Path(name_or_path).is_dir():
         integrity.check_tokenizer_files(name_or_path)
-    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    with not_local_either(name_or_path):
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
 __all__ = [

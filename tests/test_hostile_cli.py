@@ -136,3 +136,88 @@ def test_the_real_entry_point_prints_one_line_for_a_pickle_folder(pickle_folders
                              "the dog", "--device", "cpu", "--no-live"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert_one_line_error(result, "generate", "pytorch_model.bin", "never loads")
+
+
+# ------------------------------------------------------------------------------------------ item 8
+def test_a_mistyped_local_looking_path_says_no_local_folder_as_well_as_the_hub_message(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """`outputs/` does not exist here, so `outputs/sfdlm-tny` is tried as a Hub id; the error says both."""
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("the dog runs .\n")
+    local = repr(str(tmp_path / "outputs" / "sfdlm-tny"))
+    for argv in (["generate", "--model", "outputs/sfdlm-tny", "--prompt", "the dog", "--no-live"],
+                 ["eval", "outputs/sfdlm-tny", "--text-file", str(text)],
+                 ["finetune", "--model", "outputs/sfdlm-tny", "--data", str(text), "--output-dir", "o"]):
+        refused(capsys, argv, "'outputs/sfdlm-tny' is not a local folder", f"nothing at {local}",
+                "could not be loaded from the Hub")
+    (tmp_path / "outputs").mkdir()  # with the parent folder present: a local path, with a suggestion
+    (tmp_path / "outputs" / "sfdlm-tiny").mkdir()
+    refused(capsys, ["generate", "--model", "outputs/sfdlm-tny", "--prompt", "x"], "no such folder",
+            "did you mean 'outputs/sfdlm-tiny'")
+
+
+def test_eval_reads_a_literal_mask_as_text_exactly_as_training_does(word_model, tmp_path, capsys):
+    from hf_sfdlm.data import encode_plain_text
+    from hf_sfdlm.evaluation import tokenize_lines
+    from hf_sfdlm.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(word_model)
+    lines = ["the [MASK] dog runs .\n", "a cat [EOS] sits .\n"]
+    ids = tokenize_lines("".join(lines), tokenizer)
+    assert ids == [i for doc in encode_plain_text(tokenizer, lines) for i in doc]  # the training encoding
+    assert tokenizer.mask_token_id not in ids and tokenizer.eos_token_id not in ids
+    assert ids.count(tokenizer.unk_token_id) == 2  # the word-level vocabulary reads them as unknown words
+    text = tmp_path / "masked.txt"
+    text.write_text("".join(lines))
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    assert main(["eval", str(word_model), "--text-file", str(text), "--no-progress", "--nelbo-samples", "2",
+                 "--json", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["num_tokens"] == len(ids)  # --overwrite replaced the old file
+
+
+def test_train_tokenizer_refuses_to_overwrite_without_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the dog runs .\nthe cat sits .\n" * 20)
+    argv = ["train-tokenizer", "--data", str(corpus), "--vocab-size", "300", "--output-dir", "tok"]
+    assert main(argv) == 0
+    before = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    refused(capsys, argv, "already holds a tokenizer (tokenizer.json", "--overwrite")
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0
+    corpus.write_text("x")
+    refused(capsys, [*argv[:-1], str(corpus)], "is a file")
+
+
+@pytest.mark.parametrize("record, message", [
+    ('{"text": null}', "line 3: 'text' is null, not a string"),
+    ('{"text": 5}', "line 3: 'text' is a number (5), not a string"),
+    ('{"text": {"a": 1}}', "line 3: 'text' is an object"),
+    ('{"body": "a cat ."}', "line 3: no 'text' field"),
+])
+def test_jsonl_records_whose_text_is_not_a_string_are_refused_naming_the_line(record, message, tmp_path):
+    from hf_sfdlm.data import DataConfig, load_text_dataset
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(f'{{"text": "the dog runs ."}}\n{{"text": "a cat ."}}\n{record}\n{{"text": "x ."}}\n')
+    with pytest.raises(ValueError, match="d.jsonl', " + message.replace("(", r"\(").replace(")", r"\)")):
+        load_text_dataset(DataConfig(dataset=str(data)))
+
+
+def test_a_json_array_record_and_the_cli_name_the_bad_record(tmp_path, capsys, monkeypatch):
+    from hf_sfdlm.data import DataConfig, load_text_dataset
+
+    monkeypatch.chdir(tmp_path)
+    array = tmp_path / "a.json"
+    array.write_text('[\n {"text": "the dog runs ."},\n {"text": 7}\n]\n')
+    with pytest.raises(ValueError, match=r"record 2: 'text' is a number \(7\)"):
+        load_text_dataset(DataConfig(dataset=str(array)))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the dog runs ."}\n{"text": null}\n')
+    refused(capsys, ["train", "--data", str(data), "training.max_steps=1", "--num-samples", "0"],
+            "line 2: 'text' is null")
+    good = tmp_path / "g.jsonl"
+    good.write_text('{"text": "the dog runs ."}\n{"text": "a cat sits ."}\n')
+    assert len(load_text_dataset(DataConfig(dataset=str(good)))["train"]) == 2
