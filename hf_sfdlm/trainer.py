@@ -507,8 +507,9 @@ class DiffusionTrainer:
             save_tree(self.state.state_dict(), folder, "trainer_state")
         save_tree(rng_state(acc.device), folder, f"rng_state_{acc.process_index}")
 
-    def _read_state(self, folder: Path) -> None:
-        """Every process: load what `_write_state` wrote."""
+    def _read_state(self, folder: Path) -> int:
+        """Every process: load what `_write_state` wrote; returns the step the loaded state is at (checked
+        against the checkpoint's marker by `CheckpointManager.load_latest`)."""
         acc = self.accelerator
         if self._fsdp:
             acc.load_state(str(folder))
@@ -522,6 +523,7 @@ class DiffusionTrainer:
             load_module(self.ema, folder, "ema")
         self.state.load_state_dict(load_tree(folder, "trainer_state"))
         set_rng_state(load_tree(folder, f"rng_state_{acc.process_index}"))
+        return self.state.step
 
     @property
     def _fsdp(self) -> bool:

@@ -31,6 +31,15 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="Check everything and print the files that would be uploaded; no network, "
                              "nothing written.")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                        help="also upload files matching this glob that are not known model, tokenizer or card "
+                             "files (repeatable; code such as custom_generate/ and files over 100 MiB need it; "
+                             "default: none)")
+    parser.add_argument("--allow-unknown-files", action="store_true",
+                        help="upload every other file of the folder too, except code, large files and secrets "
+                             "(default: refuse and list them)")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave out files matching this glob (repeatable; default: only training leftovers)")
     parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     parser.set_defaults(func=run)
 
@@ -42,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
         result = push_model(args.model, args.repo_id, private=args.private or None, revision=args.revision,
                             create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
                             write_card=not args.no_card, license=args.license, dry_run=args.dry_run,
-                            trust_remote_code=args.trust_remote_code,
+                            trust_remote_code=args.trust_remote_code, include_patterns=args.include,
+                            allow_unknown_files=args.allow_unknown_files, ignore_patterns=args.exclude or None,
                             **({"base_model": args.base_model} if args.base_model else {}))
     if args.dry_run:
         for operation in result:
