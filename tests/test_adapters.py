@@ -109,3 +109,13 @@ def test_eval_and_load_model_read_an_adapter_folder(finetuned, tmp_path, capsys,
                      "--nelbo-samples", "2", "--block-size", "16", "--json", "result.json"]) == 0
     assert "PeftModel" in capsys.readouterr().out
     assert json.loads((tmp_path / "result.json").read_text())["num_tokens"] > 0
+
+
+def test_the_finetune_output_folder_pushes_without_allowing_anything(finetuned, capsys):
+    """Everything `sfdlm finetune` writes next to the adapter is a known file or an ignored training leftover."""
+    capsys.readouterr()
+    assert cli_main(["push", "--model", str(finetuned / "out"), "--repo-id", "org/tiny-lora", "--base-model",
+                     "org/tiny", "--dry-run"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "sfdlm_adapter.json"} <= set(listed)
+    assert not any(name.startswith(("checkpoints/", "logs/", "best/")) for name in listed)
