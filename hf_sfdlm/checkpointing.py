@@ -107,8 +107,9 @@ class CheckpointManager:
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.checksums = checksums
         self._verified: dict[Path, tuple[int, int] | None] = {}
-        # Checkpoints that passed `verify` but failed to load in `load_latest`: unusable, pruned like the rest.
-        self._failed_to_load: dict[Path, CheckpointError] = {}
+        # Checkpoints that failed to load in `load_latest` (with their marker's stamp then): unusable, pruned
+        # like the ones `verify` rejects, as long as the folder is the one that failed.
+        self._failed_to_load: dict[Path, tuple[tuple[int, int] | None, CheckpointError]] = {}
 
     # ------------------------------------------------------------------ writing
     def save(self, accelerator, step: int, write_state: Callable[[Path], None],
@@ -138,6 +139,7 @@ class CheckpointManager:
                 os.replace(tmp, final)
             _fsync_dir(self.root)
             self._verified[final] = self._marker_stamp(final)  # its sums were just computed from these files
+            self._failed_to_load.pop(final, None)  # a new checkpoint of a step whose old one failed to load
             self.prune()
         accelerator.wait_for_everyone()
         return final
@@ -167,8 +169,9 @@ class CheckpointManager:
                 doomed.append(path)
                 continue
             try:
-                if path in self._failed_to_load:
-                    raise self._failed_to_load[path]
+                stamp, error = self._failed_to_load.get(path, (None, None))
+                if error is not None and stamp == self._marker_stamp(path):
+                    raise error
                 self._verify_cached(path)
                 kept += 1
             except CheckpointError as error:
@@ -282,14 +285,14 @@ class CheckpointManager:
                                           f"but its training state is at step {loaded_step}.")
             except CheckpointError as error:
                 rejected.append(error)
-                self._failed_to_load[path] = error
+                self._failed_to_load[path] = (self._marker_stamp(path), error)
                 logger.warning("Skipping checkpoint: %s", error)
                 continue
             except Exception as error:  # a file that passed the size check but does not load
                 wrapped = CheckpointError(f"Checkpoint {path} is corrupt: loading it failed with "
                                           f"{type(error).__name__}: {error}")
                 rejected.append(wrapped)
-                self._failed_to_load[path] = wrapped
+                self._failed_to_load[path] = (self._marker_stamp(path), wrapped)
                 logger.warning("Skipping checkpoint: %s", wrapped)
                 continue
             if rejected:

@@ -28,6 +28,9 @@ def test_a_marker_whose_step_disagrees_with_the_training_state_is_refused_and_re
     marker["step"] = 1000  # ... under a marker that says 1000: every file still matches its size and SHA-256
     (forged / "complete.json").write_text(json.dumps(marker))
     assert manager.verify(forged).step == 1000  # the files alone cannot tell
+    shutil.copytree(root / "step-5", root / "step-15")  # the same under the step the resumed run saves next
+    marker["step"] = 15
+    (root / "step-15" / "complete.json").write_text(json.dumps(marker))
 
     with caplog.at_level("WARNING"):
         loaded = manager.load_latest(trainer._read_state)
@@ -40,6 +43,8 @@ def test_a_marker_whose_step_disagrees_with_the_training_state_is_refused_and_re
     assert result.step == 15
     assert not forged.exists()  # pruned like any other unusable checkpoint, so it never shadows newer ones
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == ["step-10", "step-15", "step-5"]
+    # step-15 is the new, good checkpoint written over the forged one (not pruned for the old one's fault)
+    assert manager.load_latest(trainer._read_state).step == 15 and trainer.state.step == 15
 
 
 # ------------------------------------------------------------------------------------------ card paths
