@@ -9,7 +9,10 @@ inspected (or tested) without the network. Adapter folders (`adapter_config.json
 Before anything is uploaded, `verify_model_folder` checks that the folder loads: every file's integrity
 (`hf_sfdlm.integrity`: safetensors headers and sizes, checksums, JSON files, tokenizer), then the model
 itself with one tiny forward pass. Only the folder's regular files are sent: a symbolic link (or any other
-non-regular file) that is not excluded is refused, never followed. `dry_run=True` writes nothing.
+non-regular file) that is not excluded is refused, never followed. Files other than known model, tokenizer
+and card files are uploaded only when allowed (`check_upload_files`: `include_patterns`,
+`allow_unknown_files`); secrets and hard links to files outside the folder never are. `dry_run=True` writes
+nothing.
 
 `load_pretrained(repo_id_or_dir)` loads a model, or an adapter on its base (`adapter_config.json`, then
 `hf_sfdlm.lora.load_adapter`), after the same integrity checks and the consent rules of
@@ -294,18 +297,21 @@ def check_upload_files(folder: str | os.PathLike, names: Sequence[str], include_
       `CODE_PATTERNS`) and unknown files of `MAX_UNKNOWN_FILE_BYTES` or more need an `include_patterns` entry.
     """
     folder = Path(folder)
-    links: dict[tuple[int, int], list[str]] = {}
-    for name in names:
+    inside: dict[tuple[int, int], int] = {}  # names of each multiply linked file anywhere in the folder
+    for name in _folder_entries(folder)[0]:
         info = (folder / name).stat()
         if info.st_nlink > 1:
-            links.setdefault((info.st_dev, info.st_ino), []).append(name)
+            inside[(info.st_dev, info.st_ino)] = inside.get((info.st_dev, info.st_ino), 0) + 1
     problems = []
     secrets = [name for name in names if _matches(name, SECRET_PATTERNS) or _holds_a_secret(folder / name)]
     if secrets:
         problems.append(f"private key or credential file(s) {secrets}, which are never uploaded: move them out "
                         "of the folder")
-    outside = sorted(name for key, shared in links.items() for name in shared
-                     if (folder / shared[0]).stat().st_nlink > len(shared))
+    outside = []
+    for name in names:
+        info = (folder / name).stat()
+        if info.st_nlink > inside.get((info.st_dev, info.st_ino), 1):
+            outside.append(name)
     if outside:
         problems.append(f"hard link(s) {outside} to files outside the folder (push uploads only the folder's own "
                         "files): replace each by a copy, or exclude it")
