@@ -119,3 +119,18 @@ def test_the_finetune_output_folder_pushes_without_allowing_anything(finetuned, 
     listed = capsys.readouterr().out.split()
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "sfdlm_adapter.json"} <= set(listed)
     assert not any(name.startswith(("checkpoints/", "logs/", "best/")) for name in listed)
+
+
+def test_eval_of_an_adapter_folder_without_tokenizer_uses_its_base_tokenizer(finetuned, tmp_path, capsys):
+    from transformers import AutoModel
+
+    from hf_sfdlm.lora import apply_lora, save_adapter
+
+    base = AutoModel.from_pretrained(finetuned / "models" / "base", trust_remote_code=True)
+    adapter = tmp_path / "plain-adapter"
+    save_adapter(apply_lora(base, r=2), adapter)  # PEFT files only: no tokenizer
+    assert not (adapter / "tokenizer_config.json").exists()
+    text = tmp_path / "text.txt"
+    text.write_text("the dog sees a ball .\n")
+    assert cli_main(["eval", str(adapter), "--text-file", str(text), "--no-progress", "--nelbo-samples", "2"]) == 0
+    assert "tokenizer: " in capsys.readouterr().out
