@@ -107,6 +107,9 @@ class CheckpointManager:
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.checksums = checksums
         self._verified: dict[Path, tuple[int, int] | None] = {}
+        # Checkpoints that failed to load in `load_latest` (with their marker's stamp then): unusable, pruned
+        # like the ones `verify` rejects, as long as the folder is the one that failed.
+        self._failed_to_load: dict[Path, tuple[tuple[int, int] | None, CheckpointError]] = {}
 
     # ------------------------------------------------------------------ writing
     def save(self, accelerator, step: int, write_state: Callable[[Path], None],
@@ -136,6 +139,7 @@ class CheckpointManager:
                 os.replace(tmp, final)
             _fsync_dir(self.root)
             self._verified[final] = self._marker_stamp(final)  # its sums were just computed from these files
+            self._failed_to_load.pop(final, None)  # a new checkpoint of a step whose old one failed to load
             self.prune()
         accelerator.wait_for_everyone()
         return final
@@ -165,6 +169,9 @@ class CheckpointManager:
                 doomed.append(path)
                 continue
             try:
+                stamp, error = self._failed_to_load.get(path, (None, None))
+                if error is not None and stamp == self._marker_stamp(path):
+                    raise error
                 self._verify_cached(path)
                 kept += 1
             except CheckpointError as error:
@@ -173,6 +180,7 @@ class CheckpointManager:
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
             self._verified.pop(path, None)
+            self._failed_to_load.pop(path, None)
         return doomed
 
     @staticmethod
@@ -260,23 +268,31 @@ class CheckpointManager:
                 rejected.append(error)
         return None, rejected
 
-    def load_latest(self, read_state: Callable[[Path], None]) -> Checkpoint | None:
+    def load_latest(self, read_state: Callable[[Path], int | None]) -> Checkpoint | None:
         """Verify the newest checkpoint, call `read_state(folder)` to load it, and return it; on failure warn
-        and try the next older one. Returns None when there is no checkpoint at all; raises
-        `CheckpointError` when checkpoints exist but none can be used."""
+        and try the next older one. `read_state` may return the step its loaded training state records: a
+        step other than the marker's (a marker that says 1000 over a state of step 24) makes the checkpoint
+        unusable like any other corruption, since every later resume would silently restart from the
+        state's step. Returns None when there is no checkpoint at all; raises `CheckpointError` when
+        checkpoints exist but none can be used."""
         rejected: list[CheckpointError] = []
         for path in self.checkpoint_dirs():
             try:
                 checkpoint = self.verify(path)
-                read_state(path)
+                loaded_step = read_state(path)
+                if loaded_step is not None and loaded_step != checkpoint.step:
+                    raise CheckpointError(f"Checkpoint {path} is corrupt: its {MARKER} says step {checkpoint.step} "
+                                          f"but its training state is at step {loaded_step}.")
             except CheckpointError as error:
                 rejected.append(error)
+                self._failed_to_load[path] = (self._marker_stamp(path), error)
                 logger.warning("Skipping checkpoint: %s", error)
                 continue
             except Exception as error:  # a file that passed the size check but does not load
                 wrapped = CheckpointError(f"Checkpoint {path} is corrupt: loading it failed with "
                                           f"{type(error).__name__}: {error}")
                 rejected.append(wrapped)
+                self._failed_to_load[path] = (self._marker_stamp(path), wrapped)
                 logger.warning("Skipping checkpoint: %s", wrapped)
                 continue
             if rejected:

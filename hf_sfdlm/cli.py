@@ -89,12 +89,20 @@ def _one_line(error: BaseException) -> str:
     return " ".join(message.split())
 
 
+# Libraries whose exceptions say the network or the Hub could not be reached (no connection, a proxy,
+# a timeout): the user's environment, not a bug.
+NETWORK_ERROR_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
 def is_expected_error(error: BaseException) -> bool:
     """Mistakes the user can fix: bad values (ValueError), missing/unreadable files and folders or
-    models that cannot be found (OSError), malformed YAML; everything else is a bug."""
-    if isinstance(error, (CommandLineError, ValueError, OSError)):
+    models that cannot be found (OSError), malformed YAML, a file torch refuses to unpickle, no network;
+    everything else is a bug."""
+    import pickle
+
+    if isinstance(error, (CommandLineError, ValueError, OSError, pickle.UnpicklingError)):
         return True
-    return type(error).__module__.split(".")[0] == "yaml"
+    return type(error).__module__.split(".")[0] in ("yaml", *NETWORK_ERROR_MODULES)
 
 
 def _command_of(argv: list[str]) -> str | None:

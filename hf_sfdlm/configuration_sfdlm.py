@@ -337,6 +337,10 @@ class SFDLMConfig(PretrainedConfig):
             _fail(ValueError, "`process='absorbing'` needs `mask_token_id` (the absorbing state), got None.")
         for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
             _token_id(name, getattr(self, name, None), self.vocab_size)
+        if self.process == "absorbing" and self.mask_token_id is not None and \
+                getattr(self, "eos_token_id", None) == self.mask_token_id:
+            _fail(ValueError, f"`eos_token_id` equals `mask_token_id` ({self.mask_token_id}): the absorbing state "
+                              "cannot also be a token of the clean text; give the mask and EOS different ids.")
         if self.objective == "score_entropy" and self.initializer_range * math.sqrt(self.hidden_size) > MAX_SCORE_SCALE:
             _fail(ValueError, f"`objective='score_entropy'` exponentiates the head's outputs: need `initializer_range` * "
                               f"sqrt(`hidden_size`) <= {MAX_SCORE_SCALE}, got {self.initializer_range!r} * "

@@ -93,6 +93,7 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise ValueError(f"`data.dataset` must be 'synthetic', a file/folder path or a Hub name, got {self.dataset!r}.")
         for name in ("block_size", "shuffle_buffer", "synthetic_sentences"):
@@ -132,6 +133,37 @@ def reject_unknown_keys(values: dict[str, Any], dataclass_type, what: str) -> No
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{what} {unknown}; expected some of {sorted(known)}.")
+
+
+# Seeds go to `random`, numpy (which takes at most 32 bits) and torch.
+MAX_SEED = 2**32 - 1
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+               "None": "null", "list[str]": "a list of strings"}
+
+
+def _has_type(value: Any, name: str) -> bool | None:
+    """Whether `value` is of the annotated type `name` (None for an annotation not checked here)."""
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "None": lambda v: v is None,
+              "list[str]": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v)}
+    return checks[name](value) if name in checks else None
+
+
+def check_field_types(config, section: str) -> None:
+    """Raise a ValueError naming `section.field` for a field of the dataclass `config` whose value does not
+    have its annotated type (`int`, `float`, `bool`, `str`, `None`, `list[str]` and unions of them; a bool
+    is not an int, an int is a float), or for a `*seed` field outside [0, 2**32 - 1]."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        names = [name.strip() for name in str(item.type).split("|")]
+        verdicts = [_has_type(value, name) for name in names]
+        if None not in verdicts and not any(verdicts):
+            expected = " or ".join(_TYPE_NAMES[name] for name in names)
+            raise ValueError(f"`{section}.{item.name}` must be {expected}, got {value!r}.")
+        if item.name.endswith("seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+            raise ValueError(f"`{section}.{item.name}` must be an integer in [0, 2**32 - 1], got {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -257,11 +289,74 @@ def _find_bad_json_line(path, lines: Iterator[tuple[int, str]]) -> str | None:
     return None
 
 
-def read_error(files: list[Path], builder: str, error: Exception) -> ValueError:
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def find_bad_text_value(path: str | os.PathLike, column: str) -> str | None:
+    """JSON data: the first record whose `column` is not a string (null, a number, a list, an object, or
+    missing), as "line N: ..." (or "record N: ..." for a file holding one JSON array); None when every record's
+    `column` is a string. `datasets` would otherwise keep such a record as None or turn the column into
+    numbers, and the text of that record would be dropped silently."""
+    import json
+
+    def verdict(record: Any) -> str | None:
+        if not isinstance(record, dict):
+            return None  # reported by `find_bad_line`
+        if column not in record:
+            return f"no {column!r} field (each record needs its text there)"
+        value = record[column]
+        if isinstance(value, str):
+            return None
+        shown = "" if value is None else f" ({json.dumps(value)[:40]})"
+        return f"{column!r} is {_json_kind(value)}{shown}, not a string"
+
+    with open(path, "rb") as handle:
+        for number, text in _decoded_lines(handle):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                break  # not JSON lines: one JSON document, read whole below
+            reason = verdict(record)
+            if reason:
+                return f"line {number}: {reason}"
+        else:
+            return None
+    with open(path, encoding="utf-8") as handle:
+        document = json.load(handle)
+    for index, record in enumerate(document if isinstance(document, list) else [document], 1):
+        reason = verdict(record)
+        if reason:
+            return f"record {index}: {reason}"
+    return None
+
+
+def check_json_text_column(split, files: list[Path], column: str) -> None:
+    """Refuse (`ValueError` naming the file and line) JSON data whose `column` holds anything but strings in
+    some record. Free when the loaded column is all strings (Arrow knows its type and null count); the files
+    are read again only to find the record at fault."""
+    feature = split.features.get(column) if split.features is not None else None
+    if getattr(feature, "dtype", None) in ("string", "large_string") and split.data.column(column).null_count == 0:
+        return
+    for file in files:
+        reason = find_bad_text_value(file, column)
+        if reason is not None:
+            raise ValueError(f"Data file {str(file)!r}, {reason}.")
+
+
+def read_error(files: list[Path], builder: str, error: Exception, text_column: str | None = None) -> ValueError:
     """A `ValueError` naming the file and line that made `datasets` fail to read `files` (or the files and the
-    original error when no line is at fault)."""
+    original error when no line is at fault). With `text_column`, JSON records whose text is not a string
+    (Arrow refuses a column that changes from string to number) are found too."""
     for file in files:
         reason = find_bad_line(file, builder)
+        if reason is None and builder == "json" and text_column is not None:
+            reason = find_bad_text_value(file, text_column)
         if reason is not None:
             return ValueError(f"Data file {str(file)!r}, {reason}.")
     names = [str(f) for f in files]
@@ -269,9 +364,11 @@ def read_error(files: list[Path], builder: str, error: Exception) -> ValueError:
                       f"{type(error).__name__}: {error}")
 
 
-def _load_local(builder: str, files: list[Path], split: str, streaming: bool, cache_dir: str | None):
+def _load_local(builder: str, files: list[Path], split: str, streaming: bool, cache_dir: str | None,
+                text_column: str | None = None):
     """`datasets.load_dataset` of local files whose read errors name the file and line; a stream is wrapped so
-    the same holds when the error surfaces mid-iteration."""
+    the same holds when the error surfaces mid-iteration. JSON data whose `text_column` is not a string in
+    every record is refused naming the line (not for a stream, which is read only once, lazily)."""
     import datasets
 
     data_files = {split: [str(f) for f in files]}
@@ -284,7 +381,9 @@ def _load_local(builder: str, files: list[Path], split: str, streaming: bool, ca
         for split_data in raw.values():
             split_data.data.validate(full=True)  # Arrow's JSON reader keeps invalid UTF-8 that fails only on use
     except Exception as error:  # DatasetGenerationError, ArrowInvalid, UnicodeDecodeError, ParserError...
-        raise read_error(files, builder, error) from error
+        raise read_error(files, builder, error, text_column) from error
+    if builder == "json" and text_column is not None and text_column in (raw[split].column_names or []):
+        check_json_text_column(raw[split], files, text_column)
     return raw
 
 
@@ -326,7 +425,8 @@ def load_text_dataset(config: DataConfig, work_dir: str | os.PathLike | None = N
         builders = {FILE_BUILDERS[f.suffix.lower()] for f in files}
         if len(builders) > 1:
             raise ValueError(f"Data folder {str(path)!r} mixes formats {sorted(builders)}; keep one format per folder.")
-        raw = _load_local(builders.pop(), files, config.train_split, config.streaming, config.cache_dir)
+        raw = _load_local(builders.pop(), files, config.train_split, config.streaming, config.cache_dir,
+                          config.text_column)
     else:
         try:
             raw = datasets.load_dataset(config.dataset, config.dataset_config, streaming=config.streaming,

@@ -263,7 +263,11 @@ class DiffusionLMMixin:
 
         loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u)
         if num_items_in_batch is not None:
-            total = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
+            total = torch.as_tensor(num_items_in_batch, device=loss.device)
+            if total.numel() != 1 or not (torch.isfinite(total) & (total >= 0)).all():
+                raise ValueError(f"`num_items_in_batch` must be a finite count >= 0 of the scored tokens in the "
+                                 f"accumulated batch, got {num_items_in_batch!r}.")
+            total = total.clamp_min(1)
             loss = loss * scored.sum().clamp_min(1) / total
         return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t,
                                  hidden_states=hidden_states[-1])

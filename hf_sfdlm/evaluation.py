@@ -26,6 +26,7 @@ infilling exact match and NLL of the true span.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import Counter
@@ -54,8 +55,7 @@ def read_text(source, split: str | None = None, text_column: str = "text", max_l
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isfile(source):
             raise ValueError(f"Evaluation text file {os.fspath(source)!r} does not exist.")
-        with open(source, encoding="utf-8") as handle:
-            lines = handle.read().splitlines(keepends=True)
+        lines = _read_utf8_lines(source)
     elif hasattr(source, "column_names"):
         if isinstance(source.column_names, dict):  # DatasetDict
             if split not in source:
@@ -69,6 +69,22 @@ def read_text(source, split: str | None = None, text_column: str = "text", max_l
     if max_lines is not None:
         lines = lines[:max_lines]
     return "".join(lines)
+
+
+def _read_utf8_lines(path) -> list[str]:
+    """The lines of a UTF-8 text file (newlines kept); `ValueError` naming the file, line and byte offset of
+    the first invalid byte sequence."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{os.fspath(path)!r} is not UTF-8 text: line {line}, byte {column} of the line "
+                         f"({error.reason}, byte {data[error.start:error.start + 1]!r}).") from None
+    # as text mode's universal newlines read it: \r\n and \r become \n
+    return text.replace("\r\n", "\n").replace("\r", "\n").splitlines(keepends=True)
 
 
 def count_words(text: str) -> int:
@@ -88,11 +104,15 @@ def count_bytes(text: str) -> int:
 
 
 def tokenize_lines(text: str, tokenizer) -> list[int]:
-    """Token ids of `text`, tokenized line by line (newlines kept), without special tokens."""
+    """Token ids of `text`, tokenized line by line (newlines kept), without special tokens. Special-token
+    strings in the text ("[MASK]", "[EOS]", ...) are read as the characters they are, exactly as training
+    and fine-tuning read their data (`hf_sfdlm.data.encode_plain_text`)."""
+    from .data import encode_plain_text
+
     lines = text.splitlines(keepends=True)
     if not lines:
         return []
-    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+    encoded = encode_plain_text(tokenizer, lines)
     return [token for line in encoded for token in line]
 
 
@@ -428,19 +448,28 @@ def load_model(path: str, device: str | torch.device | None = None, dtype: torch
 
     Diffusion models load through `hf_sfdlm.hub.load_pretrained` (file checks, installed classes, no folder
     code without `trust_remote_code=True`); other configurations with `AutoModelForCausalLM`, passing
-    `trust_remote_code` on. Returns the model in eval mode.
+    `trust_remote_code` on. A LoRA adapter folder (`adapter_config.json`, e.g. from `sfdlm finetune`) loads
+    onto the base it names, checked to be the base it was made for (`hf_sfdlm.lora.load_adapter`). Returns
+    the model in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import baselines  # noqa: F401  (registers the Transformer denoiser with the Auto classes)
     from . import register_auto_classes
-    from .hub import load_pretrained
+    from .hub import check_safetensors_weights, load_pretrained, not_local_either
 
     register_auto_classes()
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a local directory or Hub id, got {type(path).__name__}.")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if os.path.isdir(path):
+        check_safetensors_weights(path)  # causal LMs too: no pickle is ever opened
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # a LoRA adapter (`sfdlm finetune`) on its base
+        model = load_pretrained(path, trust_remote_code=trust_remote_code,
+                                **({"dtype": dtype} if dtype is not None else {}))
+        return (model.to(device) if device is not None else model).eval()
+    with contextlib.nullcontext() if os.path.isdir(path) else not_local_either(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     diffusion_types = {"sfdlm", baselines.TransformerDenoiserConfig.model_type}
     loader = load_pretrained if config.model_type in diffusion_types else AutoModelForCausalLM.from_pretrained
     model = loader(path, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype is not None else {}))

@@ -9,7 +9,10 @@ inspected (or tested) without the network. Adapter folders (`adapter_config.json
 Before anything is uploaded, `verify_model_folder` checks that the folder loads: every file's integrity
 (`hf_sfdlm.integrity`: safetensors headers and sizes, checksums, JSON files, tokenizer), then the model
 itself with one tiny forward pass. Only the folder's regular files are sent: a symbolic link (or any other
-non-regular file) that is not excluded is refused, never followed. `dry_run=True` writes nothing.
+non-regular file) that is not excluded is refused, never followed. Files other than known model, tokenizer
+and card files are uploaded only when allowed (`check_upload_files`: `include_patterns`,
+`allow_unknown_files`); secrets and hard links to files outside the folder never are. `dry_run=True` writes
+nothing.
 
 `load_pretrained(repo_id_or_dir)` loads a model, or an adapter on its base (`adapter_config.json`, then
 `hf_sfdlm.lora.load_adapter`), after the same integrity checks and the consent rules of
@@ -18,6 +21,7 @@ non-regular file) that is not excluded is refused, never followed. `dry_run=True
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +44,29 @@ DEFAULT_IGNORE_PATTERNS = (
     "optimizer*", "scheduler*", "rng_state*", "training_state*", "trainer_state*", "*.log",
     "best/*", "merged/*", "data/*", "tokenizer/*",
 )
+
+
+# Files `push` uploads without asking: what save_pretrained / save_adapter / tokenizers / `sfdlm train` write at
+# the top of a model folder (plus top-level `*.py` files named like a module of hf_sfdlm: the remote code).
+# Anything else must be allowed explicitly (`include_patterns` / --include, or `allow_unknown_files`).
+KNOWN_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "checksums.json",
+    "README.md", "adapter_config.json", "sfdlm_adapter.json", "train_report.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+# An unknown file at least this large is uploaded only when an `include_patterns` entry names it
+# (`allow_unknown_files` is not enough): a stray multi-GiB file is a mistake far more often than not.
+MAX_UNKNOWN_FILE_BYTES = 100 * 2**20
+# Uploaded only when an `include_patterns` entry names them: code that transformers runs for the repo's users
+# (`generate(custom_generate=repo)` runs `custom_generate/generate.py`), other code, and pickles.
+CODE_PATTERNS = ("custom_generate/*", "*.py", "*.sh", "*.so", "*.dll", "*.dylib", "*.exe", "*.pkl", "*.pickle",
+                 "*.bin", "*.pt", "*.pth", "*.ckpt")
+# Never uploaded: private keys and credential files (by name, and by content for the first bytes of a file).
+SECRET_PATTERNS = ("id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "*.pfx", "*.keystore",
+                   "*.jks", ".netrc", "*.netrc", "credentials*", "*.kdbx", "*_token", "token")
+_SECRET_CONTENT = (b"PRIVATE KEY-----", b"-----BEGIN PGP PRIVATE", b"PuTTY-User-Key-File")
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -74,6 +101,22 @@ def folder_kind(model_dir: str | os.PathLike) -> str:
         return "model"
     raise ValueError(f"Model folder {str(folder)!r} has no config.json (nor adapter_config.json): save the model "
                      "with `save_pretrained` (or the adapter with `hf_sfdlm.lora.save_adapter`) first.")
+
+
+# Weight files in pickle formats: loading one can run code, so no loader here opens them.
+PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def check_safetensors_weights(folder: str | os.PathLike) -> None:
+    """Refuse (`ValueError`, naming the files) a model or adapter folder whose weights are only in a pickle
+    format (`pytorch_model.bin`, `adapter_model.bin`, ...): unpickling can run code, so they are never
+    loaded; convert them to safetensors first."""
+    folder = Path(folder)
+    pickles = sorted(path.name for pattern in PICKLE_WEIGHT_PATTERNS for path in folder.glob(pattern)
+                     if path.is_file())
+    if pickles and not list(folder.glob("*.safetensors")):
+        raise ValueError(f"{str(folder)!r} holds its weights as pickle file(s) {pickles}, which hf_sfdlm never loads "
+                         "(unpickling can run code); save them as safetensors (`save_pretrained` does by default).")
 
 
 def check_model_folder(model_dir: str | os.PathLike) -> str:
@@ -130,8 +173,14 @@ def _card_is_current(path: Path, base_model: str | None) -> bool:
     return base_model is None or validate_model_card(path).data.base_model == base_model
 
 
-# An absolute path in prose: `/first/...` (or `~/...`, `C:\...`) after a space, quote, bracket or table bar.
-_PATH_IN_TEXT = re.compile(r"""(?:^|[\s`'"(\[|=:])((?:/|~/|[A-Za-z]:\\)[^\s`'")\]|,]+)""", re.MULTILINE)
+# An absolute path in text: `/first/...` (or `~/...`, `C:\...`, `C:/...`) that does not continue a word, a
+# relative path or a URL's host (`3/4`, `tokens/s`, `../x`, `https://host/x` are not paths), whatever markup
+# surrounds it (`*/x*`, `_/x_`, `<code>/x</code>`, `[a](/x)`, quotes, table bars), and the path of a `file:`
+# URL (`file:///home/...`, `file://localhost/home/...`).
+_PATH_IN_TEXT = re.compile(r"""(?:file://[^/\s]*|(?<![A-Za-z0-9./\\-]))((?:/|~/|[A-Za-z]:[\\/])[^\s`'")\]|,<>*]+)""",
+                           re.MULTILINE)
+# Markup or punctuation that may follow a path and is not part of it.
+_PATH_TRAILERS = ".;:_~"
 
 
 def _is_local_path(value: str) -> bool:
@@ -146,7 +195,8 @@ def _is_local_path(value: str) -> bool:
 
 def local_paths_in_card(text: str) -> list[str]:
     """The absolute local paths a model card's text (metadata and prose) carries."""
-    found = [match.group(1).rstrip(".;") for match in _PATH_IN_TEXT.finditer(text)]
+    found = [match.group(1).rstrip(_PATH_TRAILERS) for match in _PATH_IN_TEXT.finditer(text)]
+    found = [re.sub(r"^/(?=[A-Za-z]:[\\/])", "", path) for path in found]  # file:///C:/... names C:/...
     return sorted({path for path in found if _is_local_path(path)})
 
 
@@ -205,6 +255,89 @@ def commit_operations(model_dir: str | os.PathLike, allow_patterns: Sequence[str
             for name in kept]
 
 
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    import fnmatch
+
+    base = name.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(base, pattern) and "/" not in pattern
+               for pattern in patterns)
+
+
+def is_known_file(name: str) -> bool:
+    """Whether `push` uploads the file at the relative path `name` without asking: a top-level file of
+    `KNOWN_FILES`, or a top-level `*.py` named like a module of the installed hf_sfdlm (remote code)."""
+    import fnmatch
+
+    from .remote_code import PACKAGE_DIR
+
+    if "/" in name:
+        return False
+    if name.endswith(".py"):
+        return (PACKAGE_DIR / name).is_file()
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in KNOWN_FILES)
+
+
+def _holds_a_secret(path: Path, head: int = 1 << 16) -> bool:
+    if path.suffix == ".safetensors":
+        return False
+    with open(path, "rb") as handle:
+        start = handle.read(head)
+    return any(marker in start for marker in _SECRET_CONTENT)
+
+
+def check_upload_files(folder: str | os.PathLike, names: Sequence[str], include_patterns: Sequence[str] = (),
+                       allow_unknown_files: bool = False) -> None:
+    """Refuse (`ValueError`, listing every file at fault and what to do) an upload of `names` (relative paths
+    under `folder`) that holds:
+
+    * a private key or credential file (by name, `SECRET_PATTERNS`, or by content), never uploaded;
+    * a hard link whose other names lie outside the folder (its content is a file elsewhere);
+    * files that are not known model, tokenizer or card files (`is_known_file`), unless an `include_patterns`
+      entry names them or `allow_unknown_files`; code (`custom_generate/`, `*.py` not of hf_sfdlm, pickles,
+      `CODE_PATTERNS`) and unknown files of `MAX_UNKNOWN_FILE_BYTES` or more need an `include_patterns` entry.
+    """
+    folder = Path(folder)
+    inside: dict[tuple[int, int], int] = {}  # names of each multiply linked file anywhere in the folder
+    for name in _folder_entries(folder)[0]:
+        info = (folder / name).stat()
+        if info.st_nlink > 1:
+            inside[(info.st_dev, info.st_ino)] = inside.get((info.st_dev, info.st_ino), 0) + 1
+    problems = []
+    secrets = [name for name in names if _matches(name, SECRET_PATTERNS) or _holds_a_secret(folder / name)]
+    if secrets:
+        problems.append(f"private key or credential file(s) {secrets}, which are never uploaded: move them out "
+                        "of the folder")
+    outside = []
+    for name in names:
+        info = (folder / name).stat()
+        if info.st_nlink > inside.get((info.st_dev, info.st_ino), 1):
+            outside.append(name)
+    if outside:
+        problems.append(f"hard link(s) {outside} to files outside the folder (push uploads only the folder's own "
+                        "files): replace each by a copy, or exclude it")
+    unknown = [name for name in names if not is_known_file(name) and name not in secrets and name not in outside]
+    included = [name for name in unknown if _matches(name, include_patterns)]
+    code = [name for name in unknown if name not in included and _matches(name, CODE_PATTERNS)]
+    huge = [name for name in unknown if name not in included and name not in code
+            and (folder / name).stat().st_size >= MAX_UNKNOWN_FILE_BYTES]
+    if code:
+        problems.append(f"code or pickle file(s) {code} that are not a model's files (transformers runs "
+                        "`custom_generate/` code for the repo's users); upload them only by naming them with "
+                        "--include PATTERN (`include_patterns`)")
+    if huge:
+        sizes = ", ".join(f"{name} ({(folder / name).stat().st_size / 2**20:,.0f} MiB)" for name in huge)
+        problems.append(f"large file(s) that are not a model's files: {sizes}; name them with --include PATTERN "
+                        "(`include_patterns`) to upload them")
+    rest = [name for name in unknown if name not in included and name not in code and name not in huge]
+    if rest and not allow_unknown_files:
+        shown = ", ".join(rest[:10]) + (f" and {len(rest) - 10} more" if len(rest) > 10 else "")
+        problems.append(f"file(s) that are not known model, tokenizer or card files: {shown}; upload them with "
+                        "--include PATTERN (`include_patterns`) or --allow-unknown-files (`allow_unknown_files=True`), "
+                        "or leave them out with --exclude PATTERN (`ignore_patterns`)")
+    if problems:
+        raise ValueError(f"Push of {str(folder)!r} refused, nothing was uploaded: " + "; ".join(problems) + ".")
+
+
 def _tiny_forward(model, folder: Path) -> None:
     """One forward pass on a few tokens at noise level 0.5; `ValueError` on a NaN or +inf logit."""
     import torch
@@ -243,14 +376,16 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
                revision: str | None = None, create_pr: bool = False, commit_message: str | None = None,
                token: str | None = None, write_card: bool = True, allow_patterns: Sequence[str] | None = None,
                ignore_patterns: Sequence[str] | None = None, api: HfApi | None = None, dry_run: bool = False,
-               trust_remote_code: bool = False, **card_kwargs):
+               trust_remote_code: bool = False, include_patterns: Sequence[str] = (),
+               allow_unknown_files: bool = False, **card_kwargs):
     """Upload a saved SFDLM model or adapter folder to the Hub in one commit.
 
     Everything is checked before the first request and before anything is written: the repo id
     (huggingface_hub's validator), the revision, the folder (config, auto_map and remote code, safetensors
     weights; only regular files, see `commit_operations`), that it loads (`verify_model_folder`: file
-    integrity, the model and one tiny forward, the tokenizer), and that the card carries no local absolute
-    path. If the folder has no valid SFDLM model card, one is rendered (`render_model_card`, `card_kwargs`
+    integrity, the model and one tiny forward, the tokenizer), that every file is a known model, tokenizer or
+    card file or explicitly allowed, none a secret or a hard link to a file elsewhere (`check_upload_files`),
+    and that the card carries no local absolute path. If the folder has no valid SFDLM model card, one is rendered (`render_model_card`, `card_kwargs`
     passed on) and written into the folder, except with `dry_run`, which writes nothing anywhere.
 
     Args:
@@ -265,6 +400,9 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
         dry_run: stop before the first request and return the commit operations; nothing is written.
         trust_remote_code: allow loading a folder whose code differs from the installed hf_sfdlm's for the
             verification (see `hf_sfdlm.remote_code`).
+        include_patterns: glob patterns of files that are not known model/tokenizer/card files to upload too
+            (`check_upload_files`: code such as `custom_generate/` and large stray files need one).
+        allow_unknown_files: upload every other unknown file too (not code, large files or secrets).
 
     Returns:
         The `CommitInfo` of `HfApi.create_commit` (its `pr_url` is set when `create_pr`), or with
@@ -279,7 +417,8 @@ def push_model(model_dir: str | os.PathLike, repo_id: str, *, private: bool | No
     check_trust_remote_code(trust_remote_code)
     folder = Path(model_dir)
     kind = check_model_folder(folder)
-    commit_operations(folder, allow_patterns, ignore_patterns)  # refuses links before any slower check
+    names = [op.path_in_repo for op in commit_operations(folder, allow_patterns, ignore_patterns)]  # refuses links
+    check_upload_files(folder, names, include_patterns, allow_unknown_files)  # before any slower check
     verify_model_folder(folder, trust_remote_code=trust_remote_code)
     generated: dict[str, bytes] = {}
     if kind == "adapter":
@@ -327,9 +466,24 @@ def _local_files(name_or_path: str | os.PathLike, revision: str | None, cache_di
     from huggingface_hub import snapshot_download
 
     check_repo_id(str(name_or_path))
-    snapshot = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=_LOAD_PATTERNS))
+    with not_local_either(name_or_path):
+        snapshot = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                          allow_patterns=_LOAD_PATTERNS))
     return snapshot, snapshot.name
+
+
+@contextlib.contextmanager
+def not_local_either(name: str | os.PathLike):
+    """Around a Hub load of `name`: when it fails (`OSError`: offline, no such repo, no access, no network),
+    the error also says that no local folder of that name exists, from which working directory, since a
+    mistyped local path such as `outputs/sfdlm-tny` has the shape of a Hub id and the Hub's own message
+    never mentions the local folder the user meant."""
+    try:
+        yield
+    except OSError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise OSError(f"{str(name)!r} is not a local folder (nothing at {os.path.abspath(os.path.expanduser(name))!r}) "
+                      f"and could not be loaded from the Hub as a repo id: {message}") from error
 
 
 def _load_model(name_or_path, folder: Path, commit: str | None, cache_dir, trust_remote_code: bool, kwargs):
@@ -356,6 +510,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     check_trust_remote_code(trust_remote_code)
     folder, commit = _local_files(name_or_path, revision, cache_dir)
     kind = folder_kind(folder)
+    check_safetensors_weights(folder)
     integrity.check_folder(folder)
     if kind == "model":
         return _load_model(name_or_path, folder, commit, cache_dir, trust_remote_code, kwargs)
@@ -368,6 +523,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     base_folder, base_commit = _local_files(base_name, None, cache_dir)
     if folder_kind(base_folder) != "model":
         raise ValueError(f"The base {base_name!r} of the adapter {str(name_or_path)!r} is itself an adapter.")
+    check_safetensors_weights(base_folder)
     integrity.check_folder(base_folder)
     base = _load_model(base_name, base_folder, base_commit, cache_dir, trust_remote_code, kwargs)
     return load_adapter(base, folder, is_trainable=is_trainable)
@@ -384,7 +540,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
     register_auto_classes()  # AutoTokenizer reads an SFDLM folder's config.json: model_type 'sfdlm' must resolve
     if str(name_or_path) and Path(name_or_path).is_dir():
         integrity.check_tokenizer_files(name_or_path)
-    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
+    with not_local_either(name_or_path):
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
 
 
 __all__ = [
@@ -392,6 +550,9 @@ __all__ = [
     "check_model_folder",
     "check_repo_id",
     "check_revision",
+    "check_safetensors_weights",
+    "check_upload_files",
+    "is_known_file",
     "commit_operations",
     "folder_kind",
     "load_pretrained",

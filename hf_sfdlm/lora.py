@@ -201,7 +201,7 @@ def save_adapter(peft_model: PeftModel, output_dir: str | os.PathLike, **kwargs)
         raise ValueError("This PeftModel was not made by `apply_lora` or `load_adapter`, so the base it "
                          "belongs to is unknown; wrap the model with `hf_sfdlm.lora.apply_lora`.")
     peft_model.save_pretrained(output_dir, **kwargs)
-    _point_auto_mapping_at_auto_model(os.fspath(output_dir), peft_model)
+    finish_adapter_config(peft_model, output_dir)
     with open(os.path.join(output_dir, ADAPTER_METADATA_FILE), "w", encoding="utf-8") as handle:
         json.dump(fingerprint, handle)
     from .integrity import write_checksums
@@ -209,15 +209,34 @@ def save_adapter(peft_model: PeftModel, output_dir: str | os.PathLike, **kwargs)
     write_checksums(output_dir)  # checksums.json: SHA-256 of adapter_model.safetensors, verified on load
 
 
-def _point_auto_mapping_at_auto_model(output_dir: str, peft_model: PeftModel) -> None:
+def finish_adapter_config(peft_model: PeftModel, output_dir: str | os.PathLike) -> None:
+    """Make the `adapter_config.json` files PEFT just wrote into `output_dir` load from anywhere.
+
+    Every path that saves an adapter calls this after `save_pretrained` (`save_adapter`, and the trainer's
+    `save_model`, which `sfdlm finetune` uses):
+
+    * `auto_mapping` names `transformers.AutoModel` (PEFT would record the model's own module,
+      `hf_sfdlm...` or `transformers_modules...`, which `AutoPeftModel`'s import allowlist refuses and a
+      fresh process may not be able to import); task-typed adapters load through `AutoPeftModelFor<Task>`
+      and are left as they are;
+    * a base recorded as a relative local folder (`models/tiny`) becomes its absolute path, so the adapter
+      finds its base from any working directory instead of asking the Hub for a repo of that name (a Hub
+      id, or a name that is no local folder, is kept; `sfdlm push --base-model` replaces a local path by
+      the base's Hub id).
+    """
+    output_dir = os.fspath(output_dir)
     for name, config in peft_model.peft_config.items():
         folder = output_dir if name == "default" else os.path.join(output_dir, name)
         path = os.path.join(folder, "adapter_config.json")
-        if config.task_type is not None or not os.path.isfile(path):
-            continue  # task-typed adapters load through AutoPeftModelFor<Task>, not through auto_mapping
+        if not os.path.isfile(path):
+            continue
         with open(path, encoding="utf-8") as handle:
             saved = json.load(handle)
-        saved["auto_mapping"] = {"base_model_class": "AutoModel", "parent_library": "transformers"}
+        if config.task_type is None:
+            saved["auto_mapping"] = {"base_model_class": "AutoModel", "parent_library": "transformers"}
+        base = saved.get("base_model_name_or_path")
+        if isinstance(base, str) and base and os.path.isdir(os.path.expanduser(base)):
+            saved["base_model_name_or_path"] = os.path.abspath(os.path.expanduser(base))
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(saved, handle, indent=2, sort_keys=True)
 
@@ -283,6 +302,7 @@ __all__ = [
     "base_fingerprint",
     "check_adapter_matches_base",
     "compare_fingerprints",
+    "finish_adapter_config",
     "load_adapter",
     "lora_config",
     "save_adapter",

@@ -4,7 +4,9 @@ training) and `load_config`, which reads the YAML presets (`training/configs/*.y
 
 from __future__ import annotations
 
+import difflib
 import functools
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -12,9 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DataConfig, reject_unknown_keys
+from .data import DataConfig, check_field_types, reject_unknown_keys
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Largest `training.learning_rate` accepted: AdamW's normalised step moves each weight by about the learning
+# rate, so beyond 1 every step is larger than the weights themselves.
+MAX_LEARNING_RATE = 1.0
 
 # The `tiny` preset's model: the configuration that trains best on the synthetic corpus within a few CPU
 # minutes (see README "Training"). `vocab_size` and the special-token ids come from the tokenizer.
@@ -109,6 +114,10 @@ class TrainingConfig:
                     setattr(self, name, float(value))
                 except ValueError:
                     raise ValueError(f"`training.{name}` must be a number, got {value!r}.") from None
+        if isinstance(self.log_with, str):
+            self.log_with = [self.log_with]
+        check_field_types(self, "training")  # types first, so that every range check below compares numbers
+        self._check_optimizer()
 
         def positive_int(name: str, minimum: int = 1) -> None:
             value = getattr(self, name)
@@ -123,14 +132,15 @@ class TrainingConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"`training.batch_size`={self.batch_size} must be divisible by "
                              f"`training.gradient_accumulation_steps`={self.gradient_accumulation_steps}.")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"`training.learning_rate` must be a positive number, got {self.learning_rate!r}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"`training.mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"`training.ema_decay` must be in (0, 1) or null, got {self.ema_decay!r}.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"`training.max_grad_norm` must be positive or null, got {self.max_grad_norm!r}.")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"`training.max_grad_norm` must be a positive finite number or null (no clipping), "
+                             f"got {self.max_grad_norm!r}.")
+        if not self.output_dir.strip():
+            raise ValueError("`training.output_dir` must be a folder path, got an empty string.")
         if self.eval_max_sequences is not None:
             positive_int("eval_max_sequences")
         if self.cpu_threads is not None:
@@ -150,8 +160,22 @@ class TrainingConfig:
         names = [s.value for s in SchedulerType]
         if self.lr_scheduler not in names:
             raise ValueError(f"`training.lr_scheduler` must be one of {names}, got {self.lr_scheduler!r}.")
-        if isinstance(self.log_with, str):
-            self.log_with = [self.log_with]
+
+    def _check_optimizer(self) -> None:
+        """AdamW's values, each in the range where it means something (NaN and infinities refused)."""
+        if not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(f"`training.learning_rate` must be in (0, {MAX_LEARNING_RATE}] (AdamW moves every "
+                             f"weight by about this much per step), got {self.learning_rate!r}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`training.{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+        if not 0 < self.adam_epsilon < 1:
+            raise ValueError(f"`training.adam_epsilon` must be in (0, 1) (it keeps AdamW's division by the "
+                             f"gradient's RMS finite), got {self.adam_epsilon!r}.")
+        if not 0 <= self.weight_decay < math.inf or self.learning_rate * self.weight_decay >= 1:
+            raise ValueError(f"`training.weight_decay` must be >= 0 with learning_rate * weight_decay < 1 (AdamW "
+                             f"multiplies the weights by 1 - lr * wd every step), got {self.weight_decay!r} with "
+                             f"learning_rate {self.learning_rate!r}.")
 
 
 @dataclass
@@ -205,6 +229,35 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_yaml_loader())
 
 
+@functools.cache
+def model_section_keys() -> frozenset[str]:
+    """What the `model` section may set: the arguments of `SFDLMConfig` and of transformers'
+    `PretrainedConfig` (`dtype`, `output_hidden_states`, ...). Anything else is a typo, which `SFDLMConfig`
+    itself would keep silently as an attribute (and write into config.json)."""
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    from .configuration_sfdlm import SFDLMConfig
+
+    names = set()
+    for cls in (SFDLMConfig, PretrainedConfig):
+        names |= {name for name, parameter in inspect.signature(cls.__init__).parameters.items()
+                  if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)}
+    return frozenset(names - {"self", "transformers_version"}) | {"torch_dtype"}
+
+
+def _check_dtype(key: str, value: Any) -> None:
+    import torch
+
+    if value is None or value == "auto":
+        return
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"`model.{key}` must be a torch floating-point dtype name such as 'float32' or "
+                         f"'bfloat16' (or 'auto'), got {value!r}.")
+
+
 def check_model_section(model: dict[str, Any]) -> None:
     """Build an `SFDLMConfig` from the `model` section at once, with placeholders for what the tokenizer
     supplies later (`vocab_size`, `mask_token_id`), so that a bad value is reported before any data is read
@@ -212,12 +265,21 @@ def check_model_section(model: dict[str, Any]) -> None:
     from .configuration_sfdlm import SFDLMConfig
 
     values = dict(model)
+    unknown = sorted(set(values) - model_section_keys())
+    if unknown:
+        close = {key: difflib.get_close_matches(key, model_section_keys(), n=1) for key in unknown}
+        hints = "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
+        raise ValueError(f"Unknown `model` option(s) {unknown}{hints}; expected arguments of SFDLMConfig "
+                         "(its docstring lists them) or of transformers' PretrainedConfig.")
+    for key in ("dtype", "torch_dtype"):
+        if key in values:
+            _check_dtype(key, values[key])
     given_ids = [v for k in ("mask_token_id", "pad_token_id", "eos_token_id", "bos_token_id")
                  if isinstance(v := values.get(k), int) and not isinstance(v, bool)]
     if values.get("vocab_size") is None:
         values["vocab_size"] = max(given_ids + [0]) + 2
     if values.get("mask_token_id") is None:
-        values["mask_token_id"] = 0
+        values["mask_token_id"] = max(given_ids + [-1]) + 1  # no clash with a given id (eos != mask is checked)
     try:
         SFDLMConfig(**values)
     except (TypeError, ValueError) as error:

@@ -511,8 +511,9 @@ class DiffusionTrainer:
             save_tree(self.state.state_dict(), folder, "trainer_state")
         save_tree(rng_state(acc.device), folder, f"rng_state_{acc.process_index}")
 
-    def _read_state(self, folder: Path) -> None:
-        """Every process: load what `_write_state` wrote."""
+    def _read_state(self, folder: Path) -> int:
+        """Every process: load what `_write_state` wrote; returns the step the loaded state is at (checked
+        against the checkpoint's marker by `CheckpointManager.load_latest`)."""
         acc = self.accelerator
         if self._fsdp:
             acc.load_state(str(folder))
@@ -526,6 +527,7 @@ class DiffusionTrainer:
             load_module(self.ema, folder, "ema")
         self.state.load_state_dict(load_tree(folder, "trainer_state"))
         set_rng_state(load_tree(folder, f"rng_state_{acc.process_index}"))
+        return self.state.step
 
     @property
     def _fsdp(self) -> bool:
@@ -685,6 +687,10 @@ class DiffusionTrainer:
                 self._unsharded = _unsharded_copy(self.eval_model(), full_weights)
             model = self.eval_model()
             model.save_pretrained(tmp)
+            if getattr(model, "peft_config", None):  # an adapter: loadable by AutoPeftModel from any folder
+                from .lora import finish_adapter_config
+
+                finish_adapter_config(model, tmp)
             write_checksums(tmp)  # SHA-256 of the weights (adapters too), verified by every loader
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)

@@ -502,7 +502,8 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
     gpt2 = GPT2LMHeadModel(gpt2_config(len(tokenizer), 16, 1, 16, num_heads=2, bos_token_id=tokenizer.eos_token_id))
     gpt2.save_pretrained(gpt2_dir)
     tokenizer.save_pretrained(gpt2_dir)
-    assert main(["eval", str(gpt2_dir), "--text-file", str(text_file), "--block-size", "8", "--json", str(out)]) == 0
+    assert main(["eval", str(gpt2_dir), "--text-file", str(text_file), "--block-size", "8", "--json", str(out),
+                 "--overwrite"]) == 0
     record = json.loads(out.read_text())
     assert record["estimator"] == "exact" and record["total_nll_stderr"] == 0.0
 

@@ -56,6 +56,42 @@ def check_model_location(name: str, option: str = "--model", bare_ids: bool = Fa
     return name
 
 
+# Seeds of every command: what `random`, numpy (32 bits) and torch all accept, as `training.seed`.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """`seed` if it is an integer in [0, 2**32 - 1], else `ValueError` naming the option."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{option} must be an integer in [0, 2**32 - 1], got {seed!r}.")
+    return seed
+
+
+def check_device(name: str | None, option: str = "--device") -> str | None:
+    """`name` if torch knows the device and this machine has it (`cpu`, `cuda`, `cuda:1`, `mps`, `xpu`, ...),
+    else `ValueError` naming the option and what is available. None stays None (the command's default)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{option} {name!r} is not a torch device; expected e.g. 'cpu', 'cuda' or 'cuda:0'.") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise ValueError(f"{option} {name!r}: this machine has no {device.type} device (torch sees none); "
+                         "use --device cpu.")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{option} {name!r}: this machine has {count} {device.type} device(s), "
+                         f"numbered 0 to {count - 1}.")
+    return name
+
+
 def set_cpu_threads(threads: int | None) -> int | None:
     """Apply `--threads` (default `DEFAULT_CPU_THREADS`) to torch's intra-op pool; returns the count set."""
     import torch

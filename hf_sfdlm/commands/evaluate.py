@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_threads_argument(parser)
     parser.add_argument("--json", dest="json_path", help="also write the full result as JSON here (default: no)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file (default: refuse, before any work)")
     parser.add_argument("--max-unk-share", type=float, default=UNK_WARNING_SHARE,
                         help="warn when more than this share of the text's tokens are the tokenizer's unknown "
                              f"token (default: {UNK_WARNING_SHARE})")
@@ -52,17 +54,21 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import sys
 
-    from ._common import check_model_location, set_cpu_threads
+    from ._common import check_device, check_model_location, check_seed, set_cpu_threads
 
     for name in ("block_size", "batch_size", "nelbo_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}.")
     if args.max_lines is not None and args.max_lines < 1:
         raise ValueError(f"--max-lines must be a positive integer, got {args.max_lines}.")
+    check_seed(args.seed)
+    check_json_path(args.json_path, args.overwrite)
     model_path = check_model_location(args.model, "model")
-    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True) if args.tokenizer else model_path
+    tokenizer_path = check_model_location(args.tokenizer, "--tokenizer", bare_ids=True) if args.tokenizer else \
+        adapter_base_tokenizer(model_path) or model_path
     if args.text_file and not os.path.isfile(args.text_file):
         raise ValueError(f"--text-file {args.text_file!r} does not exist.")
+    check_device(args.device)
 
     from ..evaluation import evaluate_perplexity, load_model, read_text
     from ..hub import load_tokenizer
@@ -98,3 +104,32 @@ def run(args) -> int:
         with open(args.json_path, "w") as handle:
             json.dump({"model": args.model, **result.to_dict()}, handle, indent=1)
     return 0
+
+
+def check_json_path(path: str | None, overwrite: bool) -> None:
+    """Refuse, before any work, a --json path that could not be written at the end: its folder does not
+    exist, it is a folder, or it exists and --overwrite is not given."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path!r}: the folder {folder!r} does not exist; create it first.")
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; expected a file name such as result.json.")
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"--json {path!r} exists; pass --overwrite to replace it, or choose another name.")
+
+
+def adapter_base_tokenizer(model_path: str) -> str | None:
+    """For a local adapter folder without tokenizer files (as `hf_sfdlm.lora.save_adapter` writes it),
+    the base model it names, whose tokenizer it uses; None otherwise."""
+    config = os.path.join(model_path, "adapter_config.json")
+    if not os.path.isfile(config) or any(os.path.isfile(os.path.join(model_path, name))
+                                         for name in ("tokenizer_config.json", "tokenizer.json")):
+        return None
+    with open(config, encoding="utf-8") as handle:
+        try:
+            base = json.load(handle).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            return None
+    return base if isinstance(base, str) and base else None

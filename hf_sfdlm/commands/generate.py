@@ -87,6 +87,9 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in ({low}, {high}], got {value}.")
     if args.temperature is not None and args.temperature < 0:
         raise ValueError(f"--temperature must be 0 (greedy) or more, got {args.temperature}.")
+    from ._common import check_seed
+
+    check_seed(args.seed)
 
 
 def _load(args: argparse.Namespace):
@@ -104,11 +107,11 @@ def _load(args: argparse.Namespace):
     import torch
 
     from ..hub import load_pretrained, load_tokenizer
-    from ._common import quiet_expected_warnings, set_cpu_threads
+    from ._common import check_device, quiet_expected_warnings, set_cpu_threads
 
     quiet_expected_warnings()
     set_cpu_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(model_path, trust_remote_code=args.trust_remote_code).to(device).eval()
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
     return model, tokenizer

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="Vocabulary size, special tokens included (default: 8192).")
     parser.add_argument("--min-frequency", type=int, default=2, help="Minimum pair frequency of a merge (default: 2).")
     parser.add_argument("--output-dir", required=True, help="Folder for the tokenizer files.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace tokenizer files already in --output-dir (default: refuse, before any work).")
     parser.set_defaults(func=run)
 
 
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_documents is not None and args.max_documents < 1:
         raise ValueError(f"--max-documents must be a positive integer, got {args.max_documents}.")
+    check_output_dir(args.output_dir, args.overwrite)
     config = DataConfig(dataset=args.data, dataset_config=args.dataset_config, train_split=args.split,
                         text_column=args.text_column, streaming=args.streaming,
                         validation_size=1 if args.streaming else None)
@@ -42,3 +45,20 @@ def run(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(args.output_dir)
     print(f"Saved a byte-level BPE tokenizer of {len(tokenizer)} tokens to {args.output_dir}")
     return 0
+
+
+# What `save_pretrained` of the trained tokenizer writes (and would silently replace).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_output_dir(path: str, overwrite: bool) -> None:
+    """Refuse, before the corpus is read, an --output-dir that is a file, or that holds tokenizer files
+    already unless --overwrite is given."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path!r} is a file; expected a folder for the tokenizer files.")
+    existing = [name for name in TOKENIZER_FILES if os.path.exists(os.path.join(path, name))]
+    if existing and not overwrite:
+        raise ValueError(f"--output-dir {path!r} already holds a tokenizer ({', '.join(existing)}); pass "
+                         "--overwrite to replace it, or choose another folder.")
