@@ -1,7 +1,9 @@
 """Samplers for SFDLM's iterative denoising: one reverse step x_t -> x_s each, in the `SAMPLERS` registry.
 
-    "ancestral"   x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) (D3PM/MDLM), both processes
-    "uniform"     the same for the uniform process, then Duo's greedy tail (one argmax pass at t_min)
+    "ancestral"   x_s ~ p(x_s | x_t), the model's reverse kernel (`DiscreteDiffusion.reverse_probs`: the
+                  normalised D3PM kernel, proportional to q(x_t | x_s) sum_x0 q(x_s | x0) p_hat(x0 | x_t);
+                  for the absorbing process MDLM's posterior mixture), both processes
+    "uniform"     the same for the uniform process (UDLM/Duo), then Duo's greedy tail (one argmax at t_min)
     "confidence"  absorbing: unmask the most confident positions, a per-row budget that follows the
                   noise schedule (MaskGIT / LLaDA low-confidence / Dream's max-prob, margin and entropy)
     "threshold"   absorbing: also unmask every position whose confidence passes a threshold (Fast-dLLM)
@@ -222,7 +224,9 @@ def register_sampler(cls: type[Sampler]) -> type[Sampler]:
 
 @register_sampler
 class AncestralSampler(Sampler):
-    """x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) at every updatable position (D3PM, MDLM).
+    """x_s ~ p(x_s | x_t) at every updatable position: the model's reverse kernel, the normalised D3PM kernel
+    p(x_s | x_t) proportional to q(x_t | x_s) sum_x0 q(x_s | x0) p_hat(x0 | x_t) (`reverse_probs`; for the
+    absorbing process it equals MDLM's posterior mixture sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t)).
 
     Absorbing: the set of masked positions that unmask (each with probability (alpha_s - alpha_t) / (1 -
     alpha_t)) is drawn first, then each of them gets a draw of p_hat; unmasked positions stay. p_hat is
