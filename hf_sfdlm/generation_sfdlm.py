@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput, logging
 
 from .sampling_sfdlm import (  # noqa: F401  (re-exported: the public names of generation)
     CONFIDENCE_MEASURES,
+    GREEDY_SEED,
     MIN_TEMPERATURE,
     SAMPLERS,
     AncestralSampler,
@@ -76,7 +77,10 @@ class SFDLMGenerationConfig(GenerationConfig):
             Unset: `"ancestral"` for absorbing models, `"uniform"` for uniform ones.
         do_sample (`bool`, *optional*):
             As in transformers: `False` means greedy decoding (the same as `temperature=0`), `True` sampling
-            at `temperature`. Unset: sampling unless `temperature` is 0.
+            at `temperature`. Unset: sampling unless `temperature` is 0. Greedy output is a deterministic
+            function of the input for every sampler (no draws; where a step would unmask or change a random
+            set of positions, it changes the expected number of them, the most probable first; see
+            `sampling_sfdlm`), whatever `generator` is given.
         temperature (`float`, *optional*, defaults to 1.0):
             Logits are divided by it before p_hat(x_0 | x_t) is formed. `0`, and any temperature below
             `MIN_TEMPERATURE` (1e-3, where float32 logits would overflow), means greedy: tokens are the
@@ -420,8 +424,10 @@ class SFDLMGenerationMixin:
         canvas = torch.cat([input_ids, torch.zeros(rows, new, dtype=torch.long, device=self.device)], 1)
         if self.diffusion.process == "absorbing":
             canvas[free] = mask_id
-        else:  # the uniform prior, each row from its own generator
-            draws = [torch.randint(self.config.vocab_size, (int(n),), generator=g, device=g.device)
+        else:  # the uniform prior, each row from its own generator (greedy: from the fixed `GREEDY_SEED`)
+            greedy = config.temperature < MIN_TEMPERATURE
+            draws = [torch.randint(self.config.vocab_size, (int(n),), device=g.device,
+                                   generator=torch.Generator(g.device).manual_seed(GREEDY_SEED) if greedy else g)
                      for n, g in zip(free.sum(-1).tolist(), generators) if n]
             if draws:
                 canvas[free] = torch.cat([d.to(self.device) for d in draws])

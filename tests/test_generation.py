@@ -818,3 +818,85 @@ def test_trained_tiny_model_generates_text_with_low_nelbo(process):
     pairs = {(int(c[i]), int(c[(i + 1) % 4])) for c in CYCLES for i in range(4)}
     follows = [(int(a), int(b)) in pairs for row in samples for a, b in zip(row[:-1], row[1:])]
     assert np.mean(follows) > 0.8
+
+
+# ------------------------------------------------------------------ greedy decoding is deterministic (issue 22, item 1)
+GREEDY_CASES = [("absorbing", "elbo", "ancestral"), ("absorbing", "elbo", "confidence"),
+                ("absorbing", "elbo", "threshold"), ("uniform", "elbo", "ancestral"), ("uniform", "elbo", "uniform"),
+                ("absorbing", "score_entropy", "tweedie"), ("absorbing", "score_entropy", "euler"),
+                ("uniform", "score_entropy", "tweedie"), ("uniform", "score_entropy", "euler")]
+
+
+def order_dependent_model(process, objective="elbo", seed=0):
+    """A word-level model with weights randomised past the adaLN-Zero identity init, so that its predictions
+    depend on the canvas (hence on which positions were unmasked or changed before)."""
+    model = word_model(process, objective=objective)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("process, objective, sampler", GREEDY_CASES)
+def test_greedy_generation_is_a_deterministic_function_of_the_input(process, objective, sampler):
+    """Five greedy calls (do_sample=False, temperature=0 or a plain GenerationConfig(do_sample=False); other
+    seeds, no generator) give one output, with and without semi-AR blocks; sampled calls on the same model do
+    differ, so the model's predictions depend on what was decoded before (the identity-initialised model
+    used before hid the random unmasking order)."""
+    from transformers import GenerationConfig
+
+    model = order_dependent_model(process, objective)
+    ids = torch.tensor([encode("the small dog"), encode("a big cat")])
+    for block_length in (None, 4):
+        options = dict(max_new_tokens=8, steps=8, sampler=sampler, block_length=block_length)
+        calls = [model.generate(ids, do_sample=False, generator=torch.Generator().manual_seed(0), **options),
+                 model.generate(ids, temperature=0, generator=torch.Generator().manual_seed(1), **options),
+                 model.generate(ids, generation_config=GenerationConfig(do_sample=False), **options),
+                 model.generate(ids, do_sample=False, generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+                                **options),
+                 model.generate(ids, do_sample=False, **options)]
+        assert all(torch.equal(call, calls[0]) for call in calls[1:]), (block_length, calls)
+        assert not (calls[0] == MASK).any()
+        sampled = {tuple(model.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(seed),
+                                        **options).flatten().tolist()) for seed in range(5)}
+        assert len(sampled) > 1
+
+
+@pytest.mark.parametrize("process, objective, sampler", GREEDY_CASES)
+def test_greedy_samplers_never_draw(process, objective, sampler, monkeypatch):
+    """Determinism by construction: in greedy mode no sampler asks a generator for anything."""
+    from hf_sfdlm.sampling_sfdlm import SamplingStep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a greedy step drew a random number")
+
+    monkeypatch.setattr(SamplingStep, "uniform", refuse)
+    model = order_dependent_model(process, objective)
+    out = model.generate(torch.tensor([encode("the small dog")]), max_new_tokens=6, steps=6, sampler=sampler,
+                         do_sample=False)
+    assert not (out == MASK).any()
+    with pytest.raises(AssertionError, match="drew a random number"):
+        model.generate(torch.tensor([encode("the small dog")]), max_new_tokens=6, steps=6, sampler=sampler)
+
+
+def test_greedy_ancestral_unmasks_the_expected_number_of_the_most_confident_positions():
+    """Absorbing, greedy: each step unmasks round(m (alpha_s - alpha_t) / (1 - alpha_t)) of the m masked
+    positions (read from the history against the schedule), and they are the confidence sampler's greedy
+    choice (same output, same history)."""
+    model = order_dependent_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    steps, new = 5, 9
+    ancestral = model.generate(ids, max_new_tokens=new, steps=steps, do_sample=False, output_history=True)
+    confident = model.generate(ids, max_new_tokens=new, steps=steps, do_sample=False, output_history=True,
+                               sampler="confidence")
+    assert torch.equal(ancestral.sequences, confident.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ancestral.history, confident.history))
+    schedule = model.diffusion.schedule  # loglinear: (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t = 1 / k
+    masked = new
+    for k, canvas in zip(range(steps, 0, -1), ancestral.history):
+        t, s = k / steps, (k - 1) / steps
+        ratio = float((schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t)))
+        masked -= math.floor(masked * ratio + 0.5)
+        assert int((canvas == MASK).sum()) == masked
+    assert masked == 0
