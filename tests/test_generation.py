@@ -900,3 +900,95 @@ def test_greedy_ancestral_unmasks_the_expected_number_of_the_most_confident_posi
         masked -= math.floor(masked * ratio + 0.5)
         assert int((canvas == MASK).sum()) == masked
     assert masked == 0
+
+
+# ------------------------------------------------------------------ DiffusionGemma's generation contract (issue 22, item 10)
+def diffusion_gemma_config(**fields):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{"max_denoising_steps": 5, "t_min": 0.4, "t_max": 0.8, "return_dict_in_generate": True,
+                               "max_new_tokens": 8, **fields})
+
+
+def test_diffusion_gemma_temperature_schedule_is_transformers_own(monkeypatch):
+    """A plain GenerationConfig with DiffusionGemma's fields: `max_denoising_steps` steps per block, each at
+    the temperature of transformers' LinearTemperatureScheduleLogitsProcessor for the steps left."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
+
+    import hf_sfdlm.generation_sfdlm as generation
+
+    seen = []
+    original = generation.filter_logits
+    monkeypatch.setattr(generation, "filter_logits", lambda logits, temperature, *rest: (
+        seen.append(temperature), original(logits, temperature, *rest))[1])
+    model = order_dependent_model("uniform")
+    ids = torch.tensor([encode("the small dog")])
+    out = model.generate(ids, generation_config=diffusion_gemma_config(), sampler="ancestral", block_length=4)
+    assert out.num_forward_passes.tolist() == [10]  # 5 steps for each of the 2 blocks
+    schedule = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=5)
+    expected = [float(1 / schedule(None, torch.ones(1, 1), n)) for n in range(5, 0, -1)]
+    assert seen == pytest.approx(expected * 2, rel=1e-6)
+    sampled = {tuple(model.generate(ids, generation_config=diffusion_gemma_config(), sampler="ancestral",
+                                    generator=torch.Generator().manual_seed(seed)).sequences[0].tolist())
+               for seed in range(3)}
+    assert len(sampled) > 1  # the schedule samples (DiffusionGemma always does); do_sample=False is greedy
+    seen.clear()
+    model.generate(ids, generation_config=diffusion_gemma_config(do_sample=False), sampler="ancestral")
+    assert set(seen) == {0.0}
+
+
+def confident_stub(process, length=8):
+    """p_hat puts 1 - 1e-6 on token (i mod 3) + 1 at position i, whatever the input: an argmax canvas that
+    never changes, and a mean entropy of about 2e-5 nats."""
+    vocab = 6
+    probs = torch.full((length + 4, vocab), 1e-6 / (vocab - 2))
+    probs[:, vocab - 1] = 0 if process == "absorbing" else probs[0, 0]
+    for i in range(length + 4):
+        probs[i, i % 3 + 1] = 1 - 1e-6
+    return stub_model(process, probs / probs.sum(-1, keepdim=True), mask=vocab - 1 if process == "absorbing" else None,
+                      time_conditioning=True)  # no MDLM cache across steps: one pass per step
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_diffusion_gemma_stable_and_confident_stop(process):
+    """`stability_threshold` n: the block stops (taking its argmax canvas) at the first step whose argmax
+    canvas equals those of the n steps before and whose mean entropy is below `confidence_threshold`
+    (DiffusionGemma's default 0.005 when unset); `tokens_per_forward` is generated tokens per pass."""
+    ids = torch.tensor([[1, 2]])
+    expected = torch.tensor([[1, 2] + [i % 3 + 1 for i in range(2, 10)]])
+    for threshold, passes in ((0, 1), (1, 2), (3, 4)):
+        model = confident_stub(process)
+        out = model.generate(ids, generation_config=diffusion_gemma_config(stability_threshold=threshold,
+                                                                          max_denoising_steps=6),
+                             sampler="ancestral")
+        assert out.num_forward_passes.tolist() == [passes], threshold
+        assert torch.equal(out.sequences, expected)
+        assert out.tokens_per_forward.tolist() == [pytest.approx(8 / passes)]
+    model = confident_stub(process)  # not confident enough: every step runs, with one pass each
+    out = model.generate(ids, generation_config=diffusion_gemma_config(stability_threshold=0, confidence_threshold=1e-6,
+                                                                      max_denoising_steps=6, do_sample=False),
+                         sampler="ancestral")
+    assert out.num_forward_passes.tolist() == [6] and len(model.stub_calls) == 6
+    assert torch.equal(out.sequences, expected)
+
+
+def test_diffusion_gemma_fields_are_validated_and_take_priority_over_ours():
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    model.generation_config.steps = 12  # the model's default, overridden by DiffusionGemma's per-block steps
+    out = model.generate(ids, generation_config=diffusion_gemma_config(max_denoising_steps=3), block_length=4,
+                         sampler="confidence")
+    assert out.num_forward_passes.tolist() == [6]
+    assert model.generate(ids, max_new_tokens=8, max_denoising_steps=2, return_dict_in_generate=True,
+                          sampler="confidence").num_forward_passes.tolist() == [2]
+    cases = [(dict(steps=4, max_denoising_steps=4), "both set"), (dict(t_min=0.5), "needs both"),
+             (dict(t_min=0.5, t_max=0.5), "greater than `t_min`"), (dict(t_min=-1.0, t_max=1.0), "t_min"),
+             (dict(t_min=0.1, t_max=0.5, temperature=0.7), "both set the temperature"),
+             (dict(stability_threshold=1, sampler="threshold"), "DiffusionGemma's mean-entropy"),
+             (dict(stability_threshold=-1), "stability_threshold"),
+             (dict(stability_threshold=1, confidence_threshold=0.0), "mean entropy"),
+             (dict(confidence_threshold=2.0), r"\(0, 1\]")]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=message):
+            SFDLMGenerationConfig(**fields)
+    SFDLMGenerationConfig(stability_threshold=1, confidence_threshold=2.0)  # nats: above 1 is fine there
