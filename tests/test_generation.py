@@ -954,9 +954,15 @@ def test_diffusion_gemma_stable_and_confident_stop(process):
     """`stability_threshold` n: the block stops (taking its argmax canvas) at the first step whose argmax
     canvas equals those of the n steps before and whose mean entropy is below `confidence_threshold`
     (DiffusionGemma's default 0.005 when unset); `tokens_per_forward` is generated tokens per pass."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
+
     ids = torch.tensor([[1, 2]])
     expected = torch.tensor([[1, 2] + [i % 3 + 1 for i in range(2, 10)]])
+    logits = confident_stub(process).denoise(expected, None)[:, 2:].float()
     for threshold, passes in ((0, 1), (1, 2), (3, 4)):
+        criteria = StableAndConfidentStoppingCriteria(stability_threshold=threshold, confidence_threshold=0.005)
+        stops = [bool(criteria(logits.argmax(-1), logits)) for _ in range(6)]
+        assert stops.index(True) + 1 == passes  # transformers' own criteria stop at the same step
         model = confident_stub(process)
         out = model.generate(ids, generation_config=diffusion_gemma_config(stability_threshold=threshold,
                                                                           max_denoising_steps=6),
