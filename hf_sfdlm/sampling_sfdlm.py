@@ -456,6 +456,10 @@ class _ScoreSampler(Sampler):
 
     def __init__(self, config):
         super().__init__(config)
+        if getattr(config, "t_min", None) is not None or getattr(config, "stability_threshold", None) is not None:
+            raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model, whose outputs are "
+                             "not logits of p_hat: DiffusionGemma's temperature schedule (t_min/t_max) and its "
+                             "stable-and-confident stop (stability_threshold) need an x0 model.")
         if config.temperature not in (0, 1) or config.top_k or config.top_p < 1:
             raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model as is: it needs "
                              f"temperature 1 (or 0), top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
