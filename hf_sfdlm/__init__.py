@@ -18,6 +18,7 @@ _EXPORTS = {
     "NoiseSchedule": "diffusion",
     "SFDLMConfig": "configuration_sfdlm",
     "SFDLMDiffusionLMOutput": "modeling_sfdlm",
+    "SFDLMFeatureExtractionPipeline": "feature_extraction_sfdlm",
     "SFDLMForDiffusionLM": "modeling_sfdlm",
     "SFDLMGenerationConfig": "generation_sfdlm",
     "SFDLMGenerationOutput": "generation_sfdlm",

@@ -329,9 +329,12 @@ class DiscreteDiffusion:
 
     def reverse_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, alpha_s: torch.Tensor,
                       alpha_t: torch.Tensor) -> torch.Tensor:
-        """p(x_s | x_t) = sum_{x_0} q(x_s | x_t, x_0) x0_probs(x_0), for every position.
+        """The model's reverse kernel p(x_s | x_t), the normalised D3PM kernel, for every position:
 
-        With `x0_probs = onehot(x_0)` this is the exact posterior q(x_s | x_t, x_0).
+            p(x_s | x_t)  proportional to  q(x_t | x_s) sum_{x_0} q(x_s | x_0) x0_probs(x_0)
+
+        (absorbing: equal to the posterior mixture sum_{x_0} q(x_s | x_t, x_0) x0_probs(x_0); uniform: not,
+        see `UniformDiffusion`). With `x0_probs = onehot(x_0)` it is the exact posterior q(x_s | x_t, x_0).
 
         Args:
             x0_probs: (B, L, V). x_t: (B, L). alpha_s, alpha_t: (B,) with alpha_s >= alpha_t.
@@ -478,16 +481,18 @@ class AbsorbingDiffusion(DiscreteDiffusion):
         return torch.where(x_t == self.mask_token_id, nll, torch.zeros_like(nll))
 
     def _discrete_kl(self, log_probs, x0, x_t, s, t):
-        # MDLM closed form: (alpha_s - alpha_t) / (1 - alpha_t) * (-log p_hat(x_0)) at masked positions.
-        alpha_s, alpha_t = self.schedule.alpha(s), self.schedule.alpha(t)
-        coef = ((alpha_s - alpha_t) / (1 - alpha_t).clamp_min(1e-30)).to(log_probs.dtype).view(-1, 1)
+        # MDLM closed form: (alpha_s - alpha_t) / (1 - alpha_t) * (-log p_hat(x_0)) at masked positions, from
+        # 1 - alpha directly: alpha_s - alpha_t = (1 - alpha_t) - (1 - alpha_s) cancels nowhere near t = 0.
+        one_minus_s, one_minus_t = self.schedule.one_minus_alpha(s), self.schedule.one_minus_alpha(t)
+        coef = ((one_minus_t - one_minus_s) / one_minus_t.clamp_min(1e-300)).to(log_probs.dtype).view(-1, 1)
         return coef * self._nll(log_probs, x0, x_t)
 
     def _continuous_integrand(self, log_probs, nll, x0, x_t, t):
-        # MDLM Eq. 10-11: -alpha'(t) / (1 - alpha(t)) * (-log p_hat(x_0)) at masked positions.
-        alpha = self.schedule.alpha(t)
+        # MDLM Eq. 10-11: -alpha'(t) / (1 - alpha(t)) * (-log p_hat(x_0)) at masked positions, with 1 - alpha
+        # from the schedule (in float64, 1 - alpha(t) rounds to 0 below t ~ 1e-8 for the cosine schedule).
+        # At t = 0 no position is masked (nll is 0 there): the floor only keeps the weight finite.
         rate = -self.schedule.alpha_derivative(t)
-        weight = (rate / (1 - alpha).clamp_min(1e-30)).to(log_probs.dtype).view(-1, 1)
+        weight = (rate / self.schedule.one_minus_alpha(t).clamp_min(1e-30)).to(log_probs.dtype).view(-1, 1)
         return weight * nll
 
 
@@ -589,7 +594,10 @@ class UniformDiffusion(DiscreteDiffusion):
         hazard = torch.where(alpha64 > 0, -self.schedule.alpha_derivative(t) / alpha64.clamp_min(1e-300),
                              torch.zeros_like(alpha64))
         alpha = alpha64.to(dtype).view(-1, 1)
-        c64 = self.schedule.one_minus_alpha(t) / self.vocab_size  # q_t(y | x_0), y != x_0
+        # q_t(y | x_0), y != x_0, floored: below the floor (t = 0 included, where the formula below is 0 / 0)
+        # clean positions take the t -> 0 limit instead (`at_zero`), corrupted ones the floor's finite value.
+        exact_c64 = self.schedule.one_minus_alpha(t) / self.vocab_size
+        c64 = exact_c64.clamp_min(_JUMP_FLOOR)
         c = c64.to(dtype).view(-1, 1)
         p_z = probs.gather(-1, x_t.unsqueeze(-1)).squeeze(-1)
         p_x0 = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -609,9 +617,16 @@ class UniformDiffusion(DiscreteDiffusion):
         true_rate = ((alpha64 + c64) / c64.clamp_min(1e-300)).to(dtype).view(-1, 1)
         x0_term = _kl_terms(m_x0 / m_z, true_rate.expand_as(m_z), g_x0 - g_z)
         total = gamma * others + torch.where(clean, torch.zeros_like(x0_term), x0_term)
+        # t -> 0 at z = x_0: gamma * others -> sum_{y != x_0} p_hat(y) / p_hat(x_0) = (1 - p_hat(x_0)) e^nll
+        at_zero = (exact_c64 < _JUMP_FLOOR).view(-1, 1) & clean
+        limit = one_minus_p_x0 * torch.where(at_zero, nll, torch.zeros_like(nll)).exp()
+        total = torch.where(at_zero, limit, total)
         return (hazard / self.vocab_size).to(dtype).view(-1, 1) * total
 
 
+# Below this c = (1 - alpha(t)) / V, the uniform integrand at clean positions is its t -> 0 limit (relative
+# error ~ c / p_hat(x_0)); at and above it the regrouped formula stays finite in float32 (it divides by ~c^2).
+_JUMP_FLOOR = 1e-15
 _PSI_SERIES_BELOW = 0.01  # |x| below which psi uses its Taylor series (relative error < 4e-9 there)
 
 

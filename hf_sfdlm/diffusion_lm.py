@@ -146,6 +146,19 @@ def _invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, itera
     return torch.where(target <= 0, torch.zeros_like(t), torch.where(target >= 1, torch.ones_like(t), t))
 
 
+def _reachable(t: torch.Tensor, has_masked: torch.Tensor, has_unmasked: torch.Tensor,
+               steps: int | None) -> torch.Tensor:
+    """`t` (float32) moved onto the nearest time at which an absorbing x_t with (B,) `has_masked` /
+    `has_unmasked` positions is possible: t > 0 with a mask, t < 1 with an unmasked maskable position
+    (the grid's 1/T and 1 - 1/T in discrete time). Rounding to the grid (or to float32) can break that."""
+    if steps is not None:
+        low, high = 1.0 / steps, 1.0 - 1.0 / steps
+    else:  # the float32 neighbours of 0 and 1
+        low, high = float(torch.finfo(torch.float32).tiny), float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    t = torch.where(has_unmasked & (t > high), torch.full_like(t, high), t)
+    return torch.where(has_masked & (t < low), torch.full_like(t, low), t)  # wins for T = 1: t = 1
+
+
 class DiffusionLMMixin:
     """Diffusion-LM head: `forward(labels=...)` returns the NELBO per scored token, `nelbo` estimates each
     sequence's. The host class provides `config` (with the diffusion fields of `SFDLMConfig`) and
@@ -287,8 +300,11 @@ class DiffusionLMMixin:
         Absorbing process: every maskable position (a real one: `attention_mask` 1) of x_t is masked
         independently with probability 1 - alpha(t), so the fraction f of masked ones among them is the
         maximum-likelihood estimate of 1 - alpha(t), and t = alpha^-1(1 - f) inverts the schedule exactly
-        (bisection in float64; on the step grid i / T for discrete-time models). Uniform process: a
-        corrupted token looks like any other, so the noise level is not identifiable and this raises.
+        (bisection in float64; on the step grid i / T for discrete-time models). The result is always a
+        state the process can reach: t > 0 when a position is masked and t < 1 when a maskable one is not
+        (on the grid: 1/T <= t <= 1 - 1/T; for T = 1, where a partly masked input is reachable at no t, the
+        model's one step t = 1). Uniform process: a corrupted token looks like any other, so the noise level
+        is not identifiable and this raises.
         """
         if not getattr(self.config, "time_conditioning", False):
             return None
@@ -308,7 +324,7 @@ class DiffusionLMMixin:
         steps = getattr(self.config, "num_timesteps", None)
         if steps is not None:
             t = (t * steps).round() / steps
-        return t.float()
+        return _reachable(t.float(), masked.any(-1), (maskable & ~masked).any(-1), steps)
 
     def prepare_inputs_for_generation(self, input_ids=None, **kwargs) -> dict:
         """The inputs unchanged. PEFT's `CAUSAL_LM` wrapper reads this attribute (and swaps it during its

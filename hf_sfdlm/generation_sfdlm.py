@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from transformers.utils import ModelOutput, logging
 
 from .sampling_sfdlm import (  # noqa: F401  (re-exported: the public names of generation)
     CONFIDENCE_MEASURES,
+    GREEDY_SEED,
     MIN_TEMPERATURE,
     SAMPLERS,
     AncestralSampler,
@@ -51,6 +53,18 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
+# Fields that set the same thing another way (ours and DiffusionGemma's): where one is set, at a higher
+# priority (kwargs > given config > the model's config > defaults), the others are not taken.
+_ALTERNATIVES = {
+    "steps": ("max_denoising_steps",),
+    "max_denoising_steps": ("steps",),
+    "temperature": ("t_min", "t_max"),
+    "t_min": ("temperature",),
+    "t_max": ("temperature",),
+}
+# DiffusionGemma's default bound on the mean entropy for its stable-and-confident stop.
+DIFFUSION_GEMMA_CONFIDENCE_THRESHOLD = 0.005
+
 
 class SFDLMGenerationConfig(GenerationConfig):
     r"""Parameters of [`SFDLMGenerationMixin.generate`]. Every field defaults to `None` ("unset"): unset
@@ -71,16 +85,26 @@ class SFDLMGenerationConfig(GenerationConfig):
         steps (`int`, *optional*, defaults to 64):
             Number of denoising steps (network evaluations at most), shared among the semi-AR blocks. The
             `"uniform"` sampler adds Duo's greedy tail, one argmax pass at t_min, per block.
+        max_denoising_steps (`int`, *optional*):
+            DiffusionGemma's name: the number of denoising steps of *each* block (DiffusionGemma's canvas), in
+            place of `steps` (set one of the two).
         sampler (`str`, *optional*):
             Name of a sampler in `SAMPLERS`: `"ancestral"`, `"uniform"`, `"confidence"` or `"threshold"`.
             Unset: `"ancestral"` for absorbing models, `"uniform"` for uniform ones.
         do_sample (`bool`, *optional*):
             As in transformers: `False` means greedy decoding (the same as `temperature=0`), `True` sampling
-            at `temperature`. Unset: sampling unless `temperature` is 0.
+            at `temperature`. Unset: sampling unless `temperature` is 0. Greedy output is a deterministic
+            function of the input for every sampler (no draws; where a step would unmask or change a random
+            set of positions, it changes the expected number of them, the most probable first; see
+            `sampling_sfdlm`), whatever `generator` is given.
         temperature (`float`, *optional*, defaults to 1.0):
             Logits are divided by it before p_hat(x_0 | x_t) is formed. `0`, and any temperature below
             `MIN_TEMPERATURE` (1e-3, where float32 logits would overflow), means greedy: tokens are the
             argmax of p_hat (confidences still use the untempered probabilities).
+        t_min (`float`, *optional*), t_max (`float`, *optional*):
+            DiffusionGemma's linear temperature schedule, in place of `temperature` (set both, 0 <= t_min <
+            t_max): at the step with n of a block's N steps left (n = N first, n = 1 last) logits are divided by
+            t_min + (t_max - t_min) n / N (at least `MIN_TEMPERATURE`). Greedy decoding ignores it.
         top_k (`int`, *optional*, defaults to 0):
             Keep only the k most probable clean tokens per position (0: all).
         top_p (`float`, *optional*, defaults to 1.0):
@@ -89,8 +113,18 @@ class SFDLMGenerationConfig(GenerationConfig):
             Confidence of a position for the remasking samplers, in [0, 1] with 1 = certain: `"max_prob"`
             (MaskGIT, Dream's maskgit_plus), `"margin"` (top-1 minus top-2 probability, Dream's topk_margin)
             or `"entropy"` (exp(-H(p_hat)), Dream's entropy).
-        confidence_threshold (`float`, *optional*, defaults to 0.9):
-            `"threshold"` sampler: positions whose confidence is at least this are unmasked at once.
+        confidence_threshold (`float`, *optional*, defaults to 0.9, or 0.005 with `stability_threshold`):
+            `"threshold"` sampler: positions whose confidence is at least this are unmasked at once (in (0, 1]).
+            With `stability_threshold` set it is DiffusionGemma's: the bound (in nats, > 0) on the mean entropy
+            of the block's p_hat below which the stable-and-confident stop fires; the two meanings do not mix
+            (`sampler="threshold"` with `stability_threshold` is refused).
+        stability_threshold (`int`, *optional*):
+            DiffusionGemma's stable-and-confident stop (`StableAndConfidentStoppingCriteria`), per row and
+            block: before each step, the block's argmax canvas (the argmax of the processed p_hat at every
+            position still to generate, the token elsewhere) is compared with those of the previous steps; when
+            it has not changed for `stability_threshold` steps (0: at once) and the mean entropy of p_hat over
+            the block's positions (0 at unmasked ones) is below `confidence_threshold`, the block takes its
+            argmax canvas and is done. The check uses the step's own network evaluation (no extra pass).
         block_length (`int`, *optional*):
             Semi-autoregressive decoding (LLaDA, BD3-LM): the appended positions are denoised in blocks of
             this many positions, left to right, each block with its share of `steps`. Mask tokens inside the
@@ -112,7 +146,8 @@ class SFDLMGenerationConfig(GenerationConfig):
         output_history (`bool`, *optional*, defaults to `False`):
             Return the canvas after every step (implies `return_dict_in_generate`).
         return_dict_in_generate (`bool`, *optional*, defaults to `False`):
-            Return an [`SFDLMGenerationOutput`] instead of the ids alone.
+            Return an [`SFDLMGenerationOutput`] (with `num_forward_passes` and `tokens_per_forward`) instead of
+            the ids alone.
 
         > Special tokens
 
@@ -121,6 +156,21 @@ class SFDLMGenerationConfig(GenerationConfig):
             in the input mark positions to fill (they start from random tokens) and are never generated.
         pad_token_id (`int`, *optional*), eos_token_id (`int` or `list[int]`, *optional*), bos_token_id (`int`, *optional*):
             Generated positions after a row's first generated EOS are set to `pad_token_id` (EOS if unset).
+
+    **DiffusionGemma's generation config** (`transformers`' `DiffusionGemmaGenerationConfig`): a plain
+    `GenerationConfig` carrying its fields drives SFDLM the same way:
+
+    | DiffusionGemma | here |
+    |---|---|
+    | `max_denoising_steps` (steps per canvas) | `max_denoising_steps` (steps per block) |
+    | `t_min`, `t_max` (`LinearTemperatureScheduleLogitsProcessor`) | the same schedule, same formula |
+    | `stability_threshold`, `confidence_threshold` (`StableAndConfidentStoppingCriteria`) | the same stop |
+    | `tokens_per_forward` in the output | `SFDLMGenerationOutput.tokens_per_forward` |
+    | `max_new_tokens`, `max_length`, special tokens | the same |
+
+    Not taken: `sampler_config` (DiffusionGemma's entropy-bound sampler renoises a uniform canvas; here the
+    sampler is `sampler`), `cache_implementation`/`cache_config` (no KV cache), `disable_compile`. As in
+    transformers' other models and unlike DiffusionGemma, `return_dict_in_generate` defaults to `False`.
     """
 
     def __init__(self, **kwargs):
@@ -130,15 +180,19 @@ class SFDLMGenerationConfig(GenerationConfig):
         self.max_length: int | None = kwargs.pop("max_length", None)
 
         self.steps: int | None = kwargs.pop("steps", None)
+        self.max_denoising_steps: int | None = kwargs.pop("max_denoising_steps", None)
         self.sampler: str | None = kwargs.pop("sampler", None)
         self.do_sample: bool | None = kwargs.pop("do_sample", None)
         self.temperature: float | None = kwargs.pop("temperature", None)
+        self.t_min: float | None = kwargs.pop("t_min", None)
+        self.t_max: float | None = kwargs.pop("t_max", None)
         self.top_k: int | None = kwargs.pop("top_k", None)
         self.top_p: float | None = kwargs.pop("top_p", None)
         self.confidence_measure: str | None = kwargs.pop("confidence_measure", None)
         self.confidence_threshold: float | None = kwargs.pop("confidence_threshold", None)
         self.block_length: int | None = kwargs.pop("block_length", None)
         self.stop_when_stable: int | None = kwargs.pop("stop_when_stable", None)
+        self.stability_threshold: int | None = kwargs.pop("stability_threshold", None)
         compute_dtype = kwargs.pop("compute_dtype", None)
         if isinstance(compute_dtype, torch.dtype):
             compute_dtype = str(compute_dtype).removeprefix("torch.")
@@ -172,7 +226,7 @@ class SFDLMGenerationConfig(GenerationConfig):
             "top_k": 0,
             "top_p": 1.0,
             "confidence_measure": "max_prob",
-            "confidence_threshold": 0.9,
+            "confidence_threshold": 0.9,  # 0.005 (DiffusionGemma's) with `stability_threshold`
             "stop_when_stable": 0,
             "num_return_sequences": 1,
             "output_history": False,
@@ -201,11 +255,11 @@ class SFDLMGenerationConfig(GenerationConfig):
         def is_number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-        for name in ("steps", "max_length", "num_return_sequences", "block_length"):
+        for name in ("steps", "max_denoising_steps", "max_length", "num_return_sequences", "block_length"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value <= 0):
                 fail(name, "a positive integer")
-        for name in ("max_new_tokens", "top_k", "stop_when_stable"):
+        for name in ("max_new_tokens", "top_k", "stop_when_stable", "stability_threshold"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 0):
                 fail(name, "a non-negative integer")
@@ -213,7 +267,18 @@ class SFDLMGenerationConfig(GenerationConfig):
             fail("temperature", "a finite number >= 0 (0 means greedy)")
         if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             fail("top_p", "a number in (0, 1]")
-        if self.confidence_threshold is not None and (
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            if value is not None and (not is_number(value) or not 0 <= value < math.inf):
+                fail(name, "a finite number >= 0 (DiffusionGemma's temperature schedule)")
+        self._validate_combinations()
+        if self.stability_threshold is not None:  # DiffusionGemma's meaning: a mean-entropy bound in nats
+            if self.confidence_threshold is not None and (
+                not is_number(self.confidence_threshold) or not 0 < self.confidence_threshold < math.inf
+            ):
+                fail("confidence_threshold", "a finite number > 0 (with `stability_threshold`: DiffusionGemma's "
+                                             "bound on the mean entropy of p_hat, in nats)")
+        elif self.confidence_threshold is not None and (
             not is_number(self.confidence_threshold) or not 0 < self.confidence_threshold <= 1
         ):
             fail("confidence_threshold", "a number in (0, 1]")
@@ -239,6 +304,26 @@ class SFDLMGenerationConfig(GenerationConfig):
             ids = eos if isinstance(eos, (list, tuple)) else [eos]
             if not ids or not all(is_int(i) and i >= 0 for i in ids):
                 fail("eos_token_id", "a token id or a non-empty list of token ids")
+
+    def _validate_combinations(self) -> None:
+        """Fields that say the same thing twice, or two things at once."""
+        if self.steps is not None and self.max_denoising_steps is not None:
+            raise ValueError(f"`steps`={self.steps} (shared among the blocks) and `max_denoising_steps`="
+                             f"{self.max_denoising_steps} (DiffusionGemma's, per block) are both set; set one.")
+        if (self.t_min is None) != (self.t_max is None):
+            raise ValueError(f"DiffusionGemma's temperature schedule needs both `t_min` and `t_max`, got t_min="
+                             f"{self.t_min!r} and t_max={self.t_max!r}.")
+        if self.t_min is not None and not self.t_max > self.t_min:
+            raise ValueError(f"`t_max` must be greater than `t_min` (the schedule starts at t_max and falls towards "
+                             f"t_min), got t_min={self.t_min} and t_max={self.t_max}.")
+        if self.t_min is not None and self.temperature is not None and self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"`temperature`={self.temperature} and the schedule `t_min`={self.t_min}, `t_max`="
+                             f"{self.t_max} both set the temperature; set one (temperature 0 / do_sample=False "
+                             "still means greedy).")
+        if self.stability_threshold is not None and self.sampler == "threshold":
+            raise ValueError("`sampler='threshold'` reads `confidence_threshold` as a per-position confidence, but "
+                             f"`stability_threshold`={self.stability_threshold} makes it DiffusionGemma's mean-entropy "
+                             "bound; use another sampler with DiffusionGemma's stop.")
 
     def to_diff_dict(self) -> dict[str, Any]:
         """Only the fields that are set (unset fields mean "use the defaults" and need no saving). Without
@@ -267,6 +352,9 @@ class SFDLMGenerationOutput(ModelOutput):
         num_forward_passes (`torch.LongTensor` of shape `(batch_size * num_return_sequences,)`):
             How many times each row went through the network (steps where nothing changed and the model is
             not noise-conditioned reuse the previous prediction, as in MDLM, and cost none).
+        tokens_per_forward (`torch.FloatTensor` of shape `(batch_size * num_return_sequences,)`):
+            DiffusionGemma's secondary metric: each row's generated positions (not counting the padding after
+            its first generated EOS) per forward pass (`num_forward_passes`; 0 when nothing was generated).
         history (`tuple[torch.LongTensor]`, *optional*):
             With `output_history=True`: the canvas after every denoising step, each `(batch, length)`.
     """
@@ -274,6 +362,7 @@ class SFDLMGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
     num_forward_passes: torch.LongTensor | None = None
     history: tuple[torch.LongTensor, ...] | None = None
+    tokens_per_forward: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the mixin
@@ -346,7 +435,9 @@ class SFDLMGenerationMixin:
         run = _Run.start(plan, Denoiser(self, plan, config, logits_processor), streamer, stopping_criteria)
         for block, num_steps in enumerate(plan.steps):
             run.start_block()
-            for t, s in sampler.time_grid(num_steps):
+            grid = sampler.time_grid(num_steps)
+            for index, (t, s) in enumerate(grid):
+                run.network.temperature = _step_temperature(config, steps_left=len(grid) - index, steps=len(grid))
                 if not self._denoising_step(run, plan, sampler, block, t, s):
                     break
             if run.all_finished_after(plan, block):
@@ -359,9 +450,16 @@ class SFDLMGenerationMixin:
         if not update.any():
             return False
         step = self._sampling_step(run, plan, update, t, s)
-        new = sampler(step)
-        if new.shape != run.canvas.shape or bool(((new != run.canvas) & ~update).any()):
+        stopped = None
+        if plan.config.stability_threshold is not None:  # DiffusionGemma's stop, on this step's evaluation
+            argmax_canvas, stopped = run.stable_and_confident(step, plan)
+            step = dataclasses.replace(step, update_mask=update & ~stopped.unsqueeze(-1))
+        new = sampler(step) if step.update_mask.any() else run.canvas
+        if new.shape != run.canvas.shape or bool(((new != run.canvas) & ~step.update_mask).any()):
             raise RuntimeError(f"Sampler {sampler.name!r} changed positions outside `update_mask`.")
+        if stopped is not None and stopped.any():  # the stopped rows' block ends as its argmax canvas
+            new = torch.where(update & stopped.unsqueeze(-1), argmax_canvas, new)
+            run.block_done |= stopped
         run.advance(new, plan, block)
         return True
 
@@ -392,16 +490,23 @@ class SFDLMGenerationMixin:
             raise ValueError(f"`generate` got unexpected arguments {unknown}; generation options are the fields "
                              "of SFDLMGenerationConfig.")
         for name, value in kwargs.items():
+            for other in _ALTERNATIVES.get(name, ()):  # a kwarg replaces what the config said another way
+                setattr(config, other, None)
             setattr(config, name, value)
         model_config = getattr(self, "generation_config", None)
         if isinstance(model_config, SFDLMGenerationConfig):
             for name, value in model_config.to_dict().items():
-                if hasattr(config, name) and getattr(config, name) is None and not name.startswith("_"):
+                if (hasattr(config, name) and getattr(config, name) is None and not name.startswith("_")
+                        and all(getattr(config, other) is None for other in _ALTERNATIVES.get(name, ()))):
                     setattr(config, name, value)
         if config.do_sample is False:
             config.temperature = 0.0  # transformers' greedy decoding
-        for name, value in config._get_default_generation_params().items():
-            if getattr(config, name) is None:
+        defaults = config._get_default_generation_params()
+        if config.stability_threshold is not None:
+            defaults["confidence_threshold"] = DIFFUSION_GEMMA_CONFIDENCE_THRESHOLD
+        for name, value in defaults.items():
+            if getattr(config, name) is None and all(getattr(config, other) is None
+                                                     for other in _ALTERNATIVES.get(name, ())):
                 setattr(config, name, value)
         config.validate()
         return config
@@ -430,8 +535,10 @@ class SFDLMGenerationMixin:
         canvas = torch.cat([input_ids, torch.zeros(rows, new, dtype=torch.long, device=self.device)], 1)
         if self.diffusion.process == "absorbing":
             canvas[free] = mask_id
-        else:  # the uniform prior, each row from its own generator
-            draws = [torch.randint(self.config.vocab_size, (int(n),), generator=g, device=g.device)
+        else:  # the uniform prior, each row from its own generator (greedy: from the fixed `GREEDY_SEED`)
+            greedy = _is_greedy(config)
+            draws = [torch.randint(self.config.vocab_size, (int(n),), device=g.device,
+                                   generator=torch.Generator(g.device).manual_seed(GREEDY_SEED) if greedy else g)
                      for n, g in zip(free.sum(-1).tolist(), generators) if n]
             if draws:
                 canvas[free] = torch.cat([d.to(self.device) for d in draws])
@@ -440,7 +547,7 @@ class SFDLMGenerationMixin:
         eos_ids, pad_id = self._special_ids(config)
         return _Plan(canvas=canvas, free=free, attention=attention, block=block, steps=steps,
                      generators=generators, sampler_name=sampler_name, mask_id=mask_id, eos_ids=eos_ids,
-                     pad_id=pad_id, config=config, greedy=config.temperature < MIN_TEMPERATURE)
+                     pad_id=pad_id, config=config, greedy=_is_greedy(config))
 
     def _resolve_mask_id(self, config: SFDLMGenerationConfig) -> int | None:
         mask_id = config.mask_token_id if config.mask_token_id is not None else self.config.mask_token_id
@@ -518,6 +625,8 @@ class SFDLMGenerationMixin:
         block[:, length:] = torch.arange(new, device=free.device) // block_length
         block[:, :length][free[:, :length]] = 0
         num_blocks = max(-(-new // block_length), 1)
+        if config.max_denoising_steps is not None:  # DiffusionGemma's: steps per block
+            return block, [config.max_denoising_steps] * num_blocks
         if config.steps < num_blocks:
             raise ValueError(f"`steps`={config.steps} is fewer than the {num_blocks} blocks of `block_length`="
                              f"{block_length}: every block needs at least one step.")
@@ -570,6 +679,19 @@ class SFDLMGenerationMixin:
             logger.info("No generation_config.json found; using the generation config built from the model config.")
 
 
+def _is_greedy(config: SFDLMGenerationConfig) -> bool:
+    return config.temperature is not None and config.temperature < MIN_TEMPERATURE
+
+
+def _step_temperature(config: SFDLMGenerationConfig, steps_left: int, steps: int) -> float:
+    """The temperature of a step: `temperature`, or DiffusionGemma's linear schedule t_min + (t_max - t_min)
+    n / N with n = `steps_left` of the block's N = `steps` (kept at least `MIN_TEMPERATURE`, below which
+    logits are not divided at all). Greedy steps take no temperature."""
+    if _is_greedy(config) or config.t_min is None:
+        return config.temperature if config.temperature is not None else 1.0
+    return max(config.t_min + (config.t_max - config.t_min) * steps_left / steps, MIN_TEMPERATURE)
+
+
 @dataclass
 class _Plan:
     """The checked inputs of one `generate` call: the first canvas and everything fixed during the run."""
@@ -593,8 +715,9 @@ class Denoiser:
 
     `denoiser(canvas, t, positions, processed=True)` returns (N, V) float32 logits at the N `True` entries of
     `positions` (B, L), row-major: the model's LM head runs at those positions only, rows without one make
-    no forward pass, and, for models that are not noise-conditioned, a row whose canvas has not changed since
-    its last evaluation reuses the logits computed then if they cover the positions asked for (MDLM's cache).
+    no forward pass, and a row whose canvas (and, for noise-conditioned models, t) has not changed since its
+    last evaluation reuses the logits computed then if they cover the positions asked for (MDLM's cache; for
+    noise-conditioned models it serves a second request within one step).
     Processed logits went through the logits processors, the uniform process's mask-token ban and the
     temperature / top-k / top-p filters. Counts forward passes and head positions per row.
     """
@@ -609,6 +732,7 @@ class Denoiser:
         if isinstance(logits_processor, (list, tuple)) and not callable(logits_processor):
             logits_processor = LogitsProcessorList(logits_processor)  # a plain list works, as in transformers
         self.processors = logits_processor
+        self.temperature = config.temperature if config.temperature is not None else 1.0  # set per step
         parameters = inspect.signature(model.denoise).parameters
         self.head_on_positions = "positions" in parameters or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -619,6 +743,7 @@ class Denoiser:
         self.passes = torch.zeros(rows, dtype=torch.long, device=device)
         self.head_positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.cache_canvas = torch.full_like(plan.canvas, -1)
+        self.cache_t = torch.full((rows,), math.nan, dtype=torch.float64, device=device)
         self.cache_positions = torch.zeros(rows, length, dtype=torch.bool, device=device)
         self.cache_logits: torch.Tensor | None = None  # (cache_positions.sum(), V), row-major
 
@@ -631,15 +756,15 @@ class Denoiser:
             logits = self.processors(canvas[positions.nonzero()[:, 0]], logits)
         if self.banned is not None:
             logits[:, self.banned] = -math.inf  # a uniform model never writes the mask token
-        return filter_logits(logits, self.config.temperature, self.config.top_k, self.config.top_p)
+        return filter_logits(logits, self.temperature, self.config.top_k, self.config.top_p)
 
     def raw_logits(self, canvas: torch.Tensor, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         asked = positions.any(-1)
         if not asked.any():
             return torch.zeros(0, self.model.config.vocab_size, device=canvas.device)
-        if self.time_conditioned:  # a new t means a new evaluation: no cache
-            return self._evaluate(canvas, t, positions, asked)
         valid = (self.cache_canvas == canvas).all(-1)
+        if self.time_conditioned:  # a new t means a new evaluation
+            valid &= self.cache_t == t
         self._forget(~valid)
         hit = asked & valid & ~(positions & ~self.cache_positions).any(-1)
         stale = asked & ~hit
@@ -652,7 +777,7 @@ class Denoiser:
             if fresh is not None:
                 logits[stale[row_of]] = fresh
             logits[hit[row_of]] = self.cache_logits[self._cache_index()[positions & hit.unsqueeze(-1)]]
-        self._remember(canvas, positions, asked, logits)
+        self._remember(canvas, t, positions, asked, logits)
         return logits.clone()  # callers may change it in place; the cache keeps the raw logits
 
     def _evaluate(self, canvas, t, positions, rows) -> torch.Tensor:
@@ -679,7 +804,7 @@ class Denoiser:
         self.cache_logits = self.cache_logits[keep[self.cache_positions]] if keep.any() else None
         self.cache_positions = keep
 
-    def _remember(self, canvas, positions, asked, logits) -> None:
+    def _remember(self, canvas, t, positions, asked, logits) -> None:
         """The logits of the rows just asked replace theirs in the cache; other rows' entries stay."""
         keep = self.cache_positions & ~asked.unsqueeze(-1)
         if keep.any():
@@ -692,6 +817,7 @@ class Denoiser:
         else:
             self.cache_positions, self.cache_logits = positions.clone(), logits
         self.cache_canvas[asked] = canvas[asked]
+        self.cache_t[asked] = t[asked].to(self.cache_t)
 
 
 @dataclass
@@ -707,6 +833,8 @@ class _Run:
     history: list = field(default_factory=list)
     stable_for: torch.Tensor | None = None
     block_done: torch.Tensor | None = None
+    last_argmax: torch.Tensor | None = None  # DiffusionGemma's stop: the previous step's argmax canvas
+    argmax_same_for: torch.Tensor | None = None  # and for how many steps before it it was the same
 
     @classmethod
     def start(cls, plan: _Plan, network: Denoiser, streamer, stopping_criteria) -> "_Run":
@@ -720,6 +848,34 @@ class _Run:
     def start_block(self) -> None:
         self.stable_for = torch.zeros_like(self.finished, dtype=torch.long)
         self.block_done = torch.zeros_like(self.finished)
+        self.last_argmax = None
+        self.argmax_same_for = torch.full_like(self.finished, -1, dtype=torch.long)
+
+    def stable_and_confident(self, step: SamplingStep, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """DiffusionGemma's `StableAndConfidentStoppingCriteria` for the rows of `step`: the argmax canvas
+        (B, L) (the argmax of the processed p_hat(x_0 | x_t) at the positions still to generate: the masked
+        ones for the absorbing process, every updatable one for the uniform process; the canvas elsewhere) and
+        (B,) whether it has been the same for `stability_threshold` steps before this one and the mean entropy
+        of p_hat over the row's updatable positions (0 where an absorbing token carries over) is below
+        `confidence_threshold`. Uses the network evaluation the sampler then reuses (`Denoiser` cache)."""
+        config = plan.config
+        open_positions = step.masked() if step.diffusion.process == "absorbing" else step.update_mask
+        probs = step.x0_probs(open_positions)
+        argmax_canvas = step.canvas.clone()
+        argmax_canvas[open_positions] = probs.argmax(-1)
+        entropy = torch.zeros(open_positions.shape[0], dtype=torch.float64, device=probs.device)
+        entropy.index_add_(0, step.rows(open_positions), -torch.special.xlogy(probs, probs).sum(-1).double())
+        mean_entropy = entropy / step.update_mask.sum(-1).clamp_min(1)
+        rows = step.update_mask.any(-1)
+        if self.last_argmax is None:
+            same = torch.zeros_like(rows)
+        else:
+            same = ((argmax_canvas == self.last_argmax) | ~step.update_mask).all(-1)
+        self.argmax_same_for = torch.where(rows, torch.where(same, self.argmax_same_for + 1, 0), self.argmax_same_for)
+        self.last_argmax = torch.where(rows.unsqueeze(-1), argmax_canvas, step.canvas if self.last_argmax is None
+                                       else self.last_argmax)
+        stable = self.argmax_same_for >= config.stability_threshold
+        return argmax_canvas, rows & stable & (mean_entropy < config.confidence_threshold)
 
     def masked_in_block(self, plan: _Plan, block: int) -> torch.Tensor:
         """(B,) whether a row's block still holds a mask token."""
@@ -767,7 +923,11 @@ class _Run:
         config = plan.config
         if not (config.return_dict_in_generate or config.output_history):
             return canvas
+        generated = plan.free.sum(-1)
+        if plan.eos_ids is not None:  # not counting the padding after the first generated EOS
+            generated = generated - (plan.free & after_eos).sum(-1)
         return SFDLMGenerationOutput(sequences=canvas, num_forward_passes=self.network.passes,
+                                     tokens_per_forward=generated / self.network.passes.clamp_min(1),
                                      history=tuple(self.history) if config.output_history else None)
 
 

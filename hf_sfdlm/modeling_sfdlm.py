@@ -573,6 +573,10 @@ class SFDLMModel(SFDLMPreTrainedModel):
         return x, None if states is None else tuple(states)
 
 
+# transformers' custom-pipeline entry written into config.json by `save_pretrained`
+FEATURE_EXTRACTION_PIPELINE = {"impl": "feature_extraction_sfdlm.SFDLMFeatureExtractionPipeline", "pt": ["AutoModel"]}
+
+
 class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTrainedModel):
     """SFDLM with its output head: predicts p_hat(x_0 | x_t) and, given `labels`, returns the NELBO.
 
@@ -610,12 +614,23 @@ class SFDLMForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, SFDLMPreTraine
             auto_map[auto_class] = f"modeling_sfdlm.{SFDLMForDiffusionLM.__name__}"
         auto_map["AutoConfig"] = f"configuration_sfdlm.{SFDLMConfig.__name__}"
         self.config.auto_map = auto_map
+        # pipeline("feature-extraction") gives hidden states, not logits (feature_extraction_sfdlm.py)
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}),
+                                        "feature-extraction": FEATURE_EXTRACTION_PIPELINE}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from .integrity import write_checksums  # copied with the remote code (standard library only)
 
             write_checksums(save_directory)  # checksums.json: SHA-256 of the weights, verified on load
         return result
+
+    @staticmethod
+    def feature_extraction_pipeline() -> type:
+        """The `feature-extraction` pipeline class that `config.custom_pipelines` names (hidden states). This
+        import also makes transformers copy its file with the remote code."""
+        from .feature_extraction_sfdlm import SFDLMFeatureExtractionPipeline
+
+        return SFDLMFeatureExtractionPipeline
 
     def denoise(self, noisy_input_ids: torch.Tensor, timesteps: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Samplers for SFDLM's iterative denoising: one reverse step x_t -> x_s each, in the `SAMPLERS` registry.
 
-    "ancestral"   x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) (D3PM/MDLM), both processes
-    "uniform"     the same for the uniform process, then Duo's greedy tail (one argmax pass at t_min)
+    "ancestral"   x_s ~ p(x_s | x_t), the model's reverse kernel (`DiscreteDiffusion.reverse_probs`: the
+                  normalised D3PM kernel, proportional to q(x_t | x_s) sum_x0 q(x_s | x0) p_hat(x0 | x_t);
+                  for the absorbing process MDLM's posterior mixture), both processes
+    "uniform"     the same for the uniform process (UDLM/Duo), then Duo's greedy tail (one argmax at t_min)
     "confidence"  absorbing: unmask the most confident positions, a per-row budget that follows the
                   noise schedule (MaskGIT / LLaDA low-confidence / Dream's max-prob, margin and entropy)
     "threshold"   absorbing: also unmask every position whose confidence passes a threshold (Fast-dLLM)
@@ -18,6 +20,14 @@ positions unmask between t and s does not depend on the network (each with proba
 (alpha_s - alpha_t) / (1 - alpha_t)), so the ancestral sampler draws that set first
 (`SamplingStep.unmasking`) and asks for p_hat only there: the same distribution as drawing from
 `reverse_probs` at every masked position, at a fraction of the cost.
+
+Greedy decoding (`do_sample=False`, temperature 0) is a deterministic function of the input for every
+sampler: no sampler draws, every choice is the most probable one with ties to the leftmost position (and
+the lowest token id). Where a step's outcome is random in more than the token (which positions unmask or
+change), the greedy step makes the expected number of changes, the most probable ones
+(`greedy_changes`): the ancestral absorbing step unmasks round(m (alpha_s - alpha_t) / (1 - alpha_t)) of its
+m masked positions, the most confident, like the confidence sampler. A uniform model's starting canvas is a
+draw from the uniform prior with the fixed seed `GREEDY_SEED`.
 
 Randomness is drawn per row, from that row's own generator and only at that row's positions (row-major),
 so a row gives exactly the result it gives alone with the same generator, whatever the padding.
@@ -41,6 +51,8 @@ CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
 MIN_TEMPERATURE = 1e-3
 # Duo's greedy tail: the uniform sampler's ancestral steps stop at t_min, then one argmax pass there.
 UNIFORM_T_MIN = 1e-5
+# Greedy decoding of a uniform model starts from the uniform prior drawn with this seed (every row alike).
+GREEDY_SEED = 0
 
 
 @dataclass
@@ -222,7 +234,9 @@ def register_sampler(cls: type[Sampler]) -> type[Sampler]:
 
 @register_sampler
 class AncestralSampler(Sampler):
-    """x_s ~ p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t) at every updatable position (D3PM, MDLM).
+    """x_s ~ p(x_s | x_t) at every updatable position: the model's reverse kernel, the normalised D3PM kernel
+    p(x_s | x_t) proportional to q(x_t | x_s) sum_x0 q(x_s | x0) p_hat(x0 | x_t) (`reverse_probs`; for the
+    absorbing process it equals MDLM's posterior mixture sum_x0 q(x_s | x_t, x0) p_hat(x0 | x_t)).
 
     Absorbing: the set of masked positions that unmask (each with probability (alpha_s - alpha_t) / (1 -
     alpha_t)) is drawn first, then each of them gets a draw of p_hat; unmasked positions stay. p_hat is
@@ -238,8 +252,9 @@ class AncestralSampler(Sampler):
             return self.unmask(step)
         return self.uniform_step(step)
 
-    @staticmethod
-    def unmask(step: SamplingStep) -> torch.LongTensor:
+    def unmask(self, step: SamplingStep) -> torch.LongTensor:
+        if step.greedy:  # the expected number of unmaskings, the most confident positions (no draw)
+            return self.unmask_most_confident(step, self.config.confidence_measure)
         positions = step.unmasking()
         if not positions.any():
             return step.canvas
@@ -248,17 +263,47 @@ class AncestralSampler(Sampler):
         return new
 
     @staticmethod
+    def unmask_most_confident(step: SamplingStep, measure: str) -> torch.LongTensor:
+        """Greedy absorbing step: each row unmasks round(m (alpha_s - alpha_t) / (1 - alpha_t)) of its m masked
+        positions (all at the last step), those whose p_hat is the most confident under `measure` (ties to
+        the leftmost), each to its most probable token. With "max_prob" these are the unmaskings the reverse
+        kernel finds most probable (p(x_s = y) = (alpha_s - alpha_t) / (1 - alpha_t) p_hat(y))."""
+        masked = step.masked()
+        count = masked.sum(-1)
+        budget = count if step.is_last else torch.floor(
+            count.double() * step.unmask_probability().to(count.device) + 0.5).long()
+        masked &= (budget > 0).unsqueeze(-1)  # rows that unmask nothing need no prediction
+        if not masked.any():
+            return step.canvas
+        probs = step.x0_probs(masked)
+        chosen = top_per_row(confidence(probs, measure), masked, budget)
+        new = step.canvas.clone()
+        new[chosen] = probs[chosen[masked]].argmax(-1)
+        return new
+
+    @staticmethod
     def uniform_step(step: SamplingStep) -> torch.LongTensor:
         """Every updatable position draws x_s from the uniform reverse kernel, formed in place of p_hat (the
-        one (N, V) tensor; `uniform_reverse_weights_`) and drawn by inverse CDF in place too."""
+        one (N, V) tensor; `uniform_reverse_weights_`) and drawn by inverse CDF in place too.
+
+        Greedy: every position's target is its argmax of p_hat (at s = 0 every position takes it); before,
+        each row moves round(sum of P(x_s = target)) of its positions not at their target, those the kernel
+        most probably moves there, and the others stay."""
         positions = step.update_mask
         if not positions.any():
             return step.canvas
         weights = step.x0_probs(positions)
-        if step.greedy:
-            top = weights.argmax(-1, keepdim=True)
-            weights = weights.zero_().scatter_(-1, top, 1.0)
         rows, x_t = step.rows(positions), step.canvas[positions]
+        if step.greedy:
+            targets = weights.argmax(-1)
+            if step.is_last:
+                new = step.canvas.clone()
+                new[positions] = targets
+                return new
+            uniform_reverse_weights_(weights, x_t, step.alpha_s[rows], step.alpha_t[rows])
+            to_target = weights.gather(-1, targets.unsqueeze(-1)).squeeze(-1) / weights.sum(-1)
+            to_target = torch.where(targets == x_t, torch.zeros_like(to_target), to_target)
+            return greedy_changes(step, positions, targets, to_target, to_target)
         uniform_reverse_weights_(weights, x_t, step.alpha_s[rows], step.alpha_t[rows])
         new = step.canvas.clone()
         new[positions] = inverse_cdf(weights, step.uniform(positions), overwrite=True)
@@ -308,6 +353,36 @@ def _scatter_rows(values: torch.Tensor, positions: torch.BoolTensor, fill: float
     return out
 
 
+def top_per_row(scores: torch.Tensor, positions: torch.BoolTensor, budget: torch.Tensor) -> torch.BoolTensor:
+    """(B, L) the `budget` (B,) highest-scoring of each row's `positions` (B, L); `scores` (N,) are given at
+    the N positions, row-major. Ties go to the leftmost position (a stable sort), so the choice is a
+    deterministic function of the scores."""
+    full = _scatter_rows(scores.double(), positions, -math.inf)
+    order = torch.sort(full, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order).contiguous())
+    return positions & (rank < budget.unsqueeze(-1))
+
+
+def expected_count(step: SamplingStep, positions: torch.BoolTensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """(B,) round(sum of `probabilities` (N,) over each row's `positions`), halves up: the expected number of
+    events (unmaskings, changes) of a row, as a whole number."""
+    total = torch.zeros(positions.shape[0], dtype=torch.float64, device=positions.device)
+    total.index_add_(0, step.rows(positions), probabilities.double())
+    return torch.floor(total + 0.5).long()
+
+
+def greedy_changes(step: SamplingStep, positions: torch.BoolTensor, targets: torch.Tensor, scores: torch.Tensor,
+                   expected: torch.Tensor) -> torch.LongTensor:
+    """The greedy form of a reverse step in which each of the N `positions` (row-major) would change to a
+    random token: each row makes round(sum `expected`) changes, at its highest-`scores` positions (ties to
+    the leftmost), each to its `targets` token. `scores`, `expected`: (N,) probabilities; `targets`: (N,)."""
+    chosen = top_per_row(scores, positions, expected_count(step, positions, expected))
+    new = step.canvas.clone()
+    new[chosen] = targets[chosen[positions]]
+    return new
+
+
 @register_sampler
 class ConfidenceSampler(Sampler):
     """Absorbing: unmask the most confident masked positions (MaskGIT, LLaDA, Dream).
@@ -333,11 +408,7 @@ class ConfidenceSampler(Sampler):
 
     def select(self, step: SamplingStep, masked: torch.BoolTensor, conf: torch.Tensor,
                budget: torch.Tensor) -> torch.BoolTensor:
-        scores = _scatter_rows(conf.double(), masked, -math.inf)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order).contiguous())
-        return masked & (rank < budget.unsqueeze(-1))
+        return top_per_row(conf, masked, budget)
 
     def __call__(self, step: SamplingStep) -> torch.LongTensor:
         masked = step.masked()
@@ -376,17 +447,19 @@ class _ScoreSampler(Sampler):
     """Base of SEDD's samplers for score models (`objective="score_entropy"`, `score_entropy.py`): the
     network's raw outputs parameterise log-scores, every updatable position moves independently
     (tau-leaping), and the fixed positions condition the scores (SEDD's `proj_fun` is the update mask).
-    The maths is `ScoreEntropy.<method>`. Temperature 0 (greedy): the last step takes each position's most
-    probable token (for the uniform process, Duo's greedy tail), and an absorbing position that unmasks
-    earlier takes its most probable token (as the ancestral sampler's greedy mode). Other temperatures,
+    The maths is `ScoreEntropy.<method>`. Other temperatures than 1 and 0 (greedy),
     top-k/top-p and logits processors act on logits of p_hat(x_0 | x_t), which a score model has not, so
-    they are refused (processors are not applied)."""
+    they are refused (processors are not applied). Greedy (temperature 0) makes no draw: see `greedy`."""
 
     parameterizations = ("score",)
     method: ClassVar[str] = ""
 
     def __init__(self, config):
         super().__init__(config)
+        if getattr(config, "t_min", None) is not None or getattr(config, "stability_threshold", None) is not None:
+            raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model, whose outputs are "
+                             "not logits of p_hat: DiffusionGemma's temperature schedule (t_min/t_max) and its "
+                             "stable-and-confident stop (stability_threshold) need an x0 model.")
         if config.temperature not in (0, 1) or config.top_k or config.top_p < 1:
             raise ValueError(f"sampler={self.name!r} draws from the reverse process of a score model as is: it needs "
                              f"temperature 1 (or 0), top_k=0 and top_p=1, got {config.temperature}, {config.top_k} and "
@@ -403,14 +476,27 @@ class _ScoreSampler(Sampler):
         probs = transition(step.raw_logits(positions).unsqueeze(1), x_t, step.t[rows], step.s[rows]).squeeze(1)
         if not absorbing and step.config.mask_token_id is not None:
             probs[:, step.config.mask_token_id] = 0  # a uniform model never writes the mask token
+        if step.greedy:
+            return self.greedy(step, positions, probs, x_t.squeeze(1), absorbing)
         new = step.canvas.clone()
-        drawn = step.categorical(probs, positions)
-        if step.greedy and step.is_last:
-            drawn = probs.argmax(-1)
-        elif step.greedy and absorbing:  # an unmasking position takes the most probable token
-            drawn = torch.where(drawn != x_t.squeeze(1), probs.scatter(-1, x_t, 0.0).argmax(-1), drawn)
-        new[positions] = drawn
+        new[positions] = step.categorical(probs, positions)
         return new
+
+    @staticmethod
+    def greedy(step: SamplingStep, positions, probs, x_t, absorbing: bool) -> torch.LongTensor:
+        """Greedy step (no draw): at the last step every position takes its most probable x_s; before, each
+        position's target is its most probable token other than x_t, and each row makes the expected number
+        of changes (absorbing: of unmaskings; uniform: of moves to the targets), where the move to the target
+        is most probable."""
+        if step.is_last:
+            new = step.canvas.clone()
+            new[positions] = probs.argmax(-1)
+            return new
+        probs = probs / probs.sum(-1, keepdim=True)
+        targets = probs.scatter(-1, x_t.unsqueeze(-1), -1.0).argmax(-1)
+        to_target = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        expected = 1 - probs.gather(-1, x_t.unsqueeze(-1)).squeeze(-1) if absorbing else to_target
+        return greedy_changes(step, positions, targets, to_target, expected)
 
 
 @register_sampler
@@ -475,10 +561,13 @@ __all__ = [
     "ThresholdSampler",
     "TweedieSampler",
     "UniformSampler",
+    "GREEDY_SEED",
     "confidence",
+    "greedy_changes",
     "default_sampler",
     "filter_logits",
     "inverse_cdf",
     "register_sampler",
+    "top_per_row",
     "uniform_reverse_weights_",
 ]

@@ -454,3 +454,108 @@ def test_inputs_embeds_gives_the_logits_of_the_ids_and_is_refused_where_it_canno
         model(inputs_embeds=embeds[..., :8], timesteps=t)
     with pytest.raises(ValueError, match="no attention layers"):
         model(input_ids=ids, timesteps=t, output_attentions=True)
+
+
+# ------------------------------------------------ pipeline("feature-extraction") gives hidden states (issue 22, item 5)
+@pytest.fixture(scope="module")
+def saved_for_features(tmp_path_factory):
+    """Absorbing and uniform (both noise-conditioned) word-level models with their tokenizer, weights opened."""
+    tokenizer = word_level_tokenizer()
+    folders = {}
+    for process in ("absorbing", "uniform"):
+        model = SFDLMForDiffusionLM(tiny_config(vocab_size=len(tokenizer), process=process,
+                                                mask_token_id=tokenizer.mask_token_id)).eval()
+        open_gates(model, seed=5)
+        folder = tmp_path_factory.mktemp(f"features_{process}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[process] = (folder, model)
+    return folders, tokenizer
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_feature_extraction_pipeline_returns_the_backbone_hidden_states(saved_for_features, process):
+    """The real `pipeline("feature-extraction")` returns last_hidden_state (1, L, hidden_size) of the backbone at
+    the noise level read from the text (absorbing: its masked fraction; uniform: 0), not (1, L, V) logits;
+    `timesteps=` sets it. Through the folder's code (trust_remote_code=True) and, with hf_sfdlm installed,
+    through `pipeline_class=` without running folder code; without either transformers refuses."""
+    from transformers import pipeline
+
+    from hf_sfdlm import SFDLMFeatureExtractionPipeline
+
+    folders, tokenizer = saved_for_features
+    folder, model = folders[process]
+    text = "the small dog [MASK] a ball ."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    t = model.infer_timesteps(ids) if process == "absorbing" else torch.zeros(1)
+    assert (t > 0).all() == (process == "absorbing")
+    with torch.no_grad():
+        expected = model.model(ids, timesteps=t).last_hidden_state
+        other_t = model.model(ids, timesteps=0.7).last_hidden_state
+    assert expected.shape == (1, ids.shape[1], model.config.hidden_size) != model.config.vocab_size
+    remote = pipeline("feature-extraction", model=str(folder), trust_remote_code=True)
+    assert type(remote).__module__.startswith("transformers_modules.")
+    local = pipeline("feature-extraction", model=str(folder), pipeline_class=SFDLMFeatureExtractionPipeline)
+    assert type(local.model).__module__ == "hf_sfdlm.modeling_sfdlm"
+    for extractor in (remote, local):
+        torch.testing.assert_close(extractor(text, return_tensors=True), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(extractor(text, return_tensors=True, timesteps=0.7), other_t, rtol=0, atol=1e-6)
+        assert torch.tensor(extractor(text)).shape == expected.shape  # the default nested list
+    assert not torch.allclose(expected, other_t, atol=1e-4)  # the noise level matters to these weights
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline("feature-extraction", model=str(folder))
+
+
+def test_auto_model_still_generates_and_fill_mask_still_predicts_after_the_pipeline_entry(saved_for_features):
+    from transformers import AutoModel, pipeline
+
+    folders, tokenizer = saved_for_features
+    folder, model = folders["absorbing"]
+    assert json.loads((folder / "config.json").read_text())["custom_pipelines"] == {
+        "feature-extraction": {"impl": "feature_extraction_sfdlm.SFDLMFeatureExtractionPipeline", "pt": ["AutoModel"]}}
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    ids = tokenizer("the small dog", return_tensors="pt")["input_ids"]
+    out = loaded.generate(ids, max_new_tokens=4, steps=4, do_sample=False)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=4, steps=4, do_sample=False))
+    predictions = pipeline("fill-mask", model=str(folder))("the [MASK] dog sees a ball .", top_k=3)
+    with torch.no_grad():
+        ids = tokenizer("the [MASK] dog sees a ball .", return_tensors="pt")["input_ids"]
+        probs = model(input_ids=ids).logits[0, 1].softmax(-1)
+    assert [p["token"] for p in predictions] == probs.topk(3).indices.tolist()
+
+
+FEATURES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.extend(json.loads(sys.argv[1]))
+    try:
+        import hf_sfdlm
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit(f"hf_sfdlm is importable from {hf_sfdlm.__file__}")
+    from transformers import pipeline
+    extractor = pipeline("feature-extraction", model=sys.argv[2], trust_remote_code=True)
+    features = extractor("the small dog [MASK] a ball .", return_tensors=True)
+    json.dump({"module": type(extractor).__module__, "features": features.tolist()}, open(sys.argv[3], "w"))
+""")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
+def test_feature_extraction_pipeline_works_through_remote_code_alone(saved_for_features, tmp_path):
+    from transformers import pipeline
+
+    from hf_sfdlm import SFDLMFeatureExtractionPipeline
+
+    folders, _ = saved_for_features
+    folder, _ = folders["absorbing"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-I", "-S", "-c", FEATURES_SCRIPT, json.dumps(third_party_path()),
+                             str(folder), str(tmp_path / "out.json")],
+                            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["module"].startswith("transformers_modules.")
+    local = pipeline("feature-extraction", model=str(folder), pipeline_class=SFDLMFeatureExtractionPipeline)
+    torch.testing.assert_close(torch.tensor(out["features"]), local("the small dog [MASK] a ball .", return_tensors=True),
+                               rtol=0, atol=1e-5)

@@ -558,3 +558,111 @@ def test_regrouped_uniform_kl_rate_and_its_gradient_match_the_entrywise_formula(
         (grad,) = torch.autograd.grad(got.sum(), leaf)
         torch.testing.assert_close(got.double(), reference.detach(), rtol=tolerance, atol=0)
         torch.testing.assert_close(grad.double(), reference_grad, rtol=tolerance, atol=tolerance * reference_grad.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# t = 0, tiny t and inferred t (issue 22, item 4)
+
+@pytest.mark.parametrize("process", ["uniform", "absorbing"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_timesteps_zero_gives_the_t_to_zero_limit_with_finite_gradients(process, schedule):
+    """`model(ids, labels=ids, timesteps=0.0)` was NaN for the uniform process (0 / 0 in the integrand). At
+    t = 0, x_t = x_0, and the integrand is its limit: 0 for the absorbing process (nothing is masked) and,
+    for the uniform one, the entry-wise float64 KL rate at t = 1e-10 (where it needs no care) to O(t)."""
+    model = SFDLMForDiffusionLM(tiny_config(process=process, mask_token_id=31, noise_schedule=schedule)).double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():  # past the adaLN-Zero identity init: p_hat depends on the input
+            parameter.normal_(0, 0.2, generator=generator)
+    ids = torch.randint(0, 31, (2, 8), generator=generator)
+    out = model(ids, labels=ids, timesteps=0.0)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(out.loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(out.noisy_input_ids, ids)
+    if process == "absorbing":
+        assert out.loss.item() == 0.0
+        return
+    if schedule == "cosine":  # alpha'(0) = 0: the hazard, and with it the integrand, vanishes at t = 0
+        assert out.loss.item() == 0.0
+        return
+    t = torch.full((2,), 1e-10, dtype=torch.float64)
+    reference = straightforward_uniform_kl_rate(model.diffusion, out.logits.detach(), ids, ids, t).mean()
+    assert out.loss.item() > 0 and out.loss.item() == pytest.approx(float(reference), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_integrand_at_t_zero_is_finite_for_a_confident_and_a_hopeless_model(dtype):
+    """Clean positions at t = 0 (and where 1 - alpha underflows) take the limit (h / V)(1 - p0) / p0, formed
+    from the accurate 1 - p0; gradients stay finite also where p_hat(x_0) is tiny."""
+    vocab = 7
+    diffusion = make_diffusion("uniform", vocab_size=vocab)  # loglinear: h(0) = 1
+    x0 = torch.tensor([[0, 1, 2]])
+    for eps in (1e-6, 1 - 1e-6):  # p_hat puts 1 - eps on x_0
+        probs = (1 - eps) * F.one_hot(x0, vocab).double() + eps * (1 - F.one_hot(x0, vocab).double()) / (vocab - 1)
+        for t in (0.0, 1e-30):
+            logits = probs.log().to(dtype).requires_grad_()
+            draw = NoiseDraw(torch.tensor([t], dtype=torch.float64), None, torch.ones(1, dtype=torch.float64),
+                             torch.zeros(1, dtype=torch.bool))
+            terms = diffusion.loss_terms(logits, x0, x0, draw)
+            (grad,) = torch.autograd.grad(terms.sum(), logits)
+            assert torch.isfinite(grad).all()
+            expected = (1 / vocab) * eps / (1 - eps)
+            torch.testing.assert_close(terms.double(), torch.full_like(terms, expected, dtype=torch.float64),
+                                       rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_absorbing_weights_use_one_minus_alpha_at_tiny_t():
+    """Cosine schedule at t = 1e-9: in float64 alpha(t) rounds to 1, so weights built from 1 - alpha were 0
+    (discrete) or 1e12 times too large (continuous). Reference: closed forms in float64,
+    -alpha'/(1 - alpha) = (pi / 2) cot(pi t / 4) and (alpha_s - alpha_t)/(1 - alpha_t) =
+    (sin^2(pi t / 4) - sin^2(pi s / 4)) / sin^2(pi t / 4), with no cancellation at small t."""
+    vocab, mask = 5, 4
+    x0 = torch.tensor([[0, 1, 2]])
+    x_t = torch.tensor([[mask, 1, mask]])
+    logits = torch.randn(1, 3, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    nll = -DiscreteDiffusion(vocab, "absorbing", NoiseSchedule("cosine"), None, mask).x0_log_probs(
+        logits, x_t).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    t, s = 1e-9, 0.5e-9
+    ones = torch.ones(1, dtype=torch.float64)
+    continuous = DiscreteDiffusion(vocab, "absorbing", NoiseSchedule("cosine"), None, mask)
+    draw = NoiseDraw(torch.tensor([t], dtype=torch.float64), None, ones, torch.zeros(1, dtype=torch.bool))
+    weight = (math.pi / 2) / math.tan(math.pi * t / 4)  # ~ 2 / t
+    expected = torch.where(x_t == mask, weight * nll, torch.zeros_like(nll))
+    torch.testing.assert_close(continuous.loss_terms(logits, x0, x_t, draw), expected, rtol=1e-12, atol=0)
+
+    discrete = DiscreteDiffusion(vocab, "absorbing", NoiseSchedule("cosine"), 10**9, mask)
+    draw = NoiseDraw(torch.tensor([t], dtype=torch.float64), torch.tensor([s], dtype=torch.float64), ones,
+                     torch.zeros(1, dtype=torch.bool))
+    coef = (math.sin(math.pi * t / 4) ** 2 - math.sin(math.pi * s / 4) ** 2) / math.sin(math.pi * t / 4) ** 2
+    assert coef == pytest.approx(0.75, rel=1e-9)
+    expected = torch.where(x_t == mask, coef * nll, torch.zeros_like(nll))
+    torch.testing.assert_close(discrete.loss_terms(logits, x0, x_t, draw), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("num_timesteps", [None, 1, 2, 5, 10, 1000])
+def test_inferred_timesteps_never_land_on_an_impossible_state(schedule, num_timesteps):
+    """For every number of masked positions k out of L (and with padding), the t read from the input is
+    one where such an x_t can occur: t > 0 when k > 0 and t < 1 when k < L (for T = 1 the only step,
+    t = 1, whenever something is masked). Rounding to the grid i / T used to give t = 0 for 1 masked in
+    64 and t = 1 for 63 masked in 64."""
+    length, mask = 64, 31
+    model = SFDLMForDiffusionLM(tiny_config(process="absorbing", mask_token_id=mask, noise_schedule=schedule,
+                                            num_timesteps=num_timesteps, max_position_embeddings=128))
+    ids = torch.full((length + 1, length), 5)
+    for k in range(length + 1):
+        ids[k, :k] = mask
+    attention = torch.ones_like(ids)
+    attention[::3, -4:] = 0  # padding is not maskable: it counts neither way
+    t = model.infer_timesteps(ids, attention)
+    masked = ((ids == mask) & (attention == 1)).any(-1)
+    unmasked = ((ids != mask) & (attention == 1)).any(-1)
+    assert torch.isfinite(t).all()
+    assert (t[masked] > 0).all() and (t[~masked] == 0).all()
+    if num_timesteps == 1:
+        assert (t[masked] == 1).all()
+    else:
+        assert (t[unmasked] < 1).all() and (t[~unmasked] == 1).all()
+    if num_timesteps is not None:  # still on the grid
+        assert ((t.double() * num_timesteps - (t.double() * num_timesteps).round()).abs() < 1e-3).all()

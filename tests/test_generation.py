@@ -818,3 +818,183 @@ def test_trained_tiny_model_generates_text_with_low_nelbo(process):
     pairs = {(int(c[i]), int(c[(i + 1) % 4])) for c in CYCLES for i in range(4)}
     follows = [(int(a), int(b)) in pairs for row in samples for a, b in zip(row[:-1], row[1:])]
     assert np.mean(follows) > 0.8
+
+
+# ------------------------------------------------------------------ greedy decoding is deterministic (issue 22, item 1)
+GREEDY_CASES = [("absorbing", "elbo", "ancestral"), ("absorbing", "elbo", "confidence"),
+                ("absorbing", "elbo", "threshold"), ("uniform", "elbo", "ancestral"), ("uniform", "elbo", "uniform"),
+                ("absorbing", "score_entropy", "tweedie"), ("absorbing", "score_entropy", "euler"),
+                ("uniform", "score_entropy", "tweedie"), ("uniform", "score_entropy", "euler")]
+
+
+def order_dependent_model(process, objective="elbo", seed=0):
+    """A word-level model with weights randomised past the adaLN-Zero identity init, so that its predictions
+    depend on the canvas (hence on which positions were unmasked or changed before)."""
+    model = word_model(process, objective=objective)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.5, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("process, objective, sampler", GREEDY_CASES)
+def test_greedy_generation_is_a_deterministic_function_of_the_input(process, objective, sampler):
+    """Five greedy calls (do_sample=False, temperature=0 or a plain GenerationConfig(do_sample=False); other
+    seeds, no generator) give one output, with and without semi-AR blocks; sampled calls on the same model do
+    differ, so the model's predictions depend on what was decoded before (the identity-initialised model
+    used before hid the random unmasking order)."""
+    from transformers import GenerationConfig
+
+    model = order_dependent_model(process, objective)
+    ids = torch.tensor([encode("the small dog"), encode("a big cat")])
+    for block_length in (None, 4):
+        options = dict(max_new_tokens=8, steps=8, sampler=sampler, block_length=block_length)
+        calls = [model.generate(ids, do_sample=False, generator=torch.Generator().manual_seed(0), **options),
+                 model.generate(ids, temperature=0, generator=torch.Generator().manual_seed(1), **options),
+                 model.generate(ids, generation_config=GenerationConfig(do_sample=False), **options),
+                 model.generate(ids, do_sample=False, generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+                                **options),
+                 model.generate(ids, do_sample=False, **options)]
+        assert all(torch.equal(call, calls[0]) for call in calls[1:]), (block_length, calls)
+        assert not (calls[0] == MASK).any()
+        sampled = {tuple(model.generate(ids, do_sample=True, generator=torch.Generator().manual_seed(seed),
+                                        **options).flatten().tolist()) for seed in range(5)}
+        assert len(sampled) > 1
+
+
+@pytest.mark.parametrize("process, objective, sampler", GREEDY_CASES)
+def test_greedy_samplers_never_draw(process, objective, sampler, monkeypatch):
+    """Determinism by construction: in greedy mode no sampler asks a generator for anything."""
+    from hf_sfdlm.sampling_sfdlm import SamplingStep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a greedy step drew a random number")
+
+    monkeypatch.setattr(SamplingStep, "uniform", refuse)
+    model = order_dependent_model(process, objective)
+    out = model.generate(torch.tensor([encode("the small dog")]), max_new_tokens=6, steps=6, sampler=sampler,
+                         do_sample=False)
+    assert not (out == MASK).any()
+    with pytest.raises(AssertionError, match="drew a random number"):
+        model.generate(torch.tensor([encode("the small dog")]), max_new_tokens=6, steps=6, sampler=sampler)
+
+
+def test_greedy_ancestral_unmasks_the_expected_number_of_the_most_confident_positions():
+    """Absorbing, greedy: each step unmasks round(m (alpha_s - alpha_t) / (1 - alpha_t)) of the m masked
+    positions (read from the history against the schedule), and they are the confidence sampler's greedy
+    choice (same output, same history)."""
+    model = order_dependent_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    steps, new = 5, 9
+    ancestral = model.generate(ids, max_new_tokens=new, steps=steps, do_sample=False, output_history=True)
+    confident = model.generate(ids, max_new_tokens=new, steps=steps, do_sample=False, output_history=True,
+                               sampler="confidence")
+    assert torch.equal(ancestral.sequences, confident.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ancestral.history, confident.history))
+    schedule = model.diffusion.schedule  # loglinear: (alpha_s - alpha_t) / (1 - alpha_t) = (t - s) / t = 1 / k
+    masked = new
+    for k, canvas in zip(range(steps, 0, -1), ancestral.history):
+        t, s = k / steps, (k - 1) / steps
+        ratio = float((schedule.alpha(s) - schedule.alpha(t)) / (1 - schedule.alpha(t)))
+        masked -= math.floor(masked * ratio + 0.5)
+        assert int((canvas == MASK).sum()) == masked
+    assert masked == 0
+
+
+# ------------------------------------------------------------------ DiffusionGemma's generation contract (issue 22, item 10)
+def diffusion_gemma_config(**fields):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{"max_denoising_steps": 5, "t_min": 0.4, "t_max": 0.8, "return_dict_in_generate": True,
+                               "max_new_tokens": 8, **fields})
+
+
+def test_diffusion_gemma_temperature_schedule_is_transformers_own(monkeypatch):
+    """A plain GenerationConfig with DiffusionGemma's fields: `max_denoising_steps` steps per block, each at
+    the temperature of transformers' LinearTemperatureScheduleLogitsProcessor for the steps left."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
+
+    import hf_sfdlm.generation_sfdlm as generation
+
+    seen = []
+    original = generation.filter_logits
+    monkeypatch.setattr(generation, "filter_logits", lambda logits, temperature, *rest: (
+        seen.append(temperature), original(logits, temperature, *rest))[1])
+    model = order_dependent_model("uniform")
+    ids = torch.tensor([encode("the small dog")])
+    out = model.generate(ids, generation_config=diffusion_gemma_config(), sampler="ancestral", block_length=4)
+    assert out.num_forward_passes.tolist() == [10]  # 5 steps for each of the 2 blocks
+    schedule = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=5)
+    expected = [float(1 / schedule(None, torch.ones(1, 1), n)) for n in range(5, 0, -1)]
+    assert seen == pytest.approx(expected * 2, rel=1e-6)
+    sampled = {tuple(model.generate(ids, generation_config=diffusion_gemma_config(), sampler="ancestral",
+                                    generator=torch.Generator().manual_seed(seed)).sequences[0].tolist())
+               for seed in range(3)}
+    assert len(sampled) > 1  # the schedule samples (DiffusionGemma always does); do_sample=False is greedy
+    seen.clear()
+    model.generate(ids, generation_config=diffusion_gemma_config(do_sample=False), sampler="ancestral")
+    assert set(seen) == {0.0}
+
+
+def confident_stub(process, length=8):
+    """p_hat puts 1 - 1e-6 on token (i mod 3) + 1 at position i, whatever the input: an argmax canvas that
+    never changes, and a mean entropy of about 2e-5 nats."""
+    vocab = 6
+    probs = torch.full((length + 4, vocab), 1e-6 / (vocab - 2))
+    probs[:, vocab - 1] = 0 if process == "absorbing" else probs[0, 0]
+    for i in range(length + 4):
+        probs[i, i % 3 + 1] = 1 - 1e-6
+    return stub_model(process, probs / probs.sum(-1, keepdim=True), mask=vocab - 1 if process == "absorbing" else None,
+                      time_conditioning=True)  # no MDLM cache across steps: one pass per step
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_diffusion_gemma_stable_and_confident_stop(process):
+    """`stability_threshold` n: the block stops (taking its argmax canvas) at the first step whose argmax
+    canvas equals those of the n steps before and whose mean entropy is below `confidence_threshold`
+    (DiffusionGemma's default 0.005 when unset); `tokens_per_forward` is generated tokens per pass."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import StableAndConfidentStoppingCriteria
+
+    ids = torch.tensor([[1, 2]])
+    expected = torch.tensor([[1, 2] + [i % 3 + 1 for i in range(2, 10)]])
+    logits = confident_stub(process).denoise(expected, None)[:, 2:].float()
+    for threshold, passes in ((0, 1), (1, 2), (3, 4)):
+        criteria = StableAndConfidentStoppingCriteria(stability_threshold=threshold, confidence_threshold=0.005)
+        stops = [bool(criteria(logits.argmax(-1), logits)) for _ in range(6)]
+        assert stops.index(True) + 1 == passes  # transformers' own criteria stop at the same step
+        model = confident_stub(process)
+        out = model.generate(ids, generation_config=diffusion_gemma_config(stability_threshold=threshold,
+                                                                          max_denoising_steps=6),
+                             sampler="ancestral")
+        assert out.num_forward_passes.tolist() == [passes], threshold
+        assert torch.equal(out.sequences, expected)
+        assert out.tokens_per_forward.tolist() == [pytest.approx(8 / passes)]
+    model = confident_stub(process)  # not confident enough: every step runs, with one pass each
+    out = model.generate(ids, generation_config=diffusion_gemma_config(stability_threshold=0, confidence_threshold=1e-6,
+                                                                      max_denoising_steps=6, do_sample=False),
+                         sampler="ancestral")
+    assert out.num_forward_passes.tolist() == [6] and len(model.stub_calls) == 6
+    assert torch.equal(out.sequences, expected)
+
+
+def test_diffusion_gemma_fields_are_validated_and_take_priority_over_ours():
+    model = word_model("absorbing")
+    ids = torch.tensor([encode("the small dog")])
+    model.generation_config.steps = 12  # the model's default, overridden by DiffusionGemma's per-block steps
+    out = model.generate(ids, generation_config=diffusion_gemma_config(max_denoising_steps=3), block_length=4,
+                         sampler="confidence")
+    assert out.num_forward_passes.tolist() == [6]
+    assert model.generate(ids, max_new_tokens=8, max_denoising_steps=2, return_dict_in_generate=True,
+                          sampler="confidence").num_forward_passes.tolist() == [2]
+    cases = [(dict(steps=4, max_denoising_steps=4), "both set"), (dict(t_min=0.5), "needs both"),
+             (dict(t_min=0.5, t_max=0.5), "greater than `t_min`"), (dict(t_min=-1.0, t_max=1.0), "t_min"),
+             (dict(t_min=0.1, t_max=0.5, temperature=0.7), "both set the temperature"),
+             (dict(stability_threshold=1, sampler="threshold"), "DiffusionGemma's mean-entropy"),
+             (dict(stability_threshold=-1), "stability_threshold"),
+             (dict(stability_threshold=1, confidence_threshold=0.0), "mean entropy"),
+             (dict(confidence_threshold=2.0), r"\(0, 1\]")]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=message):
+            SFDLMGenerationConfig(**fields)
+    SFDLMGenerationConfig(stability_threshold=1, confidence_threshold=2.0)  # nats: above 1 is fine there
