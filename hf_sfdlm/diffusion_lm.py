@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo, training_loss
+from .diffusion import (DiscreteDiffusion, invert_one_minus_alpha, NoiseSchedule, monte_carlo_nelbo, resolve_estimator, training_loss,
+                        uses_head_only)
 
 
 @dataclass
@@ -137,13 +138,7 @@ def _check_generator(generator) -> None:
 
 def _invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, iterations: int = 64) -> torch.Tensor:
     """t in [0, 1] with schedule.one_minus_alpha(t) = target (float64 bisection; 1 - alpha increases)."""
-    low, high = torch.zeros_like(target), torch.ones_like(target)
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        below = schedule.one_minus_alpha(middle).to(target.device) < target
-        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-    t = (low + high) / 2
-    return torch.where(target <= 0, torch.zeros_like(t), torch.where(target >= 1, torch.ones_like(t), t))
+    return invert_one_minus_alpha(schedule, target, iterations)
 
 
 class DiffusionLMMixin:
@@ -194,6 +189,12 @@ class DiffusionLMMixin:
         x0, scored = clean_and_scored(input_ids.long(), None if labels is None else labels.long(), attention_mask)
         self._check_clean_ids(x0, scored)
         return x0, scored
+
+    # The training loss's noise draws (see `diffusion.NELBO_ESTIMATORS`; chosen by measured gradient variance,
+    # see the README) and whether an absorbing x_0 model runs its output head at masked positions only (the
+    # same loss and gradients, less work). Class attributes, so an experiment can switch them per instance.
+    training_estimator = "uniform_t"
+    head_only_loss = True
 
     # `forward` honours `num_items_in_batch`, so `transformers.Trainer` passes it and leaves the loss
     # unscaled under gradient accumulation (the model divides by the whole accumulated batch's count).
@@ -255,13 +256,18 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
+        head_only = self.head_only_loss and not output_hidden_states and uses_head_only(self.diffusion, True)
 
-        def denoise(ids, t):
+        def denoise(ids, t, positions=None):
+            if positions is not None:
+                hidden_states.append(None)
+                return self.denoise(ids, t, attention_mask, positions=positions)
             logits, states = self.denoise_with_outputs(ids, t, attention_mask, None, output_hidden_states)
             hidden_states.append(states)
             return logits
 
-        loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u)
+        loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u,
+                                               estimator=self.training_estimator, head_only=head_only)
         if num_items_in_batch is not None:
             total = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
             loss = loss * scored.sum().clamp_min(1) / total
@@ -314,24 +320,39 @@ class DiffusionLMMixin:
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, num_samples: int = 16,
-              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
+              generator: torch.Generator | None = None, return_samples: bool = False,
+              estimator: str = "auto") -> torch.Tensor:
         """Each sequence's NELBO in nats (an upper bound on -log p(x)), by Monte Carlo over noise levels.
 
-        The `num_samples` draws of each row are stratified over [0, 1). Positions with `labels == -100`
-        (or padding) condition the prediction and are not scored.
+        The `num_samples` draws of each row are stratified. Positions with `labels == -100` (or padding)
+        condition the prediction and are not scored.
+
+        Args:
+            estimator: how the noise of a draw is chosen, all unbiased for the same bound (see
+                `hf_sfdlm.diffusion.NELBO_ESTIMATORS`): ``"auto"`` (default) is ``"masked_count"`` for absorbing
+                models (the number of masked tokens stratified over 1..n, weight n/m: finite variance),
+                ``"importance"`` for other continuous-time models (1 - alpha(t) = u^2: finite variance),
+                ``"uniform_t"`` in discrete time; ``"uniform_t"`` is the historical estimator (t uniform, whose
+                single-draw variance is infinite for schedules with alpha'(0) != 0).
 
         Returns:
-            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples`.
+            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples` (not
+            independent: stratified; take error bars from independent calls).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not self.diffusion.is_likelihood_bound:
             raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
                              "a 'ce' model's loss is not a likelihood bound.")
+        estimator = resolve_estimator(self.diffusion, estimator)
         _check_generator(generator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
-        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
-                                    num_samples, generator)
+
+        def denoise(ids, t, positions=None):
+            return self.denoise(ids, t, attention_mask, positions=positions)
+
+        samples = monte_carlo_nelbo(self.diffusion, denoise, x0, scored, num_samples, generator, estimator=estimator,
+                                    head_only=uses_head_only(self.diffusion, True))
         return samples if return_samples else samples.mean(-1)
 
 
