@@ -763,8 +763,7 @@ class MaskedCountTable:
 
 
 def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
-                      generator: torch.Generator | None = None, tables: dict | None = None,
-                      ranks: torch.Tensor | None = None, offset: torch.Tensor | None = None):
+                      generator: torch.Generator | None = None, tables: dict | None = None):
     """One masked-count draw per row: `(x_t, NoiseDraw)` for an absorbing x_0-parameterised process.
 
     Continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
@@ -780,11 +779,6 @@ def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.
     (an all-clean x_t has a non-zero term): m uniform on 0..n, a ~ Beta(m, n - m + 1) (m = 0: Beta(1, n + 1)),
     weight P(m | a) / q(m, a) = (n + 1) a / m (1 for m = 0) on the integrand in a, which is loss_terms' / |alpha'|;
     a resampled term is O(1/a), so a draw stays bounded.
-
-    `ranks` (B, L) (a random order of each row's scored positions, 0..n-1, others >= n) and `offset` (B,):
-    the masked set is then the m positions of rank offset, offset + 1, ... (cyclically), and a is drawn from
-    fresh uniforms. Each draw keeps its law; the draws of one row that share `ranks` with offsets k n / S
-    mask positions spread over the row (systematic sampling), which lowers the variance of their mean.
 
     The returned draw's `weight` is set so that `loss_terms` gives (n / m) nll (resp. n W_m nll) at the
     masked scored positions, so every loss path reads the same draw.
@@ -820,12 +814,7 @@ def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.
             index = torch.searchsorted(cdf, (r[rows] * cdf[:, -1]).unsqueeze(-1)).flatten().clamp(max=T - 1)
             steps[rows] = index.to(torch.float64) + 1
     threshold = uniforms.sort(-1).values.gather(-1, (m.long() - 1).clamp_min(0).to(x0.device).view(-1, 1))
-    if ranks is None:
-        chosen = uniforms <= threshold
-    else:
-        size = n.to(x0.device).clamp_min(1).long().view(-1, 1)
-        chosen = (ranks - offset.to(x0.device).long().view(-1, 1)).remainder(size) < m.to(x0.device).long().view(-1, 1)
-    masked = chosen & scored & (m > 0).to(x0.device).view(-1, 1)
+    masked = (uniforms <= threshold) & scored & (m > 0).to(x0.device).view(-1, 1)
     noisy = torch.where(masked, process._noise(x0, generator), x0)
     if T is None:
         a = threshold.flatten().cpu().clamp(max=1.0)
@@ -853,12 +842,10 @@ def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.
 
 
 def draw_for_estimator(process, estimator: str, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
-                       generator: torch.Generator | None = None, tables: dict | None = None,
-                       ranks: torch.Tensor | None = None, offset: torch.Tensor | None = None):
-    """`(x_t, NoiseDraw)` of one draw per row under a resolved estimator, at the rows' quantiles `u`
-    (`ranks`, `offset`: see `masked_count_draw`)."""
+                       generator: torch.Generator | None = None, tables: dict | None = None):
+    """`(x_t, NoiseDraw)` of one draw per row under a resolved estimator, at the rows' quantiles `u`."""
     if estimator == "masked_count":
-        return masked_count_draw(process, x0, scored, u, generator, tables, ranks, offset)
+        return masked_count_draw(process, x0, scored, u, generator, tables)
     if estimator == "importance":
         draw = importance_draw(process, u, device=x0.device)
     else:
@@ -953,19 +940,10 @@ def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, 
     offset = torch.rand(batch, generator=generator, dtype=torch.float64,
                         device=generator.device if generator is not None else "cpu").cpu()
     tables: dict = {}
-    ranks = shift = None
-    if estimator == "masked_count":  # one random order of each row's scored positions, windows spread over it
-        keys = torch.rand(x0.shape, generator=generator, dtype=torch.float64,
-                          device=generator.device if generator is not None else "cpu").to(x0.device)
-        keys = torch.where(scored, keys, torch.full_like(keys, 2.0))
-        ranks = keys.argsort(-1).argsort(-1)
-        n = scored.sum(-1).cpu().to(torch.float64)
     samples = []
     for k in range(num_samples):
         u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-        if ranks is not None:
-            shift = (k * n / num_samples).floor()
-        noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator, tables, ranks, shift)
+        noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator, tables)
         if head_only:
             sums = head_only_terms(process, denoise, x0, scored, noisy, draw)[0]
         else:

@@ -12,6 +12,7 @@ This file is "remote code": it imports only torch, transformers and its sibling 
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 
@@ -256,7 +257,8 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
-        head_only = self.head_only_loss and not output_hidden_states and uses_head_only(self.diffusion, True)
+        head_only = (self.head_only_loss and not output_hidden_states
+                     and uses_head_only(self.diffusion, self._denoise_takes_positions()))
 
         def denoise(ids, t, positions=None):
             if positions is not None:
@@ -273,6 +275,14 @@ class DiffusionLMMixin:
             loss = loss * scored.sum().clamp_min(1) / total
         return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t,
                                  hidden_states=hidden_states[-1])
+
+    def _denoise_takes_positions(self) -> bool:
+        """Whether `denoise` accepts `positions` (a replaced or wrapped `denoise` may not)."""
+        try:
+            parameters = inspect.signature(self.denoise).parameters
+        except (TypeError, ValueError):
+            return False
+        return "positions" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
     def denoise_with_outputs(self, input_ids, timesteps=None, attention_mask=None, inputs_embeds=None,
                              output_hidden_states: bool = False):
@@ -348,11 +358,15 @@ class DiffusionLMMixin:
         _check_generator(generator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
 
+        head_only = uses_head_only(self.diffusion, self._denoise_takes_positions())
+
         def denoise(ids, t, positions=None):
+            if positions is None:
+                return self.denoise(ids, t, attention_mask)
             return self.denoise(ids, t, attention_mask, positions=positions)
 
         samples = monte_carlo_nelbo(self.diffusion, denoise, x0, scored, num_samples, generator, estimator=estimator,
-                                    head_only=uses_head_only(self.diffusion, True))
+                                    head_only=head_only)
         return samples if return_samples else samples.mean(-1)
 
 
