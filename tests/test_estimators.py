@@ -199,3 +199,34 @@ def test_new_estimator_has_finite_variance_five_times_below_uniform_t(process):
     exact = -float(start[states[0]].log() + transition[states[:-1], states[1:]].log().sum())
     assert abs(new.mean().item() - exact) < 4 * new.std().item() / math.sqrt(replicates)
     assert abs(old.mean().item() - exact) < 4 * old.std().item() / math.sqrt(replicates)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reported error bar (independent replicates) against the spread of independent runs and a long run.
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_reported_standard_error_matches_the_spread_of_independent_runs(process):
+    from hf_sfdlm.evaluation import score_blocks
+
+    config = tiny_config(process=process, mask_token_id=31 if process == "absorbing" else None,
+                         noise_schedule="loglinear")
+    torch.manual_seed(0)
+    model = SFDLMForDiffusionLM(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    blocks = list(torch.randint(0, 31, (8, 16), generator=torch.Generator().manual_seed(1)))
+    totals, errors = [], []
+    for seed in range(30):
+        values, variances = score_blocks(model, blocks, batch_size=8, num_samples=4, seed=seed)
+        totals.append(float(values.sum()))
+        errors.append(float(variances.sum().sqrt()))
+    totals = torch.tensor(totals, dtype=torch.float64)
+    spread, reported = float(totals.std()), float(torch.tensor(errors).pow(2).mean().sqrt())
+    assert 0.65 < reported / spread < 1.5, (reported, spread)
+    values, variances = score_blocks(model, blocks, batch_size=8, num_samples=96, seed=999)
+    long_run, long_error = float(values.sum()), float(variances.sum().sqrt())
+    assert long_error < 0.3 * spread
+    assert abs(float(totals.mean()) - long_run) < 4 * math.hypot(spread / math.sqrt(len(totals)), long_error)
+    with pytest.raises(ValueError, match="num_replicates"):
+        score_blocks(model, blocks, num_samples=3)
