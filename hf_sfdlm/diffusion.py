@@ -681,9 +681,11 @@ PROCESSES.update({AbsorbingDiffusion.process: AbsorbingDiffusion, UniformDiffusi
 #   "importance"    continuous time: 1 - alpha(t) = u^2 with u stratified uniform, weight 2u / |alpha'(t)|
 #                   (the density of t is |alpha'(t)| / (2 sqrt(1 - alpha(t)))): finite variance for both
 #                   processes and SEDD, whatever the schedule.
-#   "masked_count"  absorbing x_0-parameterised models: the number m of masked scored positions stratified
-#                   uniformly over 1..n, the masked set uniform among m-subsets, the noise level from its
-#                   conditional law given m, and weight n / m (continuous time; see `masked_count_draw`).
+#   "masked_count"  the number m of masked (absorbing: 1..n) or resampled (uniform: 0..n) scored positions
+#                   stratified uniformly, the set uniform among m-subsets, 1 - alpha(t) from its conditional law
+#                   given m, weight P(m | a) / q(m, a): absorbing x_0 models score (n / m) sum_masked nll. One draw
+#                   is bounded. Continuous time (any process, SEDD included) and discrete-time absorbing x_0
+#                   models (`MaskedCountTable`); see `masked_count_draw`. The default ("auto") where it applies.
 NELBO_ESTIMATORS = ("auto", "masked_count", "importance", "uniform_t")
 
 

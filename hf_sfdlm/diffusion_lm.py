@@ -339,11 +339,13 @@ class DiffusionLMMixin:
 
         Args:
             estimator: how the noise of a draw is chosen, all unbiased for the same bound (see
-                `hf_sfdlm.diffusion.NELBO_ESTIMATORS`): ``"auto"`` (default) is ``"masked_count"`` for absorbing
-                models (the number of masked tokens stratified over 1..n, weight n/m: finite variance),
-                ``"importance"`` for other continuous-time models (1 - alpha(t) = u^2: finite variance),
-                ``"uniform_t"`` in discrete time; ``"uniform_t"`` is the historical estimator (t uniform, whose
-                single-draw variance is infinite for schedules with alpha'(0) != 0).
+                `hf_sfdlm.diffusion.NELBO_ESTIMATORS`). ``"auto"`` (default) is ``"masked_count"`` wherever it
+                applies (continuous time; discrete-time absorbing): the number of masked (absorbing) or resampled
+                (uniform) tokens stratified over the draws and the noise level from its conditional law, so one
+                draw is bounded (finite variance); discrete-time uniform models use ``"uniform_t"`` (stratified
+                steps; a finite sum of bounded terms). ``"importance"``: 1 - alpha(t) = u^2, also finite.
+                ``"uniform_t"`` is the historical estimator (t uniform), whose single-draw variance is infinite
+                in continuous time for schedules with alpha'(0) != 0 (loglinear, linear, geometric).
 
         Returns:
             (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples` (not
