@@ -314,22 +314,47 @@ def ar_reference_samples(judge, preset: dict, bos_id: int, seed: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver
 def sweep(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int) -> dict:
-    """Short runs at each learning rate (seed 0), scored on the first validation blocks: the best lr wins."""
-    valid = blocks_of(data["valid"], preset["block_size"])[:128]
-    results = {}
+    """Short runs at each learning rate (seed 0), scored on the validation blocks: the best lr wins.
+
+    Every candidate's validation nats/token is reported with its Monte Carlo standard error, and the winner's
+    lead over each other candidate with the standard error of that paired difference (per-block differences
+    on the same blocks: it counts both the Monte Carlo noise and the finite validation set). The choice is
+    `resolved` when the lead over the runner-up exceeds 2 standard errors; otherwise the best point estimate is
+    kept and the sweep is flagged unresolved (the report says so)."""
+    valid = blocks_of(data["valid"], preset["block_size"])
+    if preset.get("sweep_blocks"):
+        valid = valid[:preset["sweep_blocks"]]
+    tokens = sum(len(b) for b in valid)
+    results, errors, per_block = {}, {}, {}
     for lr in preset["lrs"]:
         torch.manual_seed(0)
         model = build_model(name, spec, preset, vocab_size, preset["block_size"])
         stream = crops(data["train"], preset["batch_size"], preset["block_size"], preset["sweep_steps"], seed=0)
         try:
             train(model, spec["kind"], stream, preset["sweep_steps"], lr, preset, bos_id, seed=0)
-            results[lr] = nll(model, valid, preset, bos_id, seed=0)["nll_per_token"]
+            totals, variances = score_blocks(model, valid, batch_size=preset["eval_batch_size"],
+                                             num_samples=preset["eval_samples"], seed=0, bos_token_id=bos_id)
+            results[lr], errors[lr] = float(totals.sum()) / tokens, float(variances.sum().sqrt()) / tokens
+            per_block[lr] = totals
         except FloatingPointError as error:
-            results[lr] = math.inf
+            results[lr], errors[lr] = math.inf, 0.0
             log(f"  {name} lr {lr}: {error}")
-        log(f"  sweep {setting} / {name}: lr {lr:g} -> valid {results[lr]:.4f} nats/token")
+        log(f"  sweep {setting} / {name}: lr {lr:g} -> valid {results[lr]:.4f} ± {errors[lr]:.4f} nats/token")
     best = min(results, key=results.get)
-    return {"lrs": {f"{lr:g}": v for lr, v in results.items()}, "best_lr": best, "steps": preset["sweep_steps"]}
+    leads = {}
+    for lr in results:
+        if lr == best or lr not in per_block:
+            continue
+        differences = per_block[lr] - per_block[best]  # same blocks: paired
+        leads[f"{lr:g}"] = {"nats_per_token": float(differences.sum()) / tokens,
+                            "stderr": float(differences.std() * math.sqrt(len(differences))) / tokens}
+    runner_up = min(leads.values(), key=lambda lead: lead["nats_per_token"], default=None)
+    resolved = runner_up is None or runner_up["nats_per_token"] > 2 * runner_up["stderr"]
+    if not resolved:
+        log(f"  sweep {setting} / {name}: UNRESOLVED, lead {runner_up['nats_per_token']:.4f} ± {runner_up['stderr']:.4f}")
+    return {"lrs": {f"{lr:g}": v for lr, v in results.items()}, "stderr": {f"{lr:g}": e for lr, e in errors.items()},
+            "lead_of_best": leads, "resolved": resolved, "best_lr": best, "steps": preset["sweep_steps"],
+            "validation_blocks": len(valid), "validation_tokens": tokens}
 
 
 def run_model(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int,

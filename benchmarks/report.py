@@ -6,7 +6,8 @@
 Each JSON file becomes a section headed by the command that made it (its `command` field) and the
 machine it ran on. The quality benchmark (`benchmarks/quality.py`) gets dedicated tables, one section per
 setting with every seed's JSON merged (mean ± standard deviation over seeds, Monte Carlo error, n-gram
-baselines and published anchors, ratios to the AR model, the learning-rate sweep, length generalisation,
+baselines and published anchors, ratios to the AR model: of the means and per seed (mean ± std), the
+learning-rate sweep with each candidate's error and whether the choice is resolved, length generalisation,
 generation); every other benchmark (speed, scaling, throughput, ...) is rendered generically: its
 `headline` if it has one, then each list of flat records as a table. A PNG next to a JSON with the
 same stem is linked, and a `<stem>.notes.md` (a person's reading of that run) is appended.
@@ -83,6 +84,36 @@ def _mean_std(values: list[float]) -> str:
     return f"{fmt(mean)} ± {fmt(std)}"
 
 
+def _paired_ratios(model_runs: list[dict], reference_runs: list[dict], figure: str) -> str:
+    """Each seed's figure over the AR model's of the same seed, mean ± std over the seeds that have both
+    (seeds fix the data order and move every row together, so the paired ratio is the stabler figure)."""
+    reference = {r["seed"]: r["test"][figure] for r in reference_runs}
+    ratios = [r["test"][figure] / reference[r["seed"]] for r in model_runs if r["seed"] in reference]
+    if not ratios:
+        return ""
+    pairs = f" ({len(ratios)} of {len(model_runs)} seeds)" if len(ratios) < len(model_runs) else ""
+    return _mean_std(ratios) + "x" + pairs
+
+
+def _sweep_cell(sweep: dict, lr: str) -> str:
+    value = sweep["lrs"].get(lr)
+    if value is None:
+        return ""
+    error = (sweep.get("stderr") or {}).get(lr)
+    text = fmt(value) + (f" ± {fmt(error)}" if error else "")
+    return f"**{text}**" if float(lr) == sweep["best_lr"] else text
+
+
+def _sweep_verdict(sweep: dict) -> str:
+    """Whether the winner's lead over the runner-up exceeds 2 standard errors (older JSONs did not record it)."""
+    if "resolved" not in sweep:
+        return "not recorded"
+    leads = sweep.get("lead_of_best") or {}
+    closest = min(leads.values(), key=lambda lead: lead["nats_per_token"], default=None)
+    lead = f" (lead {fmt(closest['nats_per_token'])} ± {fmt(closest['stderr'])})" if closest else ""
+    return ("resolved" if sweep["resolved"] else "**unresolved**") + lead
+
+
 def quality_section(files: list[dict]) -> list[str]:
     """One section for every quality JSON of a (preset, setting): seeds merged, mean ± std over seeds."""
     first = files[0]
@@ -101,8 +132,9 @@ def quality_section(files: list[dict]) -> list[str]:
              f"width {settings.get('hidden_size')}, its best learning rate of {settings.get('lrs')} "
              f"({settings.get('sweep_steps')}-step sweep on validation, seed 0), {settings.get('eval_samples')} "
              "t samples per test block. Diffusion rows are NELBO **upper bounds** (MC = Monte Carlo standard "
-             "error of one seed's estimate); AR and n-gram rows are exact. ± after the figure: standard "
-             "deviation over seeds.", ""]
+             "error of one seed's estimate, from independent replicates where recorded); AR and n-gram rows "
+             "are exact. ± after the figure: standard deviation over seeds. \"vs AR\": ratio of the means; "
+             "\"vs AR per seed\": each seed's figure over gpt2-ar's of the same seed, mean ± std over seeds.", ""]
     rows = []
     for name, model_runs in by_model.items():
         values = [r["test"][figure] for r in model_runs]
@@ -111,25 +143,28 @@ def quality_section(files: list[dict]) -> list[str]:
         rows.append([name, "bound" if model_runs[0]["kind"] != "ar" else "exact", len(model_runs), _mean_std(values),
                      fmt(mc) if mc else "", model_runs[0]["parameters"], model_runs[0]["tokens_seen"],
                      f"{model_runs[0]['lr']:g}", _mean_std([r["train_seconds"] for r in model_runs]),
-                     _mean_std([r["tokens_per_second"] for r in model_runs]), ratio])
+                     _mean_std([r["tokens_per_second"] for r in model_runs]), ratio,
+                     _paired_ratios(model_runs, by_model.get("gpt2-ar", []), figure)])
     for data in files:
         for row in data.get("baselines", []):
             rows.append([f"{row['name']} ({row['conditioning']})", "exact", "", fmt(row[figure]), "", "", "", "", "",
-                         "", ""])
+                         "", "", ""])
         for name, value in (data.get("anchors") or {}).items():
-            rows.append([f"published: {name}", "exact", "", fmt(value), "", "", "", "", "", "", ""])
+            rows.append([f"published: {name}", "exact", "", fmt(value), "", "", "", "", "", "", "", ""])
         if data.get("baselines"):
             break  # the count-based rows and anchors once
     lines += [f"### {first['setting']}: {label}", "",
               table(["model", "estimate", "seeds", label, "MC err", "params", "tokens", "lr", "train s", "tokens/s",
-                     "vs AR"], rows), ""]
+                     "vs AR", "vs AR per seed"], rows), ""]
     sweeps = {name: sweep for data in files for name, sweep in data.get("sweeps", {}).items()}
     if sweeps:
         lrs = sorted({lr for sweep in sweeps.values() for lr in sweep["lrs"]}, key=float)
-        lines += ["Learning-rate sweep (validation nats/token after the sweep steps; best in bold):", "",
-                  table(["model"] + [f"lr {lr}" for lr in lrs],
-                        [[name] + [(f"**{fmt(s['lrs'][lr])}**" if float(lr) == s["best_lr"] else fmt(s["lrs"].get(lr)))
-                                   for lr in lrs] for name, s in sweeps.items()]), ""]
+        lines += ["Learning-rate sweep (validation nats/token after the sweep steps ± Monte Carlo error where "
+                  "recorded; best in bold; resolved: the best leads the runner-up by more than 2 standard errors of "
+                  "their paired per-block difference):", "",
+                  table(["model"] + [f"lr {lr}" for lr in lrs] + ["choice"],
+                        [[name] + [_sweep_cell(s, lr) for lr in lrs] + [_sweep_verdict(s)]
+                         for name, s in sweeps.items()]), ""]
     lengths = [(r["name"], r["seed"], g) for r in runs for g in r.get("length_generalisation", [])]
     if lengths:
         factors = sorted({g["factor"] for _, _, g in lengths})

@@ -471,13 +471,46 @@ def split_heldout(raw, config: DataConfig, seed: int = 0):
     if config.streaming:
         return train.skip(config.validation_size), train.take(config.validation_size)
     size = config.validation_size or max(1, round(config.validation_fraction * len(train)))
+    if size >= len(train) and config.validation_size is None:
+        return split_stream_tail(train, config)  # a one-line corpus (text8): hold out the stream's tail
     if size >= len(train):
-        raise ValueError(f"Cannot hold out {size} of {len(train)} examples of {config.dataset!r}: "
-                         "lower `data.validation_size`/`validation_fraction` or provide more data.")
+        raise ValueError(f"Cannot hold out {size} of {len(train)} examples of {config.dataset!r}: lower "
+                         "`data.validation_size` (or unset it: the last `validation_fraction` of the text is then "
+                         "held out) or provide more data.")
     if config.is_synthetic:  # a contiguous tail keeps the held-out text a stretch of the same stream
         return train.select(range(len(train) - size)), train.select(range(len(train) - size, len(train)))
     parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
+
+
+def split_stream_tail(train, config: DataConfig):
+    """`(train, validation)` of a corpus with too few examples to hold whole ones out (one line without line
+    breaks, text8-style): the last `validation_fraction` of its characters, cut before a word (at the last
+    whitespace before the cut point, if any), is held out. The training part's cut piece is flagged as not
+    ending its document (no EOS after it); the held-out part starts mid-document."""
+    import datasets
+
+    texts = [text if isinstance(text, str) else "" for text in train[config.text_column]]
+    total = sum(len(text) for text in texts)
+    cut = round(total * (1 - config.validation_fraction))
+    row = 0
+    while row < len(texts) - 1 and cut > len(texts[row]):
+        cut -= len(texts[row])
+        row += 1
+    text = texts[row]
+    space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+    cut = space if space > 0 else cut
+    head, tail = text[:cut], text[cut:]
+    held_out_empty = not (tail.strip() or any(t.strip() for t in texts[row + 1:]))
+    train_empty = not (head.strip() or any(t.strip() for t in texts[:row]))
+    if held_out_empty or train_empty:
+        raise ValueError(f"Cannot hold out the last {config.validation_fraction:.0%} of {config.dataset!r}: the text "
+                         f"({total} characters) is too short to split; provide more data or a validation split.")
+    column = config.text_column
+    kept = texts[:row] + [head]
+    training = datasets.Dataset.from_dict({column: kept, DOCUMENT_END: [True] * row + [False]})
+    held_out = datasets.Dataset.from_dict({column: [tail] + texts[row + 1:]})
+    return training, held_out
 
 
 # ---------------------------------------------------------------------------------------------- tokenising
@@ -570,11 +603,12 @@ def split_long_documents(dataset, column: str, streaming: bool, map_kwargs: dict
 
     def split(batch: dict[str, list]) -> dict[str, list]:
         texts, ends = [], []
-        for text in batch[column]:
+        given = batch.get(DOCUMENT_END) or [True] * len(batch[column])  # False: a piece cut by `split_stream_tail`
+        for text, end in zip(batch[column], given):
             if isinstance(text, str) and text.strip():
                 pieces = split_long_text(text)
                 texts.extend(pieces)
-                ends.extend([False] * (len(pieces) - 1) + [True])
+                ends.extend([False] * (len(pieces) - 1) + [bool(end)])
         return {column: texts, DOCUMENT_END: ends}
 
     columns = dataset.column_names
@@ -784,6 +818,7 @@ __all__ = [
     "load_tokenizer",
     "prepare_tokenizer",
     "split_heldout",
+    "split_stream_tail",
     "split_long_text",
     "synthetic_corpus_path",
     "tokenize_dataset",

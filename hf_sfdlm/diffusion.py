@@ -476,6 +476,20 @@ class AbsorbingDiffusion(DiscreteDiffusion):
         is_masked = (x_t == self.mask_token_id).unsqueeze(-1)
         return torch.where(is_masked, masked, F.one_hot(x_t, self.vocab_size).to(dtype))
 
+    def masked_weight(self, draw: NoiseDraw) -> torch.Tensor:
+        """(B,) float64 w with `loss_terms` = w * (-log p_hat(x_0)) at masked scored positions (0 elsewhere):
+        1 for 'ce'; draw.weight * |alpha'(t)| / (1 - alpha(t)) in continuous time; draw.weight *
+        (alpha_s - alpha_t) / (1 - alpha_t) in discrete time (1 at the reconstruction step)."""
+        weight = draw.weight.to(torch.float64).cpu()
+        t = draw.t.to(torch.float64).cpu()
+        if self.objective == "ce":
+            return torch.ones_like(t)
+        one_minus = self.schedule.one_minus_alpha(t).clamp_min(1e-30)
+        if self.num_timesteps is None:
+            return weight * -self.schedule.alpha_derivative(t) / one_minus
+        s = torch.where(draw.reconstruction.cpu(), torch.zeros_like(t), draw.s.to(torch.float64).cpu())
+        return weight * (self.schedule.alpha(s) - self.schedule.alpha(t)) / one_minus
+
     def _nll(self, log_probs, x0, x_t):
         nll = super()._nll(log_probs, x0, x_t)  # carry-over: unmasked positions are predicted exactly
         return torch.where(x_t == self.mask_token_id, nll, torch.zeros_like(nll))
@@ -675,44 +689,287 @@ PROCESSES.update({AbsorbingDiffusion.process: AbsorbingDiffusion, UniformDiffusi
 
 
 # ============================================================================================== estimators
-def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
-                  generator: torch.Generator | None = None, u: torch.Tensor | None = None):
-    """One training draw: corrupt the scored positions at stratified noise levels (or at the quantiles
-    `u`, see `draw_noise`), denoise, and return `(loss per scored token, logits, x_t, t)`.
-    `denoise(x_t, t)` returns the model's logits."""
-    draw = process.draw_noise(x0.shape[0], generator=generator, device=x0.device, u=u)
+# How the noise of one Monte Carlo draw of the NELBO is chosen (all unbiased for the same bound):
+#   "uniform_t"     t stratified uniform on [0, 1) (discrete time: the step), weight 1 (T). The historical
+#                   estimator: for schedules with alpha'(0) != 0 one draw's variance is infinite (the integrand
+#                   is 1/t-like near 0 with probability ~t).
+#   "importance"    continuous time: 1 - alpha(t) = u^2 with u stratified uniform, weight 2u / |alpha'(t)|
+#                   (the density of t is |alpha'(t)| / (2 sqrt(1 - alpha(t)))): finite variance for both
+#                   processes and SEDD, whatever the schedule.
+#   "masked_count"  the number m of masked (absorbing: 1..n) or resampled (uniform: 0..n) scored positions
+#                   stratified uniformly, the set uniform among m-subsets, 1 - alpha(t) from its conditional law
+#                   given m, weight P(m | a) / q(m, a): absorbing x_0 models score (n / m) sum_masked nll. One draw
+#                   is bounded. Continuous time (any process, SEDD included) and discrete-time absorbing x_0
+#                   models (`MaskedCountTable`); see `masked_count_draw`. The default ("auto") where it applies.
+NELBO_ESTIMATORS = ("auto", "masked_count", "importance", "uniform_t")
+
+
+def resolve_estimator(process, estimator: str) -> str:
+    """The estimator `estimator` names for `process`. `"auto"` is masked_count wherever it applies (every
+    continuous-time model, and discrete-time absorbing x_0 models) and uniform_t otherwise (discrete-time
+    uniform: the NELBO is a finite sum of T bounded KL terms, so a stratified draw of the step has finite
+    variance). Raises a ValueError for a name that does not exist or does not apply."""
+    if estimator not in NELBO_ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {NELBO_ESTIMATORS}, got {estimator!r}.")
+    continuous = getattr(process, "num_timesteps", None) is None
+    counts = continuous or (getattr(process, "process", None) == "absorbing"
+                            and getattr(process, "parameterization", "x0") == "x0")
+    if estimator == "auto":
+        return "masked_count" if counts else "uniform_t"
+    if estimator == "masked_count" and not counts:
+        raise ValueError("`estimator='masked_count'` needs a continuous-time model or a discrete-time absorbing "
+                         "one; a discrete-time uniform model's NELBO is a sum over its T steps: use 'uniform_t'.")
+    if estimator == "importance" and not continuous:
+        raise ValueError("`estimator='importance'` is for continuous-time models; a discrete-time NELBO is a sum "
+                         "over its T steps: use 'uniform_t' (stratified steps) or 'masked_count' (absorbing).")
+    return estimator
+
+
+def invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+    """t in [0, 1] with schedule.one_minus_alpha(t) = target, float64 (bisection; 1 - alpha increases)."""
+    target = target.to(torch.float64)
+    low, high = torch.zeros_like(target), torch.ones_like(target)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        below = schedule.one_minus_alpha(middle).to(target.device) < target
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    t = (low + high) / 2
+    return torch.where(target <= 0, torch.zeros_like(t), torch.where(target >= 1, torch.ones_like(t), t))
+
+
+def importance_draw(process, u: torch.Tensor, device=None) -> NoiseDraw:
+    """Continuous-time noise levels with 1 - alpha(t) = u^2 and weight 2u / |alpha'(t)|.
+
+    In a = 1 - alpha the NELBO is int_0^1 g(a) da with g(a) = E[integrand(t(a))] / |alpha'(t(a))|; drawing
+    a = u^2 (density 1 / (2 sqrt a)) puts more draws where one corrupted token makes a term of size ~1/a, so
+    that the second moment int a (1/a)^2 sqrt(a) da is finite (with t uniform it is int (1/a) da = inf)."""
+    u = u.to(torch.float64).cpu()
+    t = invert_one_minus_alpha(process.schedule, u * u)
+    rate = -process.schedule.alpha_derivative(t)
+    weight = torch.where(rate > 0, 2 * u / rate.clamp_min(1e-300), torch.zeros_like(u))
+    return NoiseDraw(t.to(device), None, weight.to(device), torch.zeros_like(u, dtype=torch.bool).to(device))
+
+
+def _log_binomial(n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.lgamma(n + 1) - torch.lgamma(m + 1) - torch.lgamma(n - m + 1)
+
+
+class MaskedCountTable:
+    """Discrete-time masked-count law for sequences of n scored positions (T steps, a_i = 1 - alpha(i/T)).
+
+    The discrete absorbing NELBO is sum_i c_i E[sum_masked nll(x_{t_i}, t_i)], c_i = (alpha_{i-1} - alpha_i)
+    / (1 - alpha_i) (c_1 = 1: the reconstruction step). Split by the number m of masked positions:
+    sum_m W_m E_{i ~ P(i | m)} E_{M uniform m-subset}[sum_M nll], W_m = sum_i c_i Binom(m; n, a_i),
+    P(i | m) = c_i Binom(m; n, a_i) / W_m: the Riemann sum of the continuous identity
+    int (1/a) Binom(m; n, a) da = 1/m. `weights[m]` = W_m, `steps[m]` = P(. | m) (rows with W_m = 0 are never
+    drawn)."""
+
+    def __init__(self, schedule: NoiseSchedule, num_timesteps: int, n: int):
+        T = num_timesteps
+        i = torch.arange(1, T + 1, dtype=torch.float64)
+        alpha_t, alpha_s = schedule.alpha(i / T), schedule.alpha((i - 1) / T)
+        a = schedule.one_minus_alpha(i / T)
+        coefficient = (alpha_s - alpha_t) / a.clamp_min(1e-300)
+        m = torch.arange(0, n + 1, dtype=torch.float64)
+        log_binomial = (_log_binomial(torch.tensor(float(n)), m).view(1, -1) + torch.special.xlogy(m.view(1, -1), a.view(-1, 1))
+                        + torch.special.xlogy(n - m.view(1, -1), alpha_t.view(-1, 1)))  # (T, n + 1)
+        joint = coefficient.view(-1, 1) * log_binomial.exp()
+        self.weights = joint.sum(0)  # (n + 1,)
+        self.steps = (joint / self.weights.clamp_min(1e-300)).T.contiguous()  # (n + 1, T)
+        self.support = torch.nonzero((self.weights > 0) & (m > 0)).flatten()  # the m worth drawing
+
+
+def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
+                      generator: torch.Generator | None = None, tables: dict | None = None):
+    """One masked-count draw per row: `(x_t, NoiseDraw)` for an absorbing x_0-parameterised process.
+
+    Continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
+    int_0^1 (1/a) E[sum_masked nll] da; each position is masked with probability a, so splitting by the
+    masked count m (Binom(n, a)) and using int_0^1 C(n, m) a^(m-1) (1 - a)^(n-m) da = 1/m gives
+    NELBO = sum_{m=1}^n (1/m) E_{a ~ Beta(m, n - m + 1)} E_{M uniform m-subset}[sum_{i in M} nll_i(t(a))]
+          = E_{m ~ U{1..n}} [(n / m) sum_{i in M} nll_i].
+    m is stratified over the rows' quantiles `u`; (a, M) come from n uniforms per row: a is their m-th
+    smallest (a Beta(m, n - m + 1) draw) and M the positions of the m smallest (independent of a, uniform).
+    One draw is at most n * max nll: finite variance. Discrete time: `MaskedCountTable`.
+
+    Uniform process (continuous time): the same split by the number m of resampled positions, m in 0..n
+    (an all-clean x_t has a non-zero term): m uniform on 0..n, a ~ Beta(m, n - m + 1) (m = 0: Beta(1, n + 1)),
+    weight P(m | a) / q(m, a) = (n + 1) a / m (1 for m = 0) on the integrand in a, which is loss_terms' / |alpha'|;
+    a resampled term is O(1/a), so a draw stays bounded.
+
+    The returned draw's `weight` is set so that `loss_terms` gives (n / m) nll (resp. n W_m nll) at the
+    masked scored positions, so every loss path reads the same draw.
+    """
+    u = u.to(torch.float64).cpu()
+    n = scored.sum(-1).cpu().to(torch.float64)  # (B,)
+    uniforms = torch.rand(x0.shape, generator=generator, dtype=torch.float64,
+                          device=generator.device if generator is not None else "cpu").to(x0.device)
+    uniforms = torch.where(scored, uniforms, torch.full_like(uniforms, 2.0))
+    T = process.num_timesteps
+    resampling = process.process != "absorbing"  # uniform: a resampled token may be any id, x_0 included
+    if T is None and resampling:
+        # m in 0..n: the all-clean draws are terms too (the model's jump rates out of x_0 are not the truth's)
+        m = (u * (n + 1)).floor().clamp(max=n)
+    elif T is None:
+        m = (u * n).floor().clamp(max=(n - 1).clamp_min(0)) + 1
+        factor = n / m
+    else:
+        tables = {} if tables is None else tables
+        where = generator.device if generator is not None else "cpu"
+        r = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64, device=where).cpu()
+        m, factor, steps = torch.ones_like(n), torch.zeros_like(n), torch.ones_like(n)
+        for size in n.unique().tolist():
+            rows = n == size
+            if size == 0:
+                continue
+            table = tables.setdefault((int(size), T), MaskedCountTable(process.schedule, T, int(size)))
+            k = len(table.support)
+            pick = table.support[(u[rows] * k).floor().long().clamp(max=k - 1)]
+            m[rows] = pick.to(torch.float64)
+            factor[rows] = k * table.weights[pick]
+            cdf = table.steps[pick].cumsum(-1)  # the step i | m by inversion of its distribution function
+            index = torch.searchsorted(cdf, (r[rows] * cdf[:, -1]).unsqueeze(-1)).flatten().clamp(max=T - 1)
+            steps[rows] = index.to(torch.float64) + 1
+    threshold = uniforms.sort(-1).values.gather(-1, (m.long() - 1).clamp_min(0).to(x0.device).view(-1, 1))
+    masked = (uniforms <= threshold) & scored & (m > 0).to(x0.device).view(-1, 1)
+    noisy = torch.where(masked, process._noise(x0, generator), x0)
+    if T is None:
+        a = threshold.flatten().cpu().clamp(max=1.0)
+        if resampling:  # m = 0: a ~ Beta(1, n + 1) (by inversion), weight 1; m >= 1: weight (n + 1) a / m
+            extra = torch.rand(x0.shape[0], generator=generator, dtype=torch.float64,
+                               device=generator.device if generator is not None else "cpu").cpu()
+            a = torch.where(m > 0, a, -torch.expm1(torch.log1p(-extra) / (n + 1)))
+            factor = torch.where(m > 0, (n + 1) * a / m.clamp_min(1), torch.ones_like(a))
+        t = invert_one_minus_alpha(process.schedule, a)
+        s, reconstruction = None, torch.zeros_like(t, dtype=torch.bool)
+        if resampling:  # in a = 1 - alpha the NELBO integrand is loss_terms' / |alpha'(t)|
+            rate = -process.schedule.alpha_derivative(t)
+            weight = torch.where((n > 0) & (rate > 0), factor / rate.clamp_min(1e-300), torch.zeros_like(n))
+            device = x0.device
+            return noisy, NoiseDraw(t.to(device), None, weight.to(device), reconstruction.to(device))
+    else:
+        t, s = steps / T, (steps - 1) / T
+        reconstruction = steps == 1
+    draw = NoiseDraw(t, s, torch.ones_like(t), reconstruction)
+    coefficient = process.masked_weight(draw)  # loss_terms' own factor at a masked position (weight 1)
+    weight = torch.where((n > 0) & (coefficient > 0), factor / coefficient.clamp_min(1e-300), torch.zeros_like(n))
+    device = x0.device
+    return noisy, NoiseDraw(t.to(device), None if s is None else s.to(device), weight.to(device),
+                            reconstruction.to(device))
+
+
+def draw_for_estimator(process, estimator: str, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
+                       generator: torch.Generator | None = None, tables: dict | None = None):
+    """`(x_t, NoiseDraw)` of one draw per row under a resolved estimator, at the rows' quantiles `u`."""
+    if estimator == "masked_count":
+        return masked_count_draw(process, x0, scored, u, generator, tables)
+    if estimator == "importance":
+        draw = importance_draw(process, u, device=x0.device)
+    else:
+        draw = process.draw_noise(x0.shape[0], device=x0.device, u=u)
     noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
+    return noisy, draw
+
+
+def stratified_quantiles(batch: int, generator: torch.Generator | None = None, shuffle: bool = True) -> torch.Tensor:
+    """(B,) float64 u_k = (k + U_k) / B in a random order: each uniform, together a stratified cover."""
+    where = generator.device if generator is not None else "cpu"
+    offsets = torch.rand(batch, generator=generator, dtype=torch.float64, device=where)
+    order = torch.randperm(batch, generator=generator, device=where) if shuffle else torch.arange(batch, device=where)
+    return ((order.to(torch.float64) + offsets) / batch).cpu()
+
+
+def uses_head_only(process, denoise_accepts_positions: bool) -> bool:
+    """Whether the loss can run the output head at masked positions only: absorbing x_0 models, whose terms
+    are 0 wherever x_t is not the mask (carry-over)."""
+    return (denoise_accepts_positions and getattr(process, "process", None) == "absorbing"
+            and getattr(process, "parameterization", "x0") == "x0")
+
+
+def head_only_terms(process, denoise, x0: torch.Tensor, scored: torch.Tensor, noisy: torch.Tensor, draw: NoiseDraw):
+    """`(per-row loss sums (B,), logit rows (N, V), positions (B, L))` of an absorbing x_0 model with the
+    head run at the masked positions only: equal to `loss_terms(denoise(x_t, t), ...).sum(-1)`."""
+    positions = noisy == process.mask_token_id
+    rows = denoise(noisy, draw.t, positions)
+    log_probs = process.x0_log_probs(rows, None)
+    nll = -log_probs.gather(-1, x0[positions].unsqueeze(-1)).squeeze(-1)
+    row_index = positions.nonzero()[:, 0]
+    weight = process.masked_weight(draw).to(device=nll.device, dtype=nll.dtype)[row_index]
+    terms = torch.where(scored[positions], weight * nll, torch.zeros_like(nll))
+    sums = torch.zeros(x0.shape[0], dtype=terms.dtype, device=terms.device).index_add(0, row_index, terms)
+    return sums, rows, positions
+
+
+def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
+                  generator: torch.Generator | None = None, u: torch.Tensor | None = None,
+                  estimator: str = "uniform_t", head_only: bool = False):
+    """One training draw: corrupt the scored positions at noise levels stratified over the batch (or at the
+    quantiles `u`, see `draw_noise`), denoise, and return `(loss per scored token, logits, x_t, t)`.
+
+    `denoise(x_t, t, positions=None)` returns the model's logits (rows at `positions` when given).
+    `estimator` (see `NELBO_ESTIMATORS`; the objective 'ce' always uses 'uniform_t') picks the draws; every
+    choice has the same expectation. `head_only` (absorbing x_0 models): the output head runs at masked
+    positions only; the returned logits are then (B, L, V) with those rows and, elsewhere, the carry-over
+    p_hat = onehot(x_t) (logit 0 at x_t, -inf elsewhere), the model's prediction there."""
+    estimator = "uniform_t" if not process.is_likelihood_bound else resolve_estimator(process, estimator)
+    if u is None:
+        u = stratified_quantiles(x0.shape[0], generator)
+    elif estimator == "masked_count":
+        estimator = "uniform_t"  # fixed noise levels: corrupt at exactly those t
+    noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator)
+    if head_only:
+        sums, rows, positions = head_only_terms(process, denoise, x0, scored, noisy, draw)
+        loss = sums.sum() / scored.sum().clamp_min(1)
+        logits = _carry_over_logits(noisy, process.vocab_size, rows, positions)
+        return loss, logits, noisy, draw.t
     logits = denoise(noisy, draw.t)
     terms = process.loss_terms(logits, x0, noisy, draw, scored=scored)
     loss = terms.sum() / scored.sum().clamp_min(1)
     return loss, logits, noisy, draw.t
 
 
+def _carry_over_logits(noisy: torch.Tensor, vocab_size: int, rows: torch.Tensor, positions: torch.Tensor):
+    logits = torch.full((*noisy.shape, vocab_size), -math.inf, dtype=rows.dtype, device=rows.device)
+    logits.scatter_(-1, noisy.unsqueeze(-1), 0.0)
+    return logits.index_put((positions,), rows)
+
+
 def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, num_samples: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, estimator: str = "auto",
+                      head_only: bool = False) -> torch.Tensor:
     """(B, num_samples) single-draw NELBO estimates of each sequence, in nats, for any denoiser.
 
-    The draws of each row are stratified over [0, 1): draw k uses u = (k + U) / num_samples.
+    The draws of each row are stratified: draw k uses the quantile u = (k + U) / num_samples, read by
+    `estimator` (see `NELBO_ESTIMATORS`, `resolve_estimator`) as t (uniform_t), as sqrt(1 - alpha(t))
+    (importance) or as the masked count (masked_count). The mean over the draws is unbiased for the NELBO;
+    single draws of a row are not independent (stratified), so error bars come from independent replicates
+    (separate calls), not from their spread.
 
     Args:
         process: a `DiscreteDiffusion` (or anything with its `schedule`, `draw_noise`, `corrupt`, `loss_terms`).
-        denoise: callable `(x_t, t) -> logits` of the model.
+        denoise: callable `(x_t, t, positions=None) -> logits` of the model (rows at `positions` when given,
+            used when `head_only`).
         x0: (B, L) clean ids. scored: (B, L) bool, the positions whose likelihood is measured; the others
             stay clean and condition the prediction.
     """
+    estimator = resolve_estimator(process, estimator)
     batch = x0.shape[0]
     offset = torch.rand(batch, generator=generator, dtype=torch.float64,
-                        device=generator.device if generator is not None else "cpu")
+                        device=generator.device if generator is not None else "cpu").cpu()
+    tables: dict = {}
     samples = []
     for k in range(num_samples):
         u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-        draw = process.draw_noise(batch, device=x0.device, u=u)
-        noisy = process.corrupt(x0, process.schedule.alpha(draw.t), corruptible=scored, generator=generator)
-        terms = process.loss_terms(denoise(noisy, draw.t), x0, noisy, draw, scored=scored)
-        samples.append(terms.double().sum(-1))
+        noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator, tables)
+        if head_only:
+            sums = head_only_terms(process, denoise, x0, scored, noisy, draw)[0]
+        else:
+            sums = process.loss_terms(denoise(noisy, draw.t), x0, noisy, draw, scored=scored).sum(-1)
+        samples.append(sums.double())
     return torch.stack(samples, dim=-1)
 
 
 __all__ = ["AbsorbingDiffusion", "DiscreteDiffusion", "GeometricSchedule", "CosineSchedule", "LinearSchedule",
            "LogLinearSchedule", "NoiseDraw", "NoiseSchedule", "PROCESSES", "SCHEDULES",
-           "UniformDiffusion", "monte_carlo_nelbo", "training_loss"]
+           "UniformDiffusion", "NELBO_ESTIMATORS", "invert_one_minus_alpha", "monte_carlo_nelbo", "resolve_estimator",
+           "training_loss"]

@@ -12,13 +12,15 @@ This file is "remote code": it imports only torch, transformers and its sibling 
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 
 import torch
 from transformers.utils import ModelOutput
 
-from .diffusion import DiscreteDiffusion, NoiseSchedule, monte_carlo_nelbo, training_loss
+from .diffusion import (DiscreteDiffusion, invert_one_minus_alpha, NoiseSchedule, monte_carlo_nelbo, resolve_estimator, training_loss,
+                        uses_head_only)
 
 
 @dataclass
@@ -137,13 +139,7 @@ def _check_generator(generator) -> None:
 
 def _invert_one_minus_alpha(schedule: NoiseSchedule, target: torch.Tensor, iterations: int = 64) -> torch.Tensor:
     """t in [0, 1] with schedule.one_minus_alpha(t) = target (float64 bisection; 1 - alpha increases)."""
-    low, high = torch.zeros_like(target), torch.ones_like(target)
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        below = schedule.one_minus_alpha(middle).to(target.device) < target
-        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-    t = (low + high) / 2
-    return torch.where(target <= 0, torch.zeros_like(t), torch.where(target >= 1, torch.ones_like(t), t))
+    return invert_one_minus_alpha(schedule, target, iterations)
 
 
 def _reachable(t: torch.Tensor, has_masked: torch.Tensor, has_unmasked: torch.Tensor,
@@ -208,6 +204,12 @@ class DiffusionLMMixin:
         self._check_clean_ids(x0, scored)
         return x0, scored
 
+    # The training loss's noise draws (see `diffusion.NELBO_ESTIMATORS`; chosen by measured gradient variance,
+    # see the README) and whether an absorbing x_0 model runs its output head at masked positions only (the
+    # same loss and gradients, less work). Class attributes, so an experiment can switch them per instance.
+    training_estimator = "uniform_t"
+    head_only_loss = True
+
     # `forward` honours `num_items_in_batch`, so `transformers.Trainer` passes it and leaves the loss
     # unscaled under gradient accumulation (the model divides by the whole accumulated batch's count).
     accepts_loss_kwargs = True
@@ -268,13 +270,19 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
+        head_only = (self.head_only_loss and not output_hidden_states
+                     and uses_head_only(self.diffusion, self._denoise_takes_positions()))
 
-        def denoise(ids, t):
+        def denoise(ids, t, positions=None):
+            if positions is not None:
+                hidden_states.append(None)
+                return self.denoise(ids, t, attention_mask, positions=positions)
             logits, states = self.denoise_with_outputs(ids, t, attention_mask, None, output_hidden_states)
             hidden_states.append(states)
             return logits
 
-        loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u)
+        loss, logits, noisy, t = training_loss(self.diffusion, denoise, x0, scored, generator, u=u,
+                                               estimator=self.training_estimator, head_only=head_only)
         if num_items_in_batch is not None:
             total = torch.as_tensor(num_items_in_batch, device=loss.device)
             if total.numel() != 1 or not (torch.isfinite(total) & (total >= 0)).all():
@@ -284,6 +292,14 @@ class DiffusionLMMixin:
             loss = loss * scored.sum().clamp_min(1) / total
         return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t,
                                  hidden_states=hidden_states[-1])
+
+    def _denoise_takes_positions(self) -> bool:
+        """Whether `denoise` accepts `positions` (a replaced or wrapped `denoise` may not)."""
+        try:
+            parameters = inspect.signature(self.denoise).parameters
+        except (TypeError, ValueError):
+            return False
+        return "positions" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
     def denoise_with_outputs(self, input_ids, timesteps=None, attention_mask=None, inputs_embeds=None,
                              output_hidden_states: bool = False):
@@ -334,24 +350,45 @@ class DiffusionLMMixin:
     @torch.no_grad()
     def nelbo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               labels: torch.Tensor | None = None, num_samples: int = 16,
-              generator: torch.Generator | None = None, return_samples: bool = False) -> torch.Tensor:
+              generator: torch.Generator | None = None, return_samples: bool = False,
+              estimator: str = "auto") -> torch.Tensor:
         """Each sequence's NELBO in nats (an upper bound on -log p(x)), by Monte Carlo over noise levels.
 
-        The `num_samples` draws of each row are stratified over [0, 1). Positions with `labels == -100`
-        (or padding) condition the prediction and are not scored.
+        The `num_samples` draws of each row are stratified. Positions with `labels == -100` (or padding)
+        condition the prediction and are not scored.
+
+        Args:
+            estimator: how the noise of a draw is chosen, all unbiased for the same bound (see
+                `hf_sfdlm.diffusion.NELBO_ESTIMATORS`). ``"auto"`` (default) is ``"masked_count"`` wherever it
+                applies (continuous time; discrete-time absorbing): the number of masked (absorbing) or resampled
+                (uniform) tokens stratified over the draws and the noise level from its conditional law, so one
+                draw is bounded (finite variance); discrete-time uniform models use ``"uniform_t"`` (stratified
+                steps; a finite sum of bounded terms). ``"importance"``: 1 - alpha(t) = u^2, also finite.
+                ``"uniform_t"`` is the historical estimator (t uniform), whose single-draw variance is infinite
+                in continuous time for schedules with alpha'(0) != 0 (loglinear, linear, geometric).
 
         Returns:
-            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples`.
+            (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples` (not
+            independent: stratified; take error bars from independent calls).
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not self.diffusion.is_likelihood_bound:
             raise ValueError(f"`nelbo` needs objective='elbo' or 'score_entropy', got {self.config.objective!r}; "
                              "a 'ce' model's loss is not a likelihood bound.")
+        estimator = resolve_estimator(self.diffusion, estimator)
         _check_generator(generator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
-        samples = monte_carlo_nelbo(self.diffusion, lambda ids, t: self.denoise(ids, t, attention_mask), x0, scored,
-                                    num_samples, generator)
+
+        head_only = uses_head_only(self.diffusion, self._denoise_takes_positions())
+
+        def denoise(ids, t, positions=None):
+            if positions is None:
+                return self.denoise(ids, t, attention_mask)
+            return self.denoise(ids, t, attention_mask, positions=positions)
+
+        samples = monte_carlo_nelbo(self.diffusion, denoise, x0, scored, num_samples, generator, estimator=estimator,
+                                    head_only=head_only)
         return samples if return_samples else samples.mean(-1)
 
 

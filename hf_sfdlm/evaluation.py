@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .diffusion import resolve_estimator
 from .diffusion_lm import scored_positions
 
 LN2 = math.log(2.0)
@@ -106,10 +107,12 @@ def count_bytes(text: str) -> int:
 def tokenize_lines(text: str, tokenizer) -> list[int]:
     """Token ids of `text`, tokenized line by line (newlines kept), without special tokens. Special-token
     strings in the text ("[MASK]", "[EOS]", ...) are read as the characters they are, exactly as training
-    and fine-tuning read their data (`hf_sfdlm.data.encode_plain_text`)."""
-    from .data import encode_plain_text
+    and fine-tuning read their data (`hf_sfdlm.data.encode_plain_text`). A line longer than
+    `data.MAX_PIECE_CHARS` (a one-line corpus such as text8) is cut before a word (`data.split_long_text`), so
+    it never meets the tokenizer whole."""
+    from .data import encode_plain_text, split_long_text
 
-    lines = text.splitlines(keepends=True)
+    lines = [piece for line in text.splitlines(keepends=True) for piece in split_long_text(line)]
     if not lines:
         return []
     encoded = encode_plain_text(tokenizer, lines)
@@ -242,15 +245,17 @@ def autoregressive_nll(model, input_ids: torch.Tensor, bos_token_id: int, labels
 
 def sequence_nll_samples(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          labels: torch.Tensor | None = None, num_samples: int = 16,
-                         generator: torch.Generator | None = None, bos_token_id: int | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, bos_token_id: int | None = None,
+                         estimator: str = "auto") -> torch.Tensor:
     """Per-row NLL estimates in nats, shape (B, S), float64.
 
-    Diffusion models: `S = num_samples` single-draw NELBO estimates from `model.nelbo(..., return_samples=True)`
-    (their mean is the NELBO estimate). Autoregressive models: one exact column (`S = 1`).
+    Diffusion models: `S = num_samples` single-draw NELBO estimates from `model.nelbo(..., return_samples=True,
+    estimator=estimator)` (their mean is the NELBO estimate; the draws are stratified, not independent).
+    Autoregressive models: one exact column (`S = 1`).
     """
     if is_diffusion_model(model):
         samples = model.nelbo(input_ids, attention_mask=attention_mask, labels=labels, num_samples=num_samples,
-                              generator=generator, return_samples=True)
+                              generator=generator, return_samples=True, estimator=estimator)
         return samples.double()
     if is_autoregressive_model(model):
         return autoregressive_nll(model, input_ids, bos_token_id, labels, attention_mask).unsqueeze(-1)
@@ -271,6 +276,8 @@ class PerplexityResult:
         tokenizer: name or path of the tokenizer the token-level figures refer to.
         estimator: ``"nelbo"`` (diffusion, Monte Carlo upper bound) or ``"exact"`` (autoregressive).
         num_unk_tokens: tokens of the text the tokenizer mapped to its unknown token (see `unk_share`).
+        nelbo_estimator: the noise draws of the NELBO (`hf_sfdlm.diffusion.NELBO_ESTIMATORS`; None when exact).
+        num_replicates: independent replicates per block the standard error comes from (None when exact).
     """
 
     total_nll: float
@@ -284,6 +291,8 @@ class PerplexityResult:
     tokenizer: str
     estimator: str
     num_unk_tokens: int = 0
+    nelbo_estimator: str | None = None
+    num_replicates: int | None = None
 
     @property
     def unk_share(self) -> float:
@@ -341,21 +350,26 @@ class PerplexityResult:
 
 
 def score_blocks(model, blocks: Sequence[torch.Tensor], *, batch_size: int = 16, num_samples: int = 16,
-                 seed: int = 0, bos_token_id: int | None = None,
-                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int = 0, bos_token_id: int | None = None, progress: bool = False,
+                 estimator: str = "auto", num_replicates: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL estimate and its Monte Carlo variance for every block (model-space ids), float64 (N,) each.
 
-    Blocks of equal length are batched together (no padding anywhere). The variance of a diffusion
-    block is the sample variance of its `num_samples` draws divided by `num_samples`; the draws are
-    stratified over t, so this overestimates the true variance (a conservative error bar).
-    `progress` shows a tqdm bar (blocks scored) on stderr.
+    Blocks of equal length are batched together (no padding anywhere). A diffusion block's `num_samples`
+    model calls form `num_replicates` independent replicates of `num_samples / num_replicates` stratified
+    draws each (`estimator`, see `DiffusionLMMixin.nelbo`); the estimate is their mean and its variance the
+    replicates' sample variance over `num_replicates` (unbiased: draws within a replicate are stratified,
+    hence not independent, so their own spread is no error bar). `progress` shows a tqdm bar on stderr.
     """
-    for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
+    for name, value in (("batch_size", batch_size), ("num_samples", num_samples), ("num_replicates", num_replicates)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if is_diffusion_model(model) and num_samples < 2:
+    diffusion = is_diffusion_model(model)
+    if diffusion and num_samples < 2:
         raise ValueError("A Monte Carlo NELBO needs `num_samples` >= 2 to estimate its standard error, got "
                          f"{num_samples}.")
+    if diffusion and (num_replicates < 2 or num_samples % num_replicates):
+        raise ValueError(f"`num_samples` ({num_samples}) must split into `num_replicates` ({num_replicates}) >= 2 "
+                         "equal independent replicates (the error bar is their spread).")
     device = _model_device(model)
     generator = torch.Generator().manual_seed(seed)
     totals = torch.zeros(len(blocks), dtype=torch.float64)
@@ -365,16 +379,19 @@ def score_blocks(model, blocks: Sequence[torch.Tensor], *, batch_size: int = 16,
         by_length.setdefault(len(block), []).append(index)
     from tqdm.auto import tqdm
 
+    replicates = num_replicates if diffusion else 1
     bar = tqdm(total=len(blocks), desc="scoring", unit="block", disable=not progress, dynamic_ncols=True)
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             ids = torch.stack([blocks[i] for i in chunk]).to(device)
-            samples = sequence_nll_samples(model, ids, num_samples=num_samples, generator=generator,
-                                           bos_token_id=bos_token_id).cpu()
-            totals[chunk] = samples.mean(-1)
-            if samples.shape[-1] > 1:
-                variances[chunk] = samples.var(-1, unbiased=True) / samples.shape[-1]
+            means = torch.stack([
+                sequence_nll_samples(model, ids, num_samples=num_samples // replicates, generator=generator,
+                                     bos_token_id=bos_token_id, estimator=estimator).cpu().mean(-1)
+                for _ in range(replicates)], dim=-1)
+            totals[chunk] = means.mean(-1)
+            if replicates > 1:
+                variances[chunk] = means.var(-1, unbiased=True) / replicates
             bar.update(len(chunk))
     bar.close()
     return totals, variances
@@ -387,7 +404,7 @@ def _tokenizer_name(tokenizer) -> str:
 def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, batch_size: int = 16,
                         num_samples: int = 16, seed: int = 0, vocabulary: CompactVocabulary | None = None,
                         bos_token_id: int | None = None, tokenizer_name: str | None = None,
-                        progress: bool = False) -> PerplexityResult:
+                        progress: bool = False, estimator: str = "auto", num_replicates: int = 2) -> PerplexityResult:
     """Token-level and word-level perplexity and bits per byte of `text` under `model`.
 
     Args:
@@ -395,7 +412,9 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
         tokenizer: the tokenizer whose ids the model reads (through `vocabulary`, if given).
         text: the evaluation text (see `read_text`).
         block_size: tokens per independently scored block.
-        num_samples: noise levels t per block for diffusion models (ignored for AR models).
+        num_samples: model calls (noise draws) per block for diffusion models (ignored for AR models).
+        estimator, num_replicates: the NELBO's noise draws and the independent replicates its standard
+            error comes from (see `score_blocks`).
         vocabulary: the `CompactVocabulary` the model was trained on, if any; figures stay those of
             the tokenizer's ids.
         bos_token_id: the model-space id preceding each block for AR models; defaults to the
@@ -419,7 +438,8 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
         model.eval()
     try:
         totals, variances = score_blocks(model, blocks, batch_size=batch_size, num_samples=num_samples,
-                                         seed=seed, bos_token_id=bos_token_id, progress=progress)
+                                         seed=seed, bos_token_id=bos_token_id, progress=progress,
+                                         estimator=estimator, num_replicates=num_replicates)
     finally:
         if was_training:
             model.train()
@@ -434,6 +454,8 @@ def evaluate_perplexity(model, tokenizer, text: str, *, block_size: int = 128, b
         tokenizer=tokenizer_name or _tokenizer_name(tokenizer),
         estimator="nelbo" if diffusion else "exact",
         num_unk_tokens=_count_unknown(full_ids, tokenizer),
+        nelbo_estimator=resolve_estimator(model.diffusion, estimator) if hasattr(model, "diffusion") else None,
+        num_replicates=num_replicates if diffusion else None,
     )
 
 

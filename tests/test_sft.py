@@ -88,6 +88,7 @@ def logits_grad(model, batch, generator):
 def test_prompt_and_padding_never_change_nor_contribute_to_the_loss(tokenizer, process):
     extra = {"mask_token_id": tokenizer.mask_token_id} if process == "absorbing" else {}
     model = model_for(tokenizer, process=process, **extra)
+    model.head_only_loss = False  # the full canvas, so that every position has logits to take gradients of
     batch = SFTCollator(tokenizer.pad_token_id)([sft_example(r, tokenizer) for r in records(tokenizer)])
     scored = batch["labels"] != IGNORE_INDEX
     generator = torch.Generator().manual_seed(0)
