@@ -27,7 +27,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from . import block_diffusion, generation_block  # noqa: F401  (block mode; imported here so save_pretrained copies them)
+from . import block_diffusion
+from .block_diffusion import BlockContext  # noqa: F401  (`from .x import` lines tell save_pretrained which files to copy)
+from .generation_block import generate_blocks  # noqa: F401  (block mode's `generate`, called by generation_sfdlm)
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs
 from .generation_sfdlm import SFDLMGenerationMixin

@@ -363,3 +363,219 @@ def test_block_nelbo_is_tight_with_the_exact_posterior(process, num_timesteps):
             nelbo += exact_discrete_nelbo(denoise, diffusion, torch.tensor(block), num_timesteps)
         assert nll == pytest.approx(truth, abs=1e-8)
         assert nelbo == pytest.approx(truth, abs=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------ integration
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputed blocks call their SSMs again: the recorded cross terms are keyed by layer, not call order."""
+    model = block_model("uniform")
+    model.train()
+    ids = torch.randint(0, 30, (2, 14))
+
+    def gradients():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids, generator=torch.Generator().manual_seed(2)).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed = gradients()
+    torch.testing.assert_close(checkpointed_loss, plain_loss, atol=1e-12, rtol=0)
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_save_pretrained_and_remote_code_loading_keep_block_mode(tmp_path, monkeypatch):
+    """The saved folder's own code (the files save_pretrained copied, imported as a package of their own)
+    loads the weights and gives the same block-mode logits and generations."""
+    import importlib
+    import shutil
+
+    model = block_model("absorbing").float()
+    model.save_pretrained(tmp_path / "saved")
+    package = tmp_path / "copied_sfdlm_code"
+    package.mkdir()
+    for file in (tmp_path / "saved").glob("*.py"):
+        shutil.copy(file, package / file.name)
+    (package / "__init__.py").write_text("")
+    assert {"block_diffusion.py", "generation_block.py"} <= {f.name for f in package.iterdir()}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    remote = importlib.import_module("copied_sfdlm_code.modeling_sfdlm")
+    loaded = remote.SFDLMForDiffusionLM.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config.block_size == 4 and type(loaded).__module__ == "copied_sfdlm_code.modeling_sfdlm"
+    ids = torch.randint(0, 30, (2, 10))
+    t = torch.rand(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, timesteps=t).logits, model(ids, timesteps=t).logits)
+    kwargs = dict(max_new_tokens=6, steps=2)
+    assert torch.equal(loaded.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs),
+                       model.generate(ids, generator=torch.Generator().manual_seed(0), **kwargs))
+
+
+def test_hf_trainer_and_lora_train_a_block_model(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from hf_sfdlm.lora import apply_lora
+
+    ids = torch.randint(0, 30, (8, 12), generator=torch.Generator().manual_seed(5))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    for lora in (False, True):
+        model = block_model("absorbing").float()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trained = apply_lora(model, r=4, target_modules="all-linear", train_ssm=True) if lora else model
+        args = TrainingArguments(str(tmp_path / str(lora)), per_device_train_batch_size=4, max_steps=2,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
+        trainer = Trainer(model=trained, args=args, train_dataset=data, data_collator=default_data_collator)
+        losses = [log["train_loss"] for log in trainer.train() and trainer.state.log_history if "train_loss" in log]
+        assert losses and all(math.isfinite(x) for x in losses)
+        base = {n.replace(".base_layer", "").replace(".original_module", ""): p for n, p in model.named_parameters()
+                if ".lora_" not in n and "modules_to_save" not in n}
+        assert set(base) == set(before)
+        changed = {n for n, p in base.items() if not torch.equal(p, before[n])}
+        if lora:  # the base weights stay; the SSMs train through their saved copies
+            assert not changed
+            assert any(not torch.equal(p, before[n.replace(".modules_to_save.default", "")])
+                       for n, p in model.named_parameters() if "modules_to_save" in n)
+        else:
+            assert changed
+
+
+def test_run_training_with_a_model_block_size(tmp_path):
+    """`sfdlm train ... model.block_size=4` is this run: the model section goes to SFDLMConfig as is."""
+    from accelerate.state import AcceleratorState
+
+    from hf_sfdlm.data import DataConfig
+    from hf_sfdlm.pipelines import run_training
+    from hf_sfdlm.train_config import TrainConfig, TrainingConfig, load_config
+
+    assert load_config(None, ["model.block_size=4"]).model["block_size"] == 4
+    with pytest.raises(ValueError, match="block_size"):
+        load_config(None, ["model.block_size=3", "model.pool_factors=[2]", "model.stage_depths=[1,1]"])
+    AcceleratorState._reset_state()
+    model = dict(process="absorbing", hidden_size=16, stage_depths=[1, 1], pool_factors=[2], ssm_state_size=4,
+                 fourier_intermediate_size=32, num_timesteps=None, noise_schedule="loglinear", block_size=4)
+    training = TrainingConfig(output_dir=str(tmp_path), max_steps=3, batch_size=4, eval_every=3,
+                              eval_max_sequences=4, eval_num_samples=1, checkpoint_every=3, log_every=1,
+                              log_with=["jsonl"], progress_bar=False)
+    try:
+        result, _ = run_training(TrainConfig(model=model, data=DataConfig(block_size=16, synthetic_sentences=100),
+                                             training=training))
+    finally:
+        AcceleratorState._reset_state()
+    assert math.isfinite(result.eval_nelbo)
+    assert SFDLMForDiffusionLM.from_pretrained(tmp_path).config.block_size == 4
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def ragged_prompts():
+    ids = torch.randint(0, 30, (3, 7), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: 5 tokens
+    mask[2, 5:] = 0  # right padding: 5 tokens; row 1: 7 tokens (a different block index)
+    return ids, mask
+
+
+@pytest.mark.parametrize("process,sampler", [("absorbing", "ancestral"), ("absorbing", "confidence"),
+                                             ("uniform", "uniform"), ("uniform", "ancestral")])
+def test_cached_generation_equals_uncached_generation_draw_for_draw(process, sampler):
+    model = block_model(process)
+    ids, mask = ragged_prompts()
+    outputs = {}
+    for use_cache in (True, False):
+        outputs[use_cache] = model.generate(ids, attention_mask=mask, max_new_tokens=10, steps=3, sampler=sampler,
+                                            generator=torch.Generator().manual_seed(1), use_cache=use_cache,
+                                            return_dict_in_generate=True)
+    torch.testing.assert_close(outputs[True].sequences, outputs[False].sequences, rtol=0, atol=0)
+    assert outputs[True].sequences.shape == (3, 17)
+    assert torch.equal(outputs[True].sequences[:, :7], ids)  # the prompt (and its padding) in place
+    # at most (steps + the commit) per block: rows 0 and 2 (5 tokens) need 3 blocks for 10 new tokens
+    # (3 + 4 + 4 positions), row 1 (7 tokens) 4 blocks (1 + 4 + 4 + 4)
+    # (the uniform sampler adds its greedy tail, one pass per block)
+    per_block = 3 + 1 + (sampler == "uniform")
+    passes = outputs[True].num_forward_passes.tolist()
+    assert passes[0] <= 3 * per_block and passes[2] <= 3 * per_block and 4 * 2 <= passes[1] <= 4 * per_block
+    # and the draws are the model's: another seed gives other tokens
+    other = model.generate(ids, attention_mask=mask, max_new_tokens=10, steps=3, sampler=sampler,
+                           generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(other, outputs[True].sequences)
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_one_block_generation_is_the_full_canvas_generation(process):
+    """b = the canvas: the block model's generation is the full-canvas model's, draw for draw."""
+    full = block_model(process, block_size=None)
+    block = block_model(process, block_size=8)
+    block.load_state_dict(full.state_dict())
+    prompt = torch.randint(0, 30, (2, 3))
+    kwargs = dict(max_new_tokens=5, steps=4)
+    expected = full.generate(prompt, generator=torch.Generator().manual_seed(3), **kwargs)
+    got = block.generate(prompt, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_generation_goes_past_max_position_embeddings_with_a_constant_cache():
+    from hf_sfdlm.generation_block import generate_blocks
+
+    model = block_model("absorbing", block_size=8, max_position_embeddings=16)
+    prompt = torch.randint(0, 30, (2, 5))
+    sizes = {}
+    for new in (24, 200):
+        seen = []
+        out = generate_blocks(model, prompt, max_new_tokens=new, steps=1, generator=torch.Generator().manual_seed(0),
+                              cache_observer=lambda cache: seen.append((cache.nbytes(), int(cache.tokens.max()))))
+        assert out.shape == (2, 5 + new)
+        assert len({b for b, _ in seen}) == 1  # the same bytes after the prompt and after every block
+        assert seen[-1][1] >= new  # ... while the consumed tokens grow
+        sizes[new] = seen[0][0]
+    layers = sum(1 for m in model.modules() if isinstance(m, BidirectionalDiagonalSSM))
+    assert sizes[24] == sizes[200] == layers * 2 * 16 * 2 * 16  # layers x rows x H x N/2 complex128
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(prompt, max_new_tokens=24, steps=1, use_cache=False)
+
+
+def test_eos_ends_a_row_after_its_block_and_later_positions_are_padding():
+    model = block_model("absorbing")
+    ids, mask = ragged_prompts()
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=12, steps=2,
+                           generator=torch.Generator().manual_seed(4))
+    eos = int(plain[1, 7 + 5])  # a token row 1 generates in its second block (positions 12-15 of the row)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, steps=2, eos_token_id=eos, pad_token_id=30,
+                         generator=torch.Generator().manual_seed(4), return_dict_in_generate=True)
+    row = out.sequences[1, 7:]
+    first = int((row == eos).nonzero()[0])
+    assert torch.equal(row[:first + 1], plain[1, 7:7 + first + 1])
+    assert (row[first + 1:] == 30).all()
+    assert out.num_forward_passes[1] <= 2 * 3  # at most two blocks of (2 steps + commit)
+
+
+def test_streamer_gets_the_prompt_then_each_block():
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, ids):
+            self.puts.append(ids)
+
+        def end(self):
+            self.ended = True
+
+    model = block_model("absorbing")
+    prompt = torch.randint(0, 30, (1, 6))
+    streamer = Collect()
+    out = model.generate(prompt, max_new_tokens=9, steps=2, streamer=streamer,
+                         generator=torch.Generator().manual_seed(0))
+    assert streamer.ended and torch.equal(streamer.puts[0], prompt)
+    assert [p.shape[1] for p in streamer.puts[1:]] == [2, 4, 3]  # the prompt's block, then whole blocks
+    assert torch.equal(torch.cat(streamer.puts[1:], dim=1), out[:, 6:])
+
+
+def test_block_generation_refuses_infilling_and_a_foreign_block_length():
+    model = block_model("absorbing")
+    with pytest.raises(ValueError, match="does not infill"):
+        model.generate(torch.tensor([[1, MASK, 2]]), max_new_tokens=4, steps=1)
+    with pytest.raises(ValueError, match="block_length"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=4, steps=1, block_length=2)
+    with pytest.raises(TypeError, match="use_cache"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=4, steps=1, use_cache="yes")
