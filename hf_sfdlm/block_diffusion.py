@@ -387,6 +387,28 @@ def block_terms(model, x0, scored, attention_mask, generator, u: torch.Tensor | 
     return terms, logits, noisy, t
 
 
+def infer_block_timesteps(model, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """(B, blocks) noise levels of an absorbing block model's input, read from each block's masked fraction
+    (the maximum-likelihood estimate of 1 - alpha(t), inverted as `DiffusionLMMixin.infer_timesteps` does for
+    a whole row); on the step grid for discrete-time models."""
+    from .diffusion_lm import _invert_one_minus_alpha
+
+    model.check_inputs(input_ids, attention_mask)
+    batch, length = input_ids.shape
+    num = num_blocks(length, model.config.block_size)
+    maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+    masked = (input_ids == model.diffusion.mask_token_id) & maskable
+    blocks = block_index(input_ids, attention_mask, model.config.block_size)
+    counts = torch.zeros(batch, num, dtype=torch.float64, device=input_ids.device)
+    total = counts.clone().scatter_add_(1, blocks, maskable.double())
+    counts.scatter_add_(1, blocks, masked.double())
+    t = _invert_one_minus_alpha(model.diffusion.schedule, counts / total.clamp_min(1))
+    steps = getattr(model.config, "num_timesteps", None)
+    if steps is not None:
+        t = (t * steps).round() / steps
+    return t.float()
+
+
 def check_block_objective(model) -> None:
     if getattr(model.diffusion, "objective", None) == "score_entropy":
         raise ValueError("Block mode (`block_size`) supports objective='elbo' and 'ce', not 'score_entropy'.")

@@ -293,6 +293,10 @@ class DiffusionLMMixin:
         """
         if not getattr(self.config, "time_conditioning", False):
             return None
+        if getattr(self.config, "block_size", None) is not None and self.diffusion.process == "absorbing":
+            from .block_diffusion import infer_block_timesteps  # one noise level per block, (B, blocks)
+
+            return infer_block_timesteps(self, input_ids, attention_mask)
         if self.diffusion.process != "absorbing":
             raise ValueError(
                 "This uniform-process model is noise-conditioned and its noise level cannot be read from the "

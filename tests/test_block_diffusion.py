@@ -174,6 +174,17 @@ def test_changing_a_block_changes_no_logit_of_earlier_blocks(process):
             assert (after[row][later] - base[row][later]).abs().max() > 1e-4
 
 
+def test_an_absorbing_block_model_reads_each_blocks_noise_level_from_its_masks():
+    """`model(ids)` without timesteps (fill-mask clients): each block's t from its own masked fraction."""
+    model = block_model("absorbing")  # loglinear: alpha(t) = 1 - t, so t is the masked fraction
+    ids = torch.randint(0, 30, (2, 10))
+    ids[0, 4:7] = MASK  # block 1 of row 0: 3 of 4 masked; block 2 (2 tokens): none
+    ids[1, 8] = MASK  # block 2 of row 1: 1 of 2
+    out = model(ids)
+    torch.testing.assert_close(out.timesteps, torch.tensor([[0.0, 0.75, 0.0], [0.0, 0.0, 0.5]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.logits, model(ids, timesteps=out.timesteps).logits)
+
+
 def test_padding_never_changes_a_real_position():
     model = block_model("uniform")
     ids = torch.randint(0, 30, (1, 10))
