@@ -361,7 +361,10 @@ def per_position_draw(draw: NoiseDraw, blocks: torch.Tensor, num: int) -> NoiseD
 
 
 def block_denoise(model, noisy: torch.Tensor, t: torch.Tensor | None, attention_mask, clean: torch.Tensor):
-    """Logits (B, L, V) of every block from its noisy tokens at its t (B, nb) and the clean earlier blocks."""
+    """Logits (B, L, V) of every block from its noisy tokens at its t (B, nb) and the clean earlier blocks
+    (a model with its own `denoise_blocks`, as the Transformer denoiser, does it its way)."""
+    if hasattr(model, "denoise_blocks"):
+        return model.denoise_blocks(noisy, t, attention_mask, clean)
     hidden = model.model(noisy, attention_mask=attention_mask, timesteps=t, clean_input_ids=clean).last_hidden_state
     return model.diffusion.restrict_logits(model.lm_head(hidden))
 
@@ -381,7 +384,8 @@ def block_terms(model, x0, scored, attention_mask, generator, u: torch.Tensor | 
     noisy = process.corrupt(x0.reshape(-1, 1), alpha, corruptible=scored.reshape(-1, 1),
                             generator=generator).view(batch, length)
     t = draw.t.view(batch, num)
-    logits = block_denoise(model, noisy, t if model.model.time_embed is not None else None, attention_mask, x0)
+    conditioned = getattr(model.config, "time_conditioning", True)
+    logits = block_denoise(model, noisy, t if conditioned else None, attention_mask, x0)
     terms = process.loss_terms(logits.reshape(batch * length, 1, -1), x0.reshape(-1, 1), noisy.reshape(-1, 1),
                                spread, scored=scored.reshape(-1, 1)).view(batch, length)
     return terms, logits, noisy, t
@@ -436,6 +440,8 @@ def block_training_forward(model, input_ids, attention_mask, labels, timesteps, 
         loss = loss * scored.sum().clamp_min(1) / total
     hidden_states = None
     if output_hidden_states:
+        if not hasattr(model, "model"):
+            raise ValueError(f"{type(model).__name__} does not report hidden states in block mode.")
         t_in = t if model.model.time_embed is not None else None
         hidden_states = model.model(noisy, attention_mask=attention_mask, timesteps=t_in, clean_input_ids=x0,
                                     output_hidden_states=True).hidden_states

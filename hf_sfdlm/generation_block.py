@@ -94,7 +94,10 @@ class _UncachedNetwork:
             ids[i, longest - len(prefix):longest] = prefix
             mask[i, longest - len(prefix):] = 1
         ids[:, longest:] = canvas
-        timesteps = None if self.model.model.time_embed is None else t.double()
+        timesteps = t.double() if getattr(self.model.config, "time_conditioning", True) else None
+        if hasattr(self.model, "denoise_blocks"):  # a model with its own block mode (the Transformer denoiser)
+            where = torch.cat([torch.zeros(len(rows), longest, dtype=torch.bool, device=ids.device), positions], 1)
+            return self.model.denoise_blocks(ids, timesteps, mask, ids, positions=where)
         hidden = self.model.model(ids, attention_mask=mask, timesteps=timesteps).last_hidden_state[:, longest:]
         return self.model.diffusion.restrict_logits(self.model.lm_head(hidden[positions]))
 
@@ -170,11 +173,18 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     offsets = lengths % size  # prompt tokens inside the first generated block
     if use_cache:
-        cache = new_cache(model, rows, device)
+        if hasattr(model, "new_block_cache"):  # a model with its own cache (the Transformer denoiser: keys, values)
+            cache = model.new_block_cache(rows)
+            commit = lambda group, ids: model.commit_blocks(cache, group, ids)  # noqa: E731
+            network = lambda group, canvas, t, where: model.cached_block_logits(cache, group, canvas, t, where)  # noqa: E731
+        else:
+            cache = new_cache(model, rows, device)
+            commit = lambda group, ids: consume(model, cache, group, ids)  # noqa: E731
+            network = _CachedNetwork(model, cache)
         full = lengths - offsets
         for count in full.unique().tolist():
             group = (full == count).nonzero().squeeze(-1)
-            consume(model, cache, group, torch.stack([prompts[int(r)][:count] for r in group]))
+            commit(group, torch.stack([prompts[int(r)][:count] for r in group]))
         if cache_observer is not None:
             cache_observer(cache)
     prefixes = [p[:len(p) - int(o)] for p, o in zip(prompts, offsets)]
@@ -205,8 +215,8 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
                      block=torch.where(free, 0, -1), steps=[config.steps],
                      generators=[generators[r] for r in active.tolist()], sampler_name=sampler_name, mask_id=mask_id,
                      eos_ids=eos_ids, pad_id=pad_id, config=config, greedy=config.temperature < MIN_TEMPERATURE)
-        network = _CachedNetwork(model, cache) if use_cache else _UncachedNetwork(model, prefixes)
-        denoiser = _BlockDenoiser(model, plan, config, logits_processor, network, active)
+        denoiser = _BlockDenoiser(model, plan, config, logits_processor,
+                                  network if use_cache else _UncachedNetwork(model, prefixes), active)
         run = _Run.start(plan, denoiser, None, None)
         run.start_block()
         for t, s in sampler.time_grid(config.steps):
@@ -215,7 +225,7 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
         block = run.canvas
         passes[active] += denoiser.passes
         if use_cache:  # commit: one clean pass advances every state
-            consume(model, cache, active, block)
+            commit(active, block)
             passes[active] += 1
             if cache_observer is not None:
                 cache_observer(cache)

@@ -590,3 +590,69 @@ def test_block_generation_refuses_infilling_and_a_foreign_block_length():
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=4, steps=1, block_length=2)
     with pytest.raises(TypeError, match="use_cache"):
         model.generate(torch.tensor([[1, 2]]), max_new_tokens=4, steps=1, use_cache="yes")
+
+
+# ------------------------------------------------------------------------------------------------ Transformer denoiser
+def transformer(process="absorbing", block_size=4, seed=0, time_conditioning=True):
+    from hf_sfdlm.baselines import TransformerDenoiserConfig, TransformerDenoiserForDiffusionLM
+
+    torch.manual_seed(seed)
+    config = TransformerDenoiserConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, process=process, block_size=block_size,
+                                       mask_token_id=MASK if process == "absorbing" else None,
+                                       time_conditioning=time_conditioning)
+    model = TransformerDenoiserForDiffusionLM(config).double().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_transformer_block_mode_is_block_causal_and_b_equal_l_is_the_full_canvas(process):
+    model = transformer(process)
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, 30, (2, 12), generator=generator)
+    noisy = torch.where(torch.rand(2, 12, generator=generator) < 0.5, clean, torch.full_like(clean, 7))
+    mask = torch.ones_like(clean)
+    mask[1, :2] = 0
+    t = torch.rand(2, 3, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        base = finite(model.denoise_blocks(noisy, t, mask, clean))
+        changed_clean, changed_noisy = clean.clone(), noisy.clone()
+        changed_clean[:, 6:] = (clean[:, 6:] + 1) % 30  # from block 1 of row 0 (block 1 of row 1 starts at 6)
+        changed_noisy[:, 6:] = (noisy[:, 6:] + 1) % 30
+        after = finite(model.denoise_blocks(changed_noisy, t, mask, changed_clean))
+    assert (after[0, :4] - base[0, :4]).abs().max() <= 1e-12 and (after[1, 2:6] - base[1, 2:6]).abs().max() <= 1e-12
+    assert (after[0, 4:] - base[0, 4:]).abs().max() > 1e-4  # block 1 of row 0 reads its changed tokens
+    full = transformer(process, block_size=None)
+    single = transformer(process, block_size=12)
+    ids = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(finite(single(ids, timesteps=t[:, 0]).logits),
+                                   finite(full(ids, timesteps=t[:, 0]).logits), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_transformer_kv_cached_generation_equals_uncached_and_its_cache_grows(process):
+    model = transformer(process)
+    ids, mask = ragged_prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, steps=3)
+    cached = model.generate(ids, generator=torch.Generator().manual_seed(1), **kwargs)
+    uncached = model.generate(ids, generator=torch.Generator().manual_seed(1), use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    from hf_sfdlm.generation_block import generate_blocks
+
+    seen = []
+    generate_blocks(model, ids[:1], max_new_tokens=12, steps=1, cache_observer=lambda cache: seen.append(cache.nbytes()))
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # unlike the SSM states, keys and values grow
+
+
+def test_transformer_block_training_and_nelbo_run():
+    model = transformer("absorbing", time_conditioning=False)
+    model.train()
+    ids = torch.randint(0, 30, (3, 10))
+    loss = model(input_ids=ids, labels=ids, generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    assert math.isfinite(loss.item()) and model.embed_tokens.weight.grad.abs().sum() > 0
+    assert model.nelbo(ids, num_samples=2).shape == (3,)
