@@ -240,27 +240,28 @@ def _merge_states(full, tail, sequences: int):
 
 
 def run_blocks(model, embeds: torch.Tensor, t: torch.Tensor | None, output_hidden_states: bool = False,
-               context: torch.Tensor | None = None, initial: dict | None = None, keep_final: bool = False):
+               context: torch.Tensor | None = None):
     """The block-causal backbone on R sequences of one length n: embeds (R, n, H), noise levels t (R, nb).
 
-    Block j reads blocks < j of `context` (R, n, H) (default: `embeds` itself), clean at t = 0, and the
-    `initial` states (a cache's prefix). Returns (hidden (R, n, H), stage outputs or None, final states or
-    None): `keep_final` gives the states after the whole `context` (it needs `context` to be consumed, so
-    the tail block is included by a pass of its own).
+    Block j reads blocks < j of `context` (R, n, H) (default: `embeds` itself), clean at t = 0. Pass 1 runs
+    the whole blocks of `context` and records every SSM's cross terms and final state; pass 2 runs the
+    noisy whole blocks replaying the cross terms, and a shorter last block (if any) reads the final states.
+    Without noise conditioning and with `context` = `embeds`, pass 1 is already the answer. Returns
+    (hidden (R, n, H), stage outputs or None).
     """
     rows, length, hidden = embeds.shape
     size = model.config.block_size
     full_blocks, tail = divmod(length, size)
-    single = context is None and model.time_embed is None  # pass 1 is then already the answer
+    single = context is None and model.time_embed is None
     source = embeds if context is None else context
-    outputs, full_states, final = [], None, initial
+    outputs, full_states, final = [], None, None
     if full_blocks:
-        clean = BlockContext(full_blocks, initial, keep_cross=not single, keep_final=bool(tail) or keep_final)
+        clean = BlockContext(full_blocks, keep_cross=not single, keep_final=bool(tail))
         clean_rows = source[:, :full_blocks * size].reshape(rows * full_blocks, size, hidden)
-        zero = None if t is None else torch.zeros(rows * full_blocks, dtype=torch.float64, device=embeds.device)
         if single:
             out, full_states = model._backbone(clean_rows, None, output_hidden_states, block_context=clean)
         else:
+            zero = None if t is None else torch.zeros(rows * full_blocks, dtype=torch.float64, device=embeds.device)
             model._backbone(clean_rows, _condition(model, zero, rows * full_blocks, embeds.device), False,
                             block_context=clean)
             noisy_rows = embeds[:, :full_blocks * size].reshape(rows * full_blocks, size, hidden)
@@ -276,14 +277,8 @@ def run_blocks(model, embeds: torch.Tensor, t: torch.Tensor | None, output_hidde
         out, tail_states = model._backbone(embeds[:, full_blocks * size:], cond, output_hidden_states,
                                            block_context=reader)
         outputs.append(out)
-        if keep_final:  # the tail consumed into the state as well
-            clean = BlockContext(1, final, keep_final=True)
-            zero = None if t is None else torch.zeros(rows, dtype=torch.float64, device=embeds.device)
-            model._backbone(source[:, full_blocks * size:], _condition(model, zero, rows, embeds.device), False,
-                            block_context=clean)
-            final = clean.final
     states = _merge_states(full_states, tail_states, rows) if output_hidden_states else None
-    return torch.cat(outputs, dim=1), states, final if keep_final else None
+    return torch.cat(outputs, dim=1), states
 
 
 def block_stage_lengths(model, length: int) -> list[int]:
@@ -315,8 +310,7 @@ def block_causal_backbone(model, embeds: torch.Tensor, attention_mask, timesteps
         model.check_inputs(clean_input_ids.long(), attention_mask)
         context = model.embed_tokens(clean_input_ids.long())
     if attention_mask is None or bool(attention_mask.all()):
-        hidden, states, _ = run_blocks(model, embeds, t, output_hidden_states, context)
-        return hidden, states
+        return run_blocks(model, embeds, t, output_hidden_states, context)
     mask = attention_mask.bool()
     lengths = mask.sum(-1)
     hidden = embeds.new_zeros(embeds.shape)
@@ -326,8 +320,8 @@ def block_causal_backbone(model, embeds: torch.Tensor, attention_mask, timesteps
             continue
         rows = (lengths == n).nonzero().squeeze(-1)
         pick = lambda x: x[rows][mask[rows]].view(len(rows), n, -1)  # noqa: E731
-        out, row_states, _ = run_blocks(model, pick(embeds), None if t is None else t[rows, :num_blocks(n, size)],
-                                        output_hidden_states, None if context is None else pick(context))
+        out, row_states = run_blocks(model, pick(embeds), None if t is None else t[rows, :num_blocks(n, size)],
+                                     output_hidden_states, None if context is None else pick(context))
         hidden[rows] = model._scatter_rows(hidden[rows], mask[rows], out)
         if row_states is not None:
             if states_out is None:
@@ -342,9 +336,10 @@ def block_causal_backbone(model, embeds: torch.Tensor, attention_mask, timesteps
 
 
 # ------------------------------------------------------------------------------------------------ objective
-def block_index(scored_or_mask: torch.Tensor, attention_mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
-    """(B, L) block of every position, counted from each row's first real token (padding: block 0)."""
-    real = torch.ones_like(scored_or_mask, dtype=torch.long) if attention_mask is None else attention_mask.long()
+def block_index(ids: torch.Tensor, attention_mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """(B, L) block of every position of ids (B, L), counted from each row's first real token (padding before
+    it: block 0)."""
+    real = torch.ones_like(ids, dtype=torch.long) if attention_mask is None else attention_mask.long()
     return ((real.cumsum(-1) - 1).clamp_min(0) // block_size)
 
 

@@ -185,6 +185,23 @@ def test_an_absorbing_block_model_reads_each_blocks_noise_level_from_its_masks()
     torch.testing.assert_close(out.logits, model(ids, timesteps=out.timesteps).logits)
 
 
+def test_hidden_states_of_every_stage_in_block_mode():
+    """Stage outputs are the blocks' own, concatenated (pooled stages: each block pooled on its own)."""
+    model = block_model("uniform")
+    ids = torch.randint(0, 30, (2, 10))
+    t = torch.rand(2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        out = model.model(ids, timesteps=t, output_hidden_states=True)
+        padded = model.model(torch.cat([ids, ids[:, :3]], 1), timesteps=torch.cat([t, t[:, :1]], 1),
+                             attention_mask=torch.cat([torch.ones_like(ids), torch.zeros(2, 3, dtype=torch.long)], 1),
+                             output_hidden_states=True)
+    # embeddings, down stage, bottleneck pooled per block (2 + 2 + 1 for the 2-token last block), up stage
+    assert [s.shape[1] for s in out.hidden_states] == [10, 10, 5, 10]
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    for full, pad in zip(out.hidden_states, padded.hidden_states):
+        torch.testing.assert_close(pad[:, :full.shape[1]], full, atol=1e-12, rtol=0)
+
+
 def test_padding_never_changes_a_real_position():
     model = block_model("uniform")
     ids = torch.randint(0, 30, (1, 10))
