@@ -4,7 +4,9 @@
   builds it (pre-LayerNorm blocks, rotary positions, no position table; an MLM head tied to the
   embedding) trained and evaluated under `hf_sfdlm.diffusion.DiscreteDiffusion`, with the same
   `denoise` / `forward(labels=...)` / `nelbo` interface as `SFDLMForDiffusionLM`. With the absorbing
-  process and the log-linear schedule in continuous time it is MDLM (arXiv 2406.07524).
+  process and the log-linear schedule in continuous time it is MDLM (arXiv 2406.07524). With
+  `block_size` it is BD3-LM's block-diffusion Transformer (`denoise_blocks`: [x_t; x_0] under a block-causal
+  mask; generation with a KV cache of the committed blocks), the matched baseline of SFDLM's block mode.
 * `gpt2_config` / `matched_gpt2_config`: an autoregressive `GPT2LMHeadModel` whose parameter count
   matches a target (e.g. an SFDLM model's).
 
