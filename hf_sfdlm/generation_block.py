@@ -198,19 +198,8 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     first = True
     while any(needed(r) > 0 and not finished[r] for r in range(rows)):
         active = torch.tensor([r for r in range(rows) if needed(r) > 0 and not finished[r]], device=device)
-        canvas = torch.zeros(len(active), size, dtype=torch.long, device=device)
-        free = torch.ones_like(canvas, dtype=torch.bool)
-        for i, r in enumerate(active.tolist()):
-            if first and offsets[r]:
-                canvas[i, :offsets[r]] = prompts[r][len(prefixes[r]):]
-                free[i, :offsets[r]] = False
-        if model.diffusion.process == "absorbing":
-            canvas[free] = mask_id
-        else:  # the uniform prior, each row from its own generator
-            for i, r in enumerate(active.tolist()):
-                count = int(free[i].sum())
-                canvas[i, free[i]] = torch.randint(model.config.vocab_size, (count,), generator=generators[r],
-                                                   device=generators[r].device).to(device)
+        canvas, free = _block_canvas(model, active, [prompts[r][len(prefixes[r]):] if first else None
+                                                     for r in active.tolist()], size, mask_id, generators)
         plan = _Plan(canvas=canvas, free=free, attention=torch.ones_like(free),
                      block=torch.where(free, 0, -1), steps=[config.steps],
                      generators=[generators[r] for r in active.tolist()], sampler_name=sampler_name, mask_id=mask_id,
@@ -240,7 +229,8 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
             finished |= stopping_criteria(_sequences(ids, produced, new, pad_id), None).to(device).bool()
         ready = min(new if finished[r] else len(produced[r]) for r in range(rows))
         if streamer is not None and ready > streamed:
-            streamer.put(_sequences(ids, produced, new, pad_id)[:, ids.shape[1] + streamed:ids.shape[1] + ready].cpu())
+            final = _sequences(ids, produced, new, pad_id, eos_ids)  # what the output will hold (EOS applied)
+            streamer.put(final[:, ids.shape[1] + streamed:ids.shape[1] + ready].cpu())
             streamed = ready
     sequences = _sequences(ids, produced, new, pad_id, eos_ids)
     if streamer is not None:
@@ -250,6 +240,26 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     if not config.return_dict_in_generate:
         return sequences
     return SFDLMGenerationOutput(sequences=sequences, num_forward_passes=passes)
+
+
+def _block_canvas(model, active: torch.Tensor, fixed: list, size: int, mask_id, generators):
+    """The starting canvas (len(active), b) of the next block and its free positions: each row's `fixed`
+    tokens (its prompt's end, in the first block) first, the rest from the prior (masks, or uniform draws
+    from the row's own generator)."""
+    canvas = torch.zeros(len(active), size, dtype=torch.long, device=active.device)
+    free = torch.ones_like(canvas, dtype=torch.bool)
+    for i, tokens in enumerate(fixed):
+        if tokens is not None and len(tokens):
+            canvas[i, :len(tokens)] = tokens
+            free[i, :len(tokens)] = False
+    if model.diffusion.process == "absorbing":
+        canvas[free] = mask_id
+    else:
+        for i, r in enumerate(active.tolist()):
+            count = int(free[i].sum())
+            canvas[i, free[i]] = torch.randint(model.config.vocab_size, (count,), generator=generators[r],
+                                               device=generators[r].device).to(canvas.device)
+    return canvas, free
 
 
 def _sequences(ids, produced, new: int, pad_id, eos_ids=None) -> torch.Tensor:
