@@ -69,7 +69,8 @@ class TransformerDenoiserConfig(BertConfig):
                  **kwargs):
         super().__init__(**kwargs)
         self.block_size = block_size
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
             raise ValueError(f"`block_size` must be a positive integer or None, got {block_size!r}.")
         self.process = process
         self.num_timesteps = num_timesteps
@@ -297,19 +298,22 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
         if self.time_embed is not None:
             t = torch.zeros(count, device=ids.device) if commit else torch.as_tensor(timesteps, device=ids.device)
             t = t.to(torch.float32).reshape(-1).expand(count)
-            embeds = embeds + self.time_embed(timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)).unsqueeze(1)
+            features = timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)
+            embeds = embeds + self.time_embed(features).unsqueeze(1)
         lengths = [cache.lengths[int(r)] for r in rows]
         longest = max(lengths)
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         cos, sin = rotary_tables(longest + size, head_dim, ids.device, embeds.dtype)
         where = torch.tensor(lengths, device=ids.device).unsqueeze(-1) + torch.arange(size, device=ids.device)
         rotary = (cos[where].unsqueeze(1), sin[where].unsqueeze(1))  # each row's block at its own positions
-        past_mask = torch.arange(longest, device=ids.device) >= longest - torch.tensor(lengths, device=ids.device).unsqueeze(-1)
+        first_real = longest - torch.tensor(lengths, device=ids.device).unsqueeze(-1)  # the cache is left-padded
+        past_mask = torch.arange(longest, device=ids.device) >= first_real
         allowed = torch.cat([past_mask, torch.ones(count, size, dtype=torch.bool, device=ids.device)], dim=-1)
         allowed = allowed[:, None, None, :]
         x = embeds
         for index, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.attention_norm(x)).view(count, size, 3, layer.num_heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = layer.qkv(layer.attention_norm(x)).view(count, size, 3, layer.num_heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
             q, k = rotate(q, *rotary), rotate(k, *rotary)
             past_k, past_v = cache.stacked(index, rows, longest, k)
             attended = F.scaled_dot_product_attention(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2),

@@ -176,7 +176,8 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
         if hasattr(model, "new_block_cache"):  # a model with its own cache (the Transformer denoiser: keys, values)
             cache = model.new_block_cache(rows)
             commit = lambda group, ids: model.commit_blocks(cache, group, ids)  # noqa: E731
-            network = lambda group, canvas, t, where: model.cached_block_logits(cache, group, canvas, t, where)  # noqa: E731
+            network = lambda group, canvas, t, where: model.cached_block_logits(  # noqa: E731
+                cache, group, canvas, t, where)
         else:
             cache = new_cache(model, rows, device)
             commit = lambda group, ids: consume(model, cache, group, ids)  # noqa: E731

@@ -28,7 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from . import block_diffusion
-from .block_diffusion import BlockContext  # noqa: F401  (`from .x import` lines tell save_pretrained which files to copy)
+from .block_diffusion import BlockContext  # noqa: F401  (save_pretrained copies the files of `from .x import` lines)
 from .generation_block import generate_blocks  # noqa: F401  (block mode's `generate`, called by generation_sfdlm)
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs

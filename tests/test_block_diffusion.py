@@ -661,7 +661,8 @@ def test_transformer_kv_cached_generation_equals_uncached_and_its_cache_grows(pr
     from hf_sfdlm.generation_block import generate_blocks
 
     seen = []
-    generate_blocks(model, ids[:1], max_new_tokens=12, steps=1, cache_observer=lambda cache: seen.append(cache.nbytes()))
+    generate_blocks(model, ids[:1], max_new_tokens=12, steps=1,
+                    cache_observer=lambda cache: seen.append(cache.nbytes()))
     assert seen == sorted(seen) and seen[-1] > seen[0]  # unlike the SSM states, keys and values grow
 
 
