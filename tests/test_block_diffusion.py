@@ -674,3 +674,15 @@ def test_transformer_block_training_and_nelbo_run():
     loss.backward()
     assert math.isfinite(loss.item()) and model.embed_tokens.weight.grad.abs().sum() > 0
     assert model.nelbo(ids, num_samples=2).shape == (3,)
+
+
+def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone():
+    model = block_model("uniform")
+    ids, mask = ragged_prompts()
+    kwargs = dict(max_new_tokens=9, steps=2)
+    batch = model.generate(ids, attention_mask=mask, generator=[torch.Generator().manual_seed(s) for s in range(3)],
+                           **kwargs)
+    for row in range(3):
+        alone = model.generate(ids[row:row + 1][:, mask[row].bool()], generator=[torch.Generator().manual_seed(row)],
+                               **kwargs)
+        assert torch.equal(batch[row, 7:], alone[0, -9:])
