@@ -4,7 +4,9 @@
   builds it (pre-LayerNorm blocks, rotary positions, no position table; an MLM head tied to the
   embedding) trained and evaluated under `hf_sfdlm.diffusion.DiscreteDiffusion`, with the same
   `denoise` / `forward(labels=...)` / `nelbo` interface as `SFDLMForDiffusionLM`. With the absorbing
-  process and the log-linear schedule in continuous time it is MDLM (arXiv 2406.07524).
+  process and the log-linear schedule in continuous time it is MDLM (arXiv 2406.07524). With
+  `block_size` it is BD3-LM's block-diffusion Transformer (`denoise_blocks`: [x_t; x_0] under a block-causal
+  mask; generation with a KV cache of the committed blocks), the matched baseline of SFDLM's block mode.
 * `gpt2_config` / `matched_gpt2_config`: an autoregressive `GPT2LMHeadModel` whose parameter count
   matches a target (e.g. an SFDLM model's).
 
@@ -24,6 +26,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, BertConfi
 from transformers.activations import ACT2FN
 from transformers import initialization as init
 
+from .block_diffusion import block_index, block_timesteps, num_blocks
 from .configuration_sfdlm import NOISE_SCHEDULES, OBJECTIVES, PROCESSES
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput
 from .generation_sfdlm import SFDLMGenerationMixin
@@ -50,6 +53,10 @@ class TransformerDenoiserConfig(BertConfig):
         max_position_embeddings (`int`, defaults to 512):
             The longest accepted input. Positions are rotary, so there is no table: a longer limit costs
             no parameters (the model was only trained on the lengths it saw).
+        block_size (`int`, *optional*):
+            Block diffusion, matched with `SFDLMConfig.block_size` (BD3-LM's layout): blocks of this many tokens
+            from each row's first real token; a noisy block attends to itself and to the clean earlier blocks
+            (the sequence runs as [x_t; x_0] with a block-causal mask, twice the length). `None`: full canvas.
         Dropout and BERT's token-type and position-table fields are not used.
     """
 
@@ -58,8 +65,13 @@ class TransformerDenoiserConfig(BertConfig):
     def __init__(self, process: str = "absorbing", num_timesteps: int | None = None,
                  noise_schedule: str = "loglinear", linear_beta_min: float = 0.1, linear_beta_max: float = 20.0,
                  geometric_sigma_min: float = 1e-4, geometric_sigma_max: float = 20.0, objective: str = "elbo",
-                 mask_token_id: int | None = None, time_conditioning: bool = False, **kwargs):
+                 mask_token_id: int | None = None, time_conditioning: bool = False, block_size: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.block_size = block_size
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"`block_size` must be a positive integer or None, got {block_size!r}.")
         self.process = process
         self.num_timesteps = num_timesteps
         self.noise_schedule = noise_schedule
@@ -191,6 +203,8 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
         `positions` (B, L) bool: only the logits (N, V) at its N `True` entries, row-major; the output head
         runs at those positions only (generation asks for the positions it samples).
         """
+        if getattr(self.config, "block_size", None) is not None:  # the input is its own clean context
+            return self.denoise_blocks(noisy_input_ids, timesteps, attention_mask, noisy_input_ids, positions)
         self.check_inputs(noisy_input_ids, attention_mask, timesteps)
         embeds = self.embed_tokens(noisy_input_ids)
         if self.time_embed is not None:
@@ -212,6 +226,140 @@ class TransformerDenoiserForDiffusionLM(DiffusionLMMixin, SFDLMGenerationMixin, 
         if positions is not None:
             hidden = hidden[positions]
         return self.diffusion.restrict_logits(self.lm_head(hidden))
+
+
+    def denoise_blocks(self, noisy_input_ids: torch.Tensor, timesteps, attention_mask: torch.Tensor | None,
+                       clean_input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Block mode (`config.block_size`): logits (B, L, V) of every block from its noisy tokens at its noise
+        level (`timesteps`: a number, (B,) or (B, blocks)) and the clean earlier blocks of `clean_input_ids`.
+
+        BD3-LM's layout: one pass over [x_t; x_0] (2L positions, rotary positions 0..L-1 for both halves)
+        with a block-causal mask: a noisy position attends to its own noisy block and to the clean blocks
+        before it, a clean position to the clean blocks up to its own. Padding is never attended to.
+        """
+        self.check_inputs(noisy_input_ids, attention_mask)
+        if clean_input_ids.shape != noisy_input_ids.shape:
+            raise ValueError(f"`clean_input_ids` shape {tuple(clean_input_ids.shape)} does not match "
+                             f"{tuple(noisy_input_ids.shape)}.")
+        self.check_inputs(clean_input_ids, attention_mask)
+        batch, length = noisy_input_ids.shape
+        size = self.config.block_size
+        blocks = block_index(noisy_input_ids, attention_mask, size)
+        real = torch.ones_like(noisy_input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        embeds = self.embed_tokens(torch.cat([noisy_input_ids, clean_input_ids], dim=1))
+        if self.time_embed is not None:
+            t = block_timesteps(timesteps, batch, num_blocks(length, size), embeds.device)
+            if t is None:
+                raise ValueError("This denoiser is noise-conditioned (`time_conditioning=True`): pass `timesteps`.")
+            t = torch.cat([t.gather(1, blocks), torch.zeros_like(t.gather(1, blocks))], dim=1)  # clean half: t = 0
+            features = timestep_embedding(t.reshape(-1), self.config.hidden_size).to(embeds.dtype)
+            embeds = embeds + self.time_embed(features).view(batch, 2 * length, -1)
+        cos, sin = rotary_tables(length, self.config.hidden_size // self.config.num_attention_heads, embeds.device,
+                                 embeds.dtype)
+        rotary = (torch.cat([cos, cos]), torch.cat([sin, sin]))
+        query_block, key_block = blocks.unsqueeze(-1), blocks.unsqueeze(-2)  # (B, L, 1), (B, 1, L)
+        keys = real.unsqueeze(-2)
+        noisy_rows = torch.cat([(query_block == key_block) & keys, (key_block < query_block) & keys], dim=-1)
+        clean_rows = torch.cat([torch.zeros_like(noisy_rows[..., :length]), (key_block <= query_block) & keys], dim=-1)
+        allowed = torch.cat([noisy_rows, clean_rows], dim=1)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries: anything (never NaN; ignored)
+        hidden = embeds
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, allowed.unsqueeze(1))
+        hidden = self.final_norm(hidden[:, :length])
+        if positions is not None:
+            hidden = hidden[positions]
+        return self.diffusion.restrict_logits(self.lm_head(hidden))
+
+
+    # ------------------------------------------------------------------ block mode: the KV cache of generation
+    def new_block_cache(self, rows: int) -> "BlockKVCache":
+        """An empty KV cache for block generation of `rows` rows (`generation_block`)."""
+        return BlockKVCache(rows, len(self.layers))
+
+    @torch.no_grad()
+    def commit_blocks(self, cache: "BlockKVCache", rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Append whole clean blocks ids (len(rows), k * b) to the cache of `rows`, block by block at t = 0."""
+        size = self.config.block_size
+        for start in range(0, ids.shape[1] - size + 1, size):
+            self._cached_pass(cache, rows, ids[:, start:start + size], None, commit=True)
+
+    @torch.no_grad()
+    def cached_block_logits(self, cache: "BlockKVCache", rows: torch.Tensor, ids: torch.Tensor, timesteps,
+                            positions: torch.Tensor) -> torch.Tensor:
+        """Logits at `positions` of the current noisy blocks ids (len(rows), b) of `rows`, from the cache."""
+        hidden = self._cached_pass(cache, rows, ids, timesteps, commit=False)
+        return self.diffusion.restrict_logits(self.lm_head(self.final_norm(hidden)[positions]))
+
+    def _cached_pass(self, cache, rows, ids, timesteps, commit: bool) -> torch.Tensor:
+        """One block through every layer, attending to itself and to the cached clean tokens of its row."""
+        count, size = ids.shape
+        embeds = self.embed_tokens(ids)
+        if self.time_embed is not None:
+            t = torch.zeros(count, device=ids.device) if commit else torch.as_tensor(timesteps, device=ids.device)
+            t = t.to(torch.float32).reshape(-1).expand(count)
+            features = timestep_embedding(t, self.config.hidden_size).to(embeds.dtype)
+            embeds = embeds + self.time_embed(features).unsqueeze(1)
+        lengths = [cache.lengths[int(r)] for r in rows]
+        longest = max(lengths)
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        cos, sin = rotary_tables(longest + size, head_dim, ids.device, embeds.dtype)
+        where = torch.tensor(lengths, device=ids.device).unsqueeze(-1) + torch.arange(size, device=ids.device)
+        rotary = (cos[where].unsqueeze(1), sin[where].unsqueeze(1))  # each row's block at its own positions
+        first_real = longest - torch.tensor(lengths, device=ids.device).unsqueeze(-1)  # the cache is left-padded
+        past_mask = torch.arange(longest, device=ids.device) >= first_real
+        allowed = torch.cat([past_mask, torch.ones(count, size, dtype=torch.bool, device=ids.device)], dim=-1)
+        allowed = allowed[:, None, None, :]
+        x = embeds
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv(layer.attention_norm(x)).view(count, size, 3, layer.num_heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
+            past_k, past_v = cache.stacked(index, rows, longest, k)
+            attended = F.scaled_dot_product_attention(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2),
+                                                      attn_mask=allowed)
+            x = x + layer.attention_out(attended.transpose(1, 2).reshape(count, size, -1))
+            x = x + layer.mlp(layer.mlp_norm(x))
+            if commit:
+                cache.append(index, rows, k, v)
+        if commit:
+            for r in rows.tolist():
+                cache.lengths[r] += size
+        return x
+
+
+class BlockKVCache:
+    """Keys (rotated) and values of the committed clean tokens of every layer, one tensor per row: it grows by
+    2 x layers x b x hidden numbers per committed block (the SFDLM cache does not grow)."""
+
+    def __init__(self, rows: int, layers: int):
+        self.keys = [[None] * rows for _ in range(layers)]
+        self.values = [[None] * rows for _ in range(layers)]
+        self.lengths = [0] * rows
+        self.tokens = torch.zeros(rows, dtype=torch.long)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.keys + self.values for t in layer if t is not None)
+
+    def stacked(self, layer: int, rows: torch.Tensor, longest: int, like: torch.Tensor):
+        """(len(rows), heads, longest, d) keys and values of `rows`, left-padded with zeros."""
+        heads, dim = like.shape[1], like.shape[-1]
+        keys = like.new_zeros(len(rows), heads, longest, dim)
+        values = like.new_zeros(len(rows), heads, longest, dim)
+        for i, r in enumerate(rows.tolist()):
+            if self.keys[layer][r] is not None:
+                n = self.keys[layer][r].shape[1]
+                keys[i, :, longest - n:] = self.keys[layer][r]
+                values[i, :, longest - n:] = self.values[layer][r]
+        return keys, values
+
+    def append(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        for i, r in enumerate(rows.tolist()):
+            old_k, old_v = self.keys[layer][r], self.values[layer][r]
+            self.keys[layer][r] = k[i] if old_k is None else torch.cat([old_k, k[i]], dim=1)
+            self.values[layer][r] = v[i] if old_v is None else torch.cat([old_v, v[i]], dim=1)
+            if layer == 0:
+                self.tokens[r] += k.shape[2]
 
 
 # ---------------------------------------------------------------------------------------------- parameter matching

@@ -190,13 +190,24 @@ class SFDLMConfig(PretrainedConfig):
         max_position_embeddings (`int`, defaults to 65536):
             Longest sequence the model accepts (positive). The model has no position table; this bound only
             guards against accidental huge inputs and documents what was tested.
+        block_size (`int`, *optional*):
+            Block diffusion (BD3-LM; `block_diffusion.py`). `None` (default): the full-canvas model, every block
+            of text denoised together. An integer b: the sequence is cut into blocks of b tokens (from each
+            row's first real token); each block is denoised at its own noise level from its own tokens and the
+            clean earlier blocks, which it reads only through the forward SSM's state (exactly, no truncation).
+            The loss is the sum of the blocks' NELBOs and `generate` produces one block after another with a
+            cache of fixed size (the SSM states), to any length. A positive multiple of the product of
+            `pool_factors` (pooling stays inside a block); needs `ssm_mode="diagonal"` and `use_ssm=True` (the
+            state that carries the prefix) and `objective` "elbo" or "ce". Not the `data.block_size` of
+            training configs (the length of packed training sequences).
     """
 
     model_type = "sfdlm"
     _NUMERIC_FIELDS = ("vocab_size", "hidden_size", "ssm_state_size", "ssm_dt_min", "ssm_dt_max", "conv_kernel_size",
                        "fourier_intermediate_size", "dropout", "layer_norm_eps", "num_timesteps", "linear_beta_min",
                        "linear_beta_max", "geometric_sigma_min", "geometric_sigma_max", "mask_token_id",
-                       "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range", "max_position_embeddings")
+                       "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range", "max_position_embeddings",
+                       "block_size")
 
     def __init__(
         self,
@@ -230,6 +241,7 @@ class SFDLMConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         max_position_embeddings: int = 65536,
+        block_size: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -259,6 +271,7 @@ class SFDLMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
+        self.block_size = block_size
         # transformers' own validators compare the token ids with `vocab_size`: give them numbers, or name the field.
         _integer("vocab_size", _plain(vocab_size), low=2)
         pad_token_id, bos_token_id, eos_token_id = (
@@ -345,6 +358,23 @@ class SFDLMConfig(PretrainedConfig):
             _fail(ValueError, f"`objective='score_entropy'` exponentiates the head's outputs: need `initializer_range` * "
                               f"sqrt(`hidden_size`) <= {MAX_SCORE_SCALE}, got {self.initializer_range!r} * "
                               f"sqrt({self.hidden_size}) = {self.initializer_range * math.sqrt(self.hidden_size):.3g}.")
+
+        self._validate_block_size()
+
+    def _validate_block_size(self) -> None:
+        size = getattr(self, "block_size", None)
+        if size is None:
+            return
+        _integer("block_size", size, low=1)
+        if size % self.total_pool_factor:
+            _fail(ValueError, f"`block_size`={size} must be a multiple of the product of `pool_factors` "
+                              f"{self.pool_factors} ({self.total_pool_factor}): pooling stays inside a block.")
+        if self.ssm_mode != "diagonal" or not self.use_ssm:
+            _fail(ValueError, f"`block_size` needs the diagonal SSM (`ssm_mode='diagonal'`, `use_ssm=True`), whose "
+                              f"state carries the earlier blocks; got ssm_mode={self.ssm_mode!r}, "
+                              f"use_ssm={self.use_ssm!r} (the convolution mixer has no state).")
+        if self.objective == "score_entropy":
+            _fail(ValueError, "`block_size` supports objective 'elbo' and 'ce', not 'score_entropy' (SEDD).")
 
     @property
     def total_pool_factor(self) -> int:

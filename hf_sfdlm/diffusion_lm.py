@@ -260,6 +260,11 @@ class DiffusionLMMixin:
 
     def _training_forward(self, input_ids, attention_mask, labels, timesteps, generator, inputs_embeds,
                           output_hidden_states, num_items_in_batch):
+        if getattr(self.config, "block_size", None) is not None:  # block diffusion: the sum of block NELBOs
+            from .block_diffusion import block_training_forward
+
+            return block_training_forward(self, input_ids, attention_mask, labels, timesteps, generator, inputs_embeds,
+                                          output_hidden_states, num_items_in_batch)
         _check_generator(generator)
         if inputs_embeds is not None:
             raise ValueError("`labels` need `input_ids`: the forward process corrupts token ids, so a training "
@@ -324,6 +329,10 @@ class DiffusionLMMixin:
         """
         if not getattr(self.config, "time_conditioning", False):
             return None
+        if getattr(self.config, "block_size", None) is not None and self.diffusion.process == "absorbing":
+            from .block_diffusion import infer_block_timesteps  # one noise level per block, (B, blocks)
+
+            return infer_block_timesteps(self, input_ids, attention_mask)
         if self.diffusion.process != "absorbing":
             raise ValueError(
                 "This uniform-process model is noise-conditioned and its noise level cannot be read from the "
@@ -370,7 +379,13 @@ class DiffusionLMMixin:
         Returns:
             (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples` (not
             independent: stratified; take error bars from independent calls).
+            In block mode (`config.block_size`) the sum over blocks of each block's NELBO given the clean
+            earlier blocks, every block's draws stratified on their own (`block_diffusion.block_nelbo`).
         """
+        if getattr(self.config, "block_size", None) is not None:
+            from .block_diffusion import block_nelbo
+
+            return block_nelbo(self, input_ids, attention_mask, labels, num_samples, generator, return_samples)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not self.diffusion.is_likelihood_bound:

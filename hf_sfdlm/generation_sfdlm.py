@@ -429,6 +429,11 @@ class SFDLMGenerationMixin:
             `torch.LongTensor` `(batch * num_return_sequences, length + new)`, or an [`SFDLMGenerationOutput`]
             with `return_dict_in_generate=True`.
         """
+        if getattr(self.config, "block_size", None) is not None:  # block diffusion: block by block, cached states
+            from .generation_block import generate_blocks
+
+            return generate_blocks(self, input_ids, attention_mask, generation_config, streamer, logits_processor,
+                                   stopping_criteria, generator, **kwargs)
         config = self._prepare_generation_config(generation_config, **kwargs)
         plan = self._plan_generation(input_ids, attention_mask, config, generator)
         sampler = SAMPLERS[plan.sampler_name](config)

@@ -27,6 +27,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from . import block_diffusion
+from .block_diffusion import BlockContext  # noqa: F401  (save_pretrained copies the files of `from .x import` lines)
+from .generation_block import generate_blocks  # noqa: F401  (block mode's `generate`, called by generation_sfdlm)
 from .configuration_sfdlm import SFDLMConfig
 from .diffusion_lm import DiffusionLMMixin, DiffusionLMOutput, check_inputs
 from .generation_sfdlm import SFDLMGenerationMixin
@@ -183,8 +186,8 @@ class BidirectionalDiagonalSSM(nn.Module):
         self._spectrum_cache = (key, spectrum) if cacheable else None
         return spectrum
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, H) -> (B, L, H)."""
+    def forward(self, u: torch.Tensor, *, block_context=None) -> torch.Tensor:
+        """u: (B, L, H) -> (B, L, H). In block mode `block_context(self, u)` adds the earlier blocks' term."""
         length = u.shape[1]
         with _fft_precision(u):
             x = u.to(_compute_dtype(u)).transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
@@ -194,7 +197,8 @@ class BidirectionalDiagonalSSM(nn.Module):
                 y = _FFTConvolution.apply(x, kernel)
             else:
                 y = _convolve(x, self.kernel_spectrum(length), fast_fft_size(2 * length - 1))
-        return y.transpose(1, 2).to(u.dtype)
+        y = y.transpose(1, 2).to(u.dtype)
+        return y if block_context is None else y + block_context(self, u)
 
 
 class DepthwiseConvMixer(nn.Module):
@@ -221,8 +225,10 @@ class SequenceMixerBranch(nn.Module):
             self.mixer = DepthwiseConvMixer(hidden, config.conv_kernel_size)
         self.out_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(F.gelu(self.mixer(self.in_proj(h))))
+    def forward(self, h: torch.Tensor, *, block_context=None) -> torch.Tensor:
+        u = self.in_proj(h)
+        mixed = self.mixer(u) if block_context is None else self.mixer(u, block_context=block_context)
+        return self.out_proj(F.gelu(mixed))
 
 
 def _one_sided_weights(spectrum: torch.Tensor, length: int, interior: float) -> torch.Tensor:
@@ -320,11 +326,11 @@ class SFDLMBlock(GradientCheckpointingLayer):
         self.fourier = ComplexFourierMLP(config) if getattr(config, "use_fourier_mlp", True) else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None, *, block_context=None) -> torch.Tensor:
         h, (gate_ssm, gate_fourier) = self.norm(x, cond)
         out = x
         if self.ssm is not None:
-            out = out + gate_ssm * self.dropout(self.ssm(h))
+            out = out + gate_ssm * self.dropout(self.ssm(h, block_context=block_context))
         if self.fourier is not None:
             out = out + gate_fourier * self.dropout(self.fourier(h))
         return out
@@ -459,7 +465,7 @@ class SFDLMModel(SFDLMPreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 timesteps: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> SFDLMModelOutput | tuple:
+                clean_input_ids: torch.Tensor | None = None, **kwargs) -> SFDLMModelOutput | tuple:
         """
         Args:
             input_ids: (B, L) corrupted token ids x_t.
@@ -470,11 +476,21 @@ class SFDLMModel(SFDLMPreTrainedModel):
             inputs_embeds: (B, L, H) input embeddings instead of `input_ids` (exactly one of the two).
             output_hidden_states: also return every stage's hidden states (see `SFDLMModelOutput`).
             return_dict: `False` returns the output's non-None fields as a tuple (default: `config.return_dict`).
+            clean_input_ids: block mode (`config.block_size`) only: (B, L) clean ids that block j reads its
+                earlier blocks from (default: `input_ids` itself); `timesteps` may then be (B, blocks).
         """
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        embeds = self._input_embeddings(input_ids, inputs_embeds, attention_mask, timesteps)
+        block_mode = getattr(self.config, "block_size", None) is not None
+        embeds = self._input_embeddings(input_ids, inputs_embeds, attention_mask, None if block_mode else timesteps)
+        if block_mode:  # block diffusion: blocks see earlier blocks only through the forward SSM's state
+            hidden, states = block_diffusion.block_causal_backbone(self, embeds, attention_mask, timesteps,
+                                                                   output_hidden_states, clean_input_ids)
+            output = SFDLMModelOutput(last_hidden_state=hidden, hidden_states=states)
+            return output if return_dict else output.to_tuple()
+        if clean_input_ids is not None:
+            raise ValueError("`clean_input_ids` is for block mode only (`config.block_size` is None).")
         cond = self._noise_condition(timesteps, embeds.shape[0], embeds.device)
         if attention_mask is None or bool(attention_mask.all()):
             hidden, states = self._backbone(embeds, cond, output_hidden_states)
@@ -548,24 +564,26 @@ class SFDLMModel(SFDLMPreTrainedModel):
         t = torch.as_tensor(timesteps, device=device, dtype=torch.float32).reshape(-1).expand(batch_size)
         return self.time_embed(timestep_embedding(t, self.config.hidden_size).to(self.embed_tokens.weight.dtype))
 
-    def _backbone(self, x: torch.Tensor, cond: torch.Tensor | None, output_hidden_states: bool = False):
-        """Embeddings (B, L, H) -> (final hidden states, every stage's output or None)."""
+    def _backbone(self, x: torch.Tensor, cond: torch.Tensor | None, output_hidden_states: bool = False, *,
+                  block_context=None):
+        """Embeddings (B, L, H) -> (final hidden states, every stage's output or None). In block mode the rows
+        are blocks and `block_context` (`block_diffusion.BlockContext`) adds the earlier blocks' SSM term."""
         states = [x] if output_hidden_states else None
         record = states.append if states is not None else (lambda _: None)
         skips = []
         for blocks, pool in zip(self.down_stages, self.down_pools):
             for block in blocks:
-                x = block(x, cond)
+                x = block(x, cond, block_context=block_context)
             skips.append(x)
             record(x)
             x = pool(x)
         for block in self.bottleneck:
-            x = block(x, cond)
+            x = block(x, cond, block_context=block_context)
         record(x)
         for blocks, pool, skip in zip(reversed(self.up_stages), reversed(self.up_pools), reversed(skips)):
             x = pool(x, skip.shape[1]) + skip
             for block in blocks:
-                x = block(x, cond)
+                x = block(x, cond, block_context=block_context)
             record(x)
         x = self.final_norm(x, cond)[0]
         if states is not None:
