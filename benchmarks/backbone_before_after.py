@@ -59,6 +59,9 @@ def main(argv=None) -> int:
                          ssm_state_size=32, max_position_embeddings=max(args.lengths))
     torch.manual_seed(0)
     models = {"before": module_at(args.before).SFDLMModel(config).train(), "after": today.SFDLMModel(config).train()}
+    with torch.no_grad():  # open the adaLN-Zero gates, or every block is the identity and outputs agree trivially
+        for parameter in models["before"].parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
     models["after"].load_state_dict(models["before"].state_dict())
     rows = []
     for length in args.lengths:

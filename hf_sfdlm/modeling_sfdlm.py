@@ -88,64 +88,82 @@ def _convolve(u: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(u, n=n) * spectrum, n=n)[..., : u.shape[-1]]
 
 
+def _split(length: int) -> tuple[int, int]:
+    """(M, Q): l = q M + r with r < M ~ sqrt(length), q < Q, Q M >= length."""
+    block = math.isqrt(length - 1) + 1
+    return block, -(-length // block)
+
+
 def _powers(x_re: torch.Tensor, x_im: torch.Tensor, exponents: torch.Tensor):
-    """exp(x e) for e in exponents, as (re, im) parts of shape x.shape + (E,)."""
-    magnitude = torch.exp(x_re.unsqueeze(-1) * exponents)
-    angle = x_im.unsqueeze(-1) * exponents
+    """exp(x e) for e in `exponents` as (re, im) tensors; x_re and x_im broadcast against `exponents`."""
+    magnitude, angle = torch.exp(x_re * exponents), x_im * exponents
     return magnitude * angle.cos(), magnitude * angle.sin()
 
 
-def _power_tables(x_re: torch.Tensor, x_im: torch.Tensor, length: int):
-    """z = exp(x) (H, N): z^r for r < M and z^(qM) for q < Q, M ~ sqrt(length), QM >= length."""
-    block = math.isqrt(length - 1) + 1
-    blocks = -(-length // block)
-    low = _powers(x_re, x_im, torch.arange(block, device=x_re.device, dtype=x_re.dtype))
-    high = _powers(x_re, x_im, block * torch.arange(blocks, device=x_re.device, dtype=x_re.dtype))
-    return block, blocks, low, high
+def _powers_into(out: torch.Tensor, x_re: torch.Tensor, x_im: torch.Tensor, exponents: torch.Tensor, dim: int):
+    """exp(x e) for e in `exponents`, written as (re, im) into out.select(dim, 0 / 1). x_re and x_im must
+    already broadcast against `exponents` to the shape of one part."""
+    angle = x_im * exponents
+    torch.cos(angle, out=out.select(dim, 0))
+    torch.sin(angle, out=out.select(dim, 1))
+    out.mul_(torch.exp(x_re * exponents).unsqueeze(dim))
+    return out
 
 
 class _VandermondeKernel(torch.autograd.Function):
     """K[d, h, l] = Re(sum_n w[d, h, n] z[h, n]^l), z = exp(x), l = 0..L-1, with a hand-written backward.
 
     Forward: writing l = q M + r (M ~ sqrt L), the sum over modes is one real batched matmul of
-    [Re, -Im](w z^(qM)) (2Q x 2N) by [Re; Im](z^r) (2N x M) per channel. Backward, for G = dLoss/dK:
-    dLoss/dw = conj-free sums S = sum_l G_l z^l (grad Re w = Re S, grad Im w = -Im S) and, since
-    d z^l / dx = l z^l, dLoss/dx from T = sum_l l G_l z^l (grad Re x = Re sum_d w T, grad Im x = -Im sum_d w T);
-    both by the same split, sum_q z^(qM) sum_r G[qM + r] (qM + r) z^r, as one batched matmul. Only the
-    (H, N) inputs are saved; the (H, N, sqrt L) tables are recomputed, which autograd through the
-    elementwise ops would keep (a dozen of them) or checkpoint (every op twice)."""
+    [Re, -Im](w z^(qM)) (2Q x 2N) by [Re; Im](z^r) (2N x M) per channel, both factors written in place in the
+    layout the matmul reads. Backward, for G = dLoss/dK: with S = sum_l G_l z^l, grad Re w = Re S and
+    grad Im w = -Im S; since d z^l / dx = l z^l, with T = sum_l l G_l z^l, grad Re x = Re sum_d w T and
+    grad Im x = -Im sum_d w T. Both sums by the same split, sum_q z^(qM) sum_r G[qM + r] (qM + r) z^r: one
+    batched matmul, then products with z^(qM) summed over q. Only the (H, N) inputs are saved; the
+    (H, N, sqrt L) tables are rebuilt, where autograd through elementwise ops would keep a dozen of them
+    (or, checkpointed, run every op twice)."""
 
     @staticmethod
     def forward(ctx, x_re, x_im, w_re, w_im, length: int):
         ctx.length = length
         ctx.save_for_backward(x_re, x_im, w_re, w_im)
-        hidden = x_re.shape[0]
-        block, blocks, (low_re, low_im), (high_re, high_im) = _power_tables(x_re, x_im, length)
-        w_re, w_im = w_re.unsqueeze(-1), w_im.unsqueeze(-1)  # (2, H, N, 1)
-        p_re, p_im = w_re * high_re - w_im * high_im, w_re * high_im + w_im * high_re  # w z^(qM): (2, H, N, Q)
-        left = torch.cat([p_re, -p_im], dim=2).permute(1, 0, 3, 2).reshape(hidden, 2 * blocks, -1)
-        right = torch.cat([low_re, low_im], dim=1)  # (H, 2N, M)
-        kernel = torch.bmm(left, right).view(hidden, 2, blocks * block)[..., :length]
-        return kernel.transpose(0, 1)
+        (hidden, modes), (block, blocks) = x_re.shape, _split(length)
+        lags = torch.arange(block, device=x_re.device, dtype=x_re.dtype)
+        starts = block * torch.arange(blocks, device=x_re.device, dtype=x_re.dtype)
+        right = _powers_into(x_re.new_empty(hidden, 2, modes, block), x_re.unsqueeze(-1), x_im.unsqueeze(-1), lags, 1)
+        high = _powers_into(x_re.new_empty(2, hidden, modes, blocks), x_re.unsqueeze(-1), x_im.unsqueeze(-1), starts, 0)
+        # left[h, d, q, (re, -im), n] = (Re, -Im) of w[d, h, n] z[h, n]^(qM), written through (d, h, n, q) views
+        left = x_re.new_empty(hidden, 2, blocks, 2, modes)
+        real, minus_imag = (left.select(3, part).permute(1, 0, 3, 2) for part in (0, 1))
+        w_re, w_im = w_re.unsqueeze(-1), w_im.unsqueeze(-1)
+        torch.mul(w_re, high[0], out=real).addcmul_(w_im, high[1], value=-1)
+        torch.mul(w_re, high[1], out=minus_imag).addcmul_(w_im, high[0]).neg_()
+        kernel = torch.bmm(left.view(hidden, 2 * blocks, 2 * modes), right.view(hidden, 2 * modes, block))
+        return kernel.view(hidden, 2, blocks * block)[..., :length].transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_re, x_im, w_re, w_im = ctx.saved_tensors
         length, (hidden, modes) = ctx.length, x_re.shape
-        block, blocks, (low_re, low_im), (high_re, high_im) = _power_tables(x_re, x_im, length)
-        lag = torch.arange(block, device=grad.device, dtype=grad.dtype)
-        grid = grad.new_zeros(hidden, 2, blocks * block)  # G (2, H, L) zero-padded to QM, as (H, 2Q, M)
+        block, blocks = _split(length)
+        lags = torch.arange(block, device=grad.device, dtype=grad.dtype)
+        starts = block * torch.arange(blocks, device=grad.device, dtype=grad.dtype)
+        # Contiguous (.., N) blocks side by side: strided writes with 16-long rows are several times slower.
+        low_re, low_im = _powers(x_re.unsqueeze(1), x_im.unsqueeze(1), lags.unsqueeze(-1))  # z^r: (H, M, N)
+        lag = lags.unsqueeze(-1)
+        right = torch.cat([low_re, low_re * lag, low_im, low_im * lag], dim=-1)  # (H, M, 4N)
+        grid = grad.new_zeros(hidden, 2, blocks * block)  # G zero-padded to QM, read as (H, 2Q, M)
         grid[..., :length] = grad.transpose(0, 1)
-        right = torch.cat([low_re, low_im, low_re * lag, low_im * lag], dim=1)  # (H, 4N, M)
-        sums = torch.bmm(grid.view(hidden, 2 * blocks, block), right.transpose(1, 2))  # (H, 2Q, 4N)
-        # (4 parts, 2 directions, H, N, Q): sum_r G z^r (re, im) and sum_r r G z^r (re, im)
-        u_re, u_im, v_re, v_im = sums.view(hidden, 2, blocks, 4, modes).permute(3, 1, 0, 4, 2)
-        offset = block * torch.arange(blocks, device=grad.device, dtype=grad.dtype)  # qM
-        v_re, v_im = v_re + offset * u_re, v_im + offset * u_im  # sum_r (qM + r) G z^r
-        s_re = (high_re * u_re - high_im * u_im).sum(-1)  # S = sum_q z^(qM) U_q: (2, H, N)
-        s_im = (high_re * u_im + high_im * u_re).sum(-1)
-        t_re = (high_re * v_re - high_im * v_im).sum(-1)  # T = sum_q z^(qM) V_q
-        t_im = (high_re * v_im + high_im * v_re).sum(-1)
+        sums = torch.bmm(grid.view(hidden, 2 * blocks, block), right)
+        # (H, 2, Q, [re, im], [U, V], N): U = sum_r G z^r, V = sum_r r G z^r
+        sums = sums.view(hidden, 2, blocks, 2, 2, modes)
+        sums[:, :, :, :, 1].addcmul_(sums[:, :, :, :, 0], starts.view(blocks, 1, 1))  # V += qM U
+        high_re, high_im = _powers(x_re.unsqueeze(1), x_im.unsqueeze(1), starts.unsqueeze(-1))  # z^(qM): (H, Q, N)
+        high_re, high_im = (torch.cat([h, h], dim=-1).unsqueeze(1) for h in (high_re, high_im))  # (H, 1, Q, 2N)
+        real, imag = sums.flatten(4).unbind(3)  # (H, 2, Q, 2N)
+        total_re = (real * high_re).addcmul_(imag, high_im, value=-1).sum(2).view(hidden, 2, 2, modes)
+        total_im = (real * high_im).addcmul_(imag, high_re).sum(2).view(hidden, 2, 2, modes)  # (H, 2, [S, T], N)
+        s_re, s_im = total_re[:, :, 0].transpose(0, 1), total_im[:, :, 0].transpose(0, 1)  # (2, H, N)
+        t_re, t_im = total_re[:, :, 1].transpose(0, 1), total_im[:, :, 1].transpose(0, 1)
         grad_x_re = (w_re * t_re - w_im * t_im).sum(0)
         grad_x_im = -(w_re * t_im + w_im * t_re).sum(0)
         return grad_x_re, grad_x_im, s_re, -s_im, None
