@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -141,7 +142,13 @@ class _VandermondeKernel(torch.autograd.Function):
         return kernel.view(hidden, 2, blocks * block)[..., :length].transpose(0, 1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        with _fft_precision(grad):  # float32 tables and matmul even if backward() runs under autocast
+            return _VandermondeKernel._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
         x_re, x_im, w_re, w_im = ctx.saved_tensors
         length, (hidden, modes) = ctx.length, x_re.shape
         block, blocks = _split(length)
@@ -183,7 +190,7 @@ class _KernelRecomputedInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         parameters = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), _fft_precision(grad):  # as the forward pass built it: autograd on, float32
             kernel = ctx.ssm.two_sided_kernel(ctx.length)
         wanted = [p for p, needed in zip(parameters, ctx.needs_input_grad[3:]) if needed]
         grads = iter(torch.autograd.grad(kernel, wanted, grad, allow_unused=True))

@@ -176,3 +176,18 @@ def test_model_outputs_and_gradients_do_not_depend_on_the_cache():
         torch.testing.assert_close(got, out.detach(), rtol=1e-12, atol=1e-12)
         for a, b in zip(grads, (p.grad for p in fresh.parameters())):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_under_bf16_autocast_keeps_the_kernel_in_float32():
+    """`backward()` called inside an autocast region (as many training loops do) must not drop the kernel's
+    rebuilt tables or matmuls to bf16: the SSM's gradients equal those computed without autocast."""
+    ssm = random_ssm(hidden=4, dtype=torch.float32)
+    u = torch.randn(2, 10, 4)
+    _, expected = _loss_and_grads(ssm, u)  # fills the cache: a hit, then (cleared) a miss
+    for clear in (False, True):
+        if clear:
+            ssm._spectrum_cache = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, got = _loss_and_grads(ssm, u)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
