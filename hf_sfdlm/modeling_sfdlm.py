@@ -269,9 +269,12 @@ class BidirectionalDiagonalSSM(nn.Module):
         """(kernel, spectrum) values cached for `length`, or None when any parameter may have changed since.
 
         Every autograd-visible in-place update (optimiser steps, `load_state_dict`, `torch.no_grad()` edits)
-        bumps a parameter's version, which the key holds; on CPU the values are also compared with a
-        snapshot (a few thousand numbers), so even writes through `.data` are seen. On accelerators that
-        comparison would synchronise the device every call, so there the version key alone decides.
+        bumps a parameter's version, which the key holds with the storage address. On CPU the values are also
+        compared with a snapshot (a few thousand numbers), so even writes through `.data` (which bump no
+        version) are seen. On accelerators that comparison would synchronise the device on every call, so
+        there only calls without autograd (sampling, evaluation) reuse the cache, on the key alone; training
+        there always rebuilds the kernel (sharded or offloaded training may rewrite parameter storage in
+        place without a version bump, and a stale kernel would silently corrupt the gradients).
         """
         cache = self._spectrum_cache
         if cache is None or torch.compiler.is_compiling() or cache[0] != self._cache_key(length):
@@ -279,8 +282,9 @@ class BidirectionalDiagonalSSM(nn.Module):
         _, snapshot, kernel, spectrum = cache
         if with_graph and spectrum.is_inference():  # made under inference_mode: cannot join a graph
             return None
-        if self.log_dt.device.type == "cpu" and not all(
-                torch.equal(p, s) for p, s in zip(self._ssm_parameters(), snapshot)):
+        if self.log_dt.device.type != "cpu":
+            return None if with_graph else (kernel, spectrum)
+        if not all(torch.equal(p, s) for p, s in zip(self._ssm_parameters(), snapshot)):
             return None
         return kernel, spectrum
 
