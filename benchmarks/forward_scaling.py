@@ -298,7 +298,7 @@ def main(argv=None) -> int:
                 print(f"{point['model']:11s} L={length:6d} {dtype:8s} {point['mode']:5s} "
                       f"{point['seconds'] * 1e3:10.1f} ms [{point['seconds_min'] * 1e3:.0f}-"
                       f"{point['seconds_max'] * 1e3:.0f}] x{point['repeats']}  "
-                      f"{point['peak_memory_mib']:8.1f} MiB (RSS +{point.get('resident_growth_mib') or float('nan'):.0f})  "
+                      f"{point['peak_memory_mib']:8.1f} MiB (RSS +{float('nan') if point.get('resident_growth_mib') is None else point['resident_growth_mib']:.0f})  "
                       f"{point['achieved_gflops']:6.1f} GFLOP/s "
                       f"({100 * point['fraction_of_peak']:.0f}% of {point['matmul_peak_gflops']:.0f})", flush=True)
             save(points, skipped, args, argv, started)

@@ -177,15 +177,16 @@ class _VandermondeKernel(torch.autograd.Function):
 
 
 class _KernelRecomputedInBackward(torch.autograd.Function):
-    """The cached value of `ssm.two_sided_kernel(length)` as a node of this call's graph: its backward
-    rebuilds the kernel with autograd and back-propagates into the parameters, so a cached tensor never
-    carries (or reuses) a graph of an earlier call."""
+    """Stands for `ssm.two_sided_kernel(length)` in this call's graph when its spectrum came from the cache:
+    the forward pass returns `stand_in` (the shape only; `_FFTConvolution` reads the cached spectrum), the
+    backward pass rebuilds the kernel with autograd and back-propagates into the parameters, so no cached
+    tensor ever carries (or reuses) a graph of an earlier call."""
 
     @staticmethod
-    def forward(ctx, ssm, length: int, value: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, ssm, length: int, stand_in: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
         ctx.ssm, ctx.length = ssm, length
         ctx.save_for_backward(*parameters)  # autograd then refuses a backward after an in-place update
-        return value.view_as(value)
+        return stand_in.view_as(stand_in)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -195,6 +196,10 @@ class _KernelRecomputedInBackward(torch.autograd.Function):
         wanted = [p for p, needed in zip(parameters, ctx.needs_input_grad[3:]) if needed]
         grads = iter(torch.autograd.grad(kernel, wanted, grad, allow_unused=True))
         return None, None, None, *(next(grads) if needed else None for needed in ctx.needs_input_grad[3:])
+
+
+# Under autograd the SSM keeps its kernel spectrum across calls only up to this size (4 MiB: L <= 2K at width 256).
+_TRAINING_CACHE_MAX_BYTES = 4 * 2**20
 
 
 class BidirectionalDiagonalSSM(nn.Module):
@@ -216,7 +221,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         # (direction, channel, mode, [re, im]) for forward and backward output matrices C.
         self.c = nn.Parameter(torch.empty(2, hidden_size, self.num_modes, 2))
         self.d = nn.Parameter(torch.empty(hidden_size))
-        self._spectrum_cache: tuple | None = None  # (key, parameter snapshot, kernel, spectrum)
+        self._spectrum_cache: tuple | None = None  # (key, parameter snapshot, spectrum)
 
     def reset_parameters(self) -> None:
         log_dt = torch.rand(self.hidden_size) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
@@ -265,8 +270,8 @@ class BidirectionalDiagonalSSM(nn.Module):
     def _cache_key(self, length: int) -> tuple:
         return (length, tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self._ssm_parameters()))
 
-    def _cached(self, length: int, with_graph: bool):
-        """(kernel, spectrum) values cached for `length`, or None when any parameter may have changed since.
+    def _cached(self, length: int, with_graph: bool) -> torch.Tensor | None:
+        """The kernel spectrum cached for `length`, or None when any parameter may have changed since.
 
         Every autograd-visible in-place update (optimiser steps, `load_state_dict`, `torch.no_grad()` edits)
         bumps a parameter's version, which the key holds with the storage address. On CPU the values are also
@@ -279,35 +284,42 @@ class BidirectionalDiagonalSSM(nn.Module):
         cache = self._spectrum_cache
         if cache is None or torch.compiler.is_compiling() or cache[0] != self._cache_key(length):
             return None
-        _, snapshot, kernel, spectrum = cache
+        _, snapshot, spectrum = cache
         if with_graph and spectrum.is_inference():  # made under inference_mode: cannot join a graph
             return None
         if self.log_dt.device.type != "cpu":
-            return None if with_graph else (kernel, spectrum)
+            return None if with_graph else spectrum
         if not all(torch.equal(p, s) for p, s in zip(self._ssm_parameters(), snapshot)):
             return None
-        return kernel, spectrum
+        return spectrum
 
     def _kernel_and_spectrum(self, length: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two-sided kernel (H, n) and its rFFT, reused across calls while the parameters are unchanged.
+        """The two-sided kernel (H, n) and its rFFT; the spectrum is reused across calls while the parameters
+        are unchanged (gradient accumulation, checkpointed recomputation, every step of `generate`).
 
-        With `with_graph` the kernel is a node of this call's autograd graph (built now, or on a cache
-        hit `_KernelRecomputedInBackward`, which rebuilds it in the backward pass); the spectrum never
-        carries a graph (`_FFTConvolution` sends the gradient through the kernel).
+        With `with_graph` the kernel is a node of this call's autograd graph: built now, or on a cache hit
+        `_KernelRecomputedInBackward`, which rebuilds it only in the backward pass. The spectrum never carries
+        a graph (`_FFTConvolution` sends the gradient through the kernel). On a hit without a graph the
+        kernel is a stand-in of the right shape (zero strides, no memory). Under autograd a spectrum is kept
+        only up to `_TRAINING_CACHE_MAX_BYTES`: at long lengths a kept spectrum per block would add to the
+        memory that activation checkpointing saves, for a kernel that costs little next to the step.
         """
-        cached = self._cached(length, with_graph)
-        if cached is None:
+        spectrum = self._cached(length, with_graph)
+        if spectrum is None:
             with torch.set_grad_enabled(with_graph):
                 kernel = self.two_sided_kernel(length)
             spectrum = torch.fft.rfft(kernel.detach())
-            if not torch.compiler.is_compiling():  # the key's tensor versions would be guards there (recompiles)
+            keep = not with_graph or spectrum.numel() * spectrum.element_size() <= _TRAINING_CACHE_MAX_BYTES
+            if keep and not torch.compiler.is_compiling():  # there the key's versions would be guards (recompiles)
                 snapshot = tuple(p.detach().clone() for p in self._ssm_parameters())
-                self._spectrum_cache = (self._cache_key(length), snapshot, kernel.detach(), spectrum)
+                self._spectrum_cache = (self._cache_key(length), snapshot, spectrum)
+            else:
+                self._spectrum_cache = None
             return kernel, spectrum
-        kernel, spectrum = cached
+        stand_in = spectrum.real.new_zeros(()).expand(self.hidden_size, fast_fft_size(2 * length - 1))
         if with_graph:
-            kernel = _KernelRecomputedInBackward.apply(self, length, kernel, *self._ssm_parameters())
-        return kernel, spectrum
+            return _KernelRecomputedInBackward.apply(self, length, stand_in, *self._ssm_parameters()), spectrum
+        return stand_in, spectrum
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H)."""
