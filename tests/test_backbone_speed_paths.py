@@ -191,3 +191,26 @@ def test_backward_under_bf16_autocast_keeps_the_kernel_in_float32():
             _, got = _loss_and_grads(ssm, u)
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_under_autograd_only_small_spectra_are_kept(monkeypatch):
+    from hf_sfdlm import modeling_sfdlm
+
+    ssm = random_ssm()
+    u = torch.randn(1, 16, 3, dtype=torch.float64)
+    with torch.no_grad():
+        ssm(u)
+    assert ssm._spectrum_cache is not None  # without autograd every size is kept (sampling reuses it)
+    spectrum_bytes = ssm._spectrum_cache[2].numel() * ssm._spectrum_cache[2].element_size()
+    monkeypatch.setattr(modeling_sfdlm, "_TRAINING_CACHE_MAX_BYTES", spectrum_bytes - 1)
+    with torch.no_grad():
+        ssm.c.mul_(1.5)
+    loss, grads = _loss_and_grads(ssm, u)
+    assert ssm._spectrum_cache is None  # too large to keep under autograd: nothing held between calls
+    monkeypatch.setattr(modeling_sfdlm, "_TRAINING_CACHE_MAX_BYTES", spectrum_bytes)
+    _loss_and_grads(ssm, u)
+    assert ssm._spectrum_cache is not None
+    again, grads_again = _loss_and_grads(ssm, u)  # a hit
+    torch.testing.assert_close(again, loss)
+    for a, b in zip(grads_again, grads):
+        torch.testing.assert_close(a, b)
