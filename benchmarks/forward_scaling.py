@@ -10,12 +10,16 @@ float32 matmul peak (a 2048^3 matmul, best of 3) right there, runs one warm-up s
 (discarded), then `--repeats` rounds, each timing one step of every model, the order rotating between
 rounds, then one memory step per model (below; it also records the bytes autograd saves for the
 backward pass, via `saved_tensors_hooks`: the activation memory per token); medians and
-[min, max] are reported. Times are the process's CPU time (`time.process_time`, one intra-op thread):
+[min, max] are reported. After each forward+backward every parameter's version is bumped, untimed, as an
+optimiser step's update would, so the SSM's kernel cache misses as in training. Times are the process's CPU time (`time.process_time`, one intra-op thread):
 the machine is shared by several users on 2 cores, where wall time measures the neighbours as much as
 the model (the median wall time is recorded too, as `wall_seconds`). Peak memory of a step is the peak of the tensor memory alive during it (activations,
 temporaries and gradients; `common.PeakTensorMemory`, a dispatch mode that follows every operator's
 output until it is freed), so each model's figure is its own whatever the allocator or the other
-models in the process hold. FLOPs are counted on a meta-device copy (torch's FlopCounterMode for
+models in the process hold. Beside it, `resident_growth_mib` counts what the process really holds: in a
+fresh spawned process per model and point, after one warm-up step, the peak resident set during one step
+minus the resident set before it (Linux's resettable high-water mark; allocator slack, FFT plans and library
+buffers that the tensor counter cannot see included; `--no-resident` skips it). FLOPs are counted on a meta-device copy (torch's FlopCounterMode for
 matmuls and attention, plus 2.5 n log2 n per real FFT of size n); achieved FLOP/s = FLOPs / median time.
 
 Budget: a contender is skipped at a length when its forward+backward at the previous length, scaled by
@@ -48,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import contenders  # noqa: E402
-from common import PeakTensorMemory, write_json  # noqa: E402
+from common import PeakTensorMemory, as_after_an_optimiser_step, write_json  # noqa: E402
 
 GROWTH = {"sfdlm": 1.2, "sfdlm+ckpt": 1.2, "bert": 2.0, "dit": 2.0}
 LABELS = {"sfdlm": "SFDLM", "sfdlm+ckpt": "SFDLM + activation checkpointing", "bert": "BERT (SDPA flash)",
@@ -66,6 +70,62 @@ def matmul_peak_gflops(dtype=torch.float32, size: int = 2048, tries: int = 3) ->
         a @ b
         best = min(best, time.process_time() - start)
     return 2 * size**3 / best / 1e9
+
+
+def _proc_status_mib(field: str) -> float:
+    """A field of /proc/self/status (VmRSS: resident set now; VmHWM: its peak since the last reset), MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _resident_growth_worker(queue, name: str, mode: str, settings: dict) -> None:
+    """In a fresh process: build one contender, run one warm-up step (at most 4096 tokens, as the timed
+    workers do: it loads code paths, thread pools, FFT plans and primes the allocator), reset the kernel's
+    resident-set high-water mark (Linux `/proc/self/clear_refs`), then report the peak resident set during
+    one step at the real length minus the resident set just before it, in MiB: what one more training (or
+    inference) step makes the process hold, including what the tensor counter cannot see (allocator slack,
+    library buffers). Gradient buffers are allocated by the warm-up and kept, as in training."""
+    torch.set_num_threads(settings["threads"])
+    torch.manual_seed(0)
+    length, dtype = settings["length"], getattr(torch, settings["dtype"])
+    kind = name.split("+")[0]
+    model = contenders.build(kind, settings["hidden"], settings["blocks"], max(length, 4096)).train(mode == "train")
+    if name.endswith("+ckpt"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, contenders.VOCAB, (settings["batch"], length))
+    timesteps = torch.rand(settings["batch"])
+
+    def step(tokens: torch.Tensor) -> None:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if mode == "eval":
+                with torch.inference_mode():
+                    contenders.forward(kind, model, tokens, timesteps)
+            else:
+                contenders.forward(kind, model, tokens, timesteps).float().square().mean().backward()
+                model.zero_grad(set_to_none=False)  # gradient buffers stay, as in training
+
+    step(ids[:, :4096])
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident set
+    before = _proc_status_mib("VmRSS")
+    step(ids)
+    queue.put(_proc_status_mib("VmHWM") - before)
+
+
+def resident_growth_mib(name: str, mode: str, args) -> float | None:
+    """`_resident_growth_worker` in a spawned process (None where it fails: out of memory, not Linux)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    settings = {key: getattr(args, key) for key in ("length", "dtype", "hidden", "blocks", "batch", "threads")}
+    worker = context.Process(target=_resident_growth_worker, args=(queue, name, mode, settings))
+    worker.start()
+    worker.join()
+    return queue.get() if worker.exitcode == 0 and not queue.empty() else None
 
 
 def run_worker(args) -> list[dict]:
@@ -99,7 +159,10 @@ def run_worker(args) -> list[dict]:
                     out = contenders.forward(kind, model, tokens, timesteps)
                 out.float().square().mean().backward()
                 model.zero_grad(set_to_none=True)
-        return time.process_time() - start, time.perf_counter() - wall
+        seconds = time.process_time() - start, time.perf_counter() - wall
+        if mode == "train":
+            as_after_an_optimiser_step(model)  # untimed: the next step recomputes what a training step would
+        return seconds
 
     points = []
     for mode in args.modes:
@@ -129,6 +192,7 @@ def run_worker(args) -> list[dict]:
                 memory[name] = tracker.peak_mib
                 if saved is not None:
                     saved_bytes[name] = sum(saved.values())
+        resident = {name: resident_growth_mib(name, mode, args) for name in names} if args.resident else {}
         for name in names:
             kind = name.split("+")[0]
             flops = contenders.count_flops(kind, models[name], args.batch, length, backward=mode == "train")
@@ -136,7 +200,8 @@ def run_worker(args) -> list[dict]:
             point = {"model": name, "length": length, "dtype": args.dtype, "mode": mode,
                      "seconds": median, "seconds_min": min(times[name]), "seconds_max": max(times[name]),
                      "repeats": len(times[name]), "wall_seconds": statistics.median(walls[name]), "tokens_per_second": args.batch * length / median,
-                     "peak_memory_mib": memory[name], "flops": flops["total"], "fft_flops": flops["fft"],
+                     "peak_memory_mib": memory[name], "resident_growth_mib": resident.get(name),
+                     "flops": flops["total"], "fft_flops": flops["fft"],
                      "achieved_gflops": flops["total"] / median / 1e9, "matmul_peak_gflops": peak,
                      "fraction_of_peak": flops["total"] / median / 1e9 / peak,
                      "parameters": contenders.count_parameters(models[name]),
@@ -176,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-step-seconds", type=float, default=150.0,
                         help="skip a model at a length where its predicted forward+backward CPU time exceeds this")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resident", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure resident-memory growth, one fresh process per model and point")
     parser.add_argument("--tag", default="")
     parser.add_argument("--resummarise", type=Path, help="recompute the summary of a written JSON and exit")
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)  # internal: one worker
@@ -215,6 +282,7 @@ def main(argv=None) -> int:
                        "--modes", *args.modes] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                                   if k in ("hidden", "blocks", "batch", "repeats", "long_from",
                                                            "threads", "eval_max_length")]
+            command.append("--resident" if args.resident else "--no-resident")
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                        MKL_NUM_THREADS=str(args.threads))
             done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -230,7 +298,8 @@ def main(argv=None) -> int:
                 print(f"{point['model']:11s} L={length:6d} {dtype:8s} {point['mode']:5s} "
                       f"{point['seconds'] * 1e3:10.1f} ms [{point['seconds_min'] * 1e3:.0f}-"
                       f"{point['seconds_max'] * 1e3:.0f}] x{point['repeats']}  "
-                      f"{point['peak_memory_mib']:8.1f} MiB  {point['achieved_gflops']:6.1f} GFLOP/s "
+                      f"{point['peak_memory_mib']:8.1f} MiB (RSS +{float('nan') if point.get('resident_growth_mib') is None else point['resident_growth_mib']:.0f})  "
+                      f"{point['achieved_gflops']:6.1f} GFLOP/s "
                       f"({100 * point['fraction_of_peak']:.0f}% of {point['matmul_peak_gflops']:.0f})", flush=True)
             save(points, skipped, args, argv, started)
 
@@ -274,10 +343,15 @@ def summarise(points: list[dict]) -> list[dict]:
         base = here["sfdlm"]
         row = {"dtype": dtype, "mode": mode, "length": length, "sfdlm_ms": base["seconds"] * 1e3,
                "sfdlm_mib": base["peak_memory_mib"], "sfdlm_pct_of_peak": 100 * base["fraction_of_peak"]}
+        if base.get("resident_growth_mib") is not None:
+            row["sfdlm_resident_growth_mib"] = base["resident_growth_mib"]
         for name in ("bert", "dit"):
             if name in here:
                 row[f"{name}_time_over_sfdlm"] = here[name]["seconds"] / base["seconds"]
                 row[f"{name}_mib_over_sfdlm"] = here[name]["peak_memory_mib"] / max(base["peak_memory_mib"], 1e-9)
+                if here[name].get("resident_growth_mib") is not None and base.get("resident_growth_mib"):
+                    row[f"{name}_resident_growth_mib"] = here[name]["resident_growth_mib"]
+                    row[f"{name}_resident_over_sfdlm"] = here[name]["resident_growth_mib"] / base["resident_growth_mib"]
         for name, point in here.items():
             if "saved_activation_kib_per_token" in point:
                 row[f"{name}_saved_kib_per_token"] = point["saved_activation_kib_per_token"]

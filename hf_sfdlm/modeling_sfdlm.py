@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -68,14 +68,15 @@ def fast_fft_size(minimum: int) -> int:
 
 
 class _FFTConvolution(torch.autograd.Function):
-    """y = irfft(rfft(u, n) * rfft(k, n))[..., :L]: linear convolution of u (B, H, L) with the real circular
-    kernel k (H, n), n >= 2L - 1, along the last dimension. Saves u and the kernel's spectrum for the
-    backward pass rather than autograd's complex rfft(u) (twice u's size), and recomputes rfft(u) there."""
+    """y = irfft(rfft(u, n) * spectrum)[..., :L]: linear convolution of u (B, H, L) with the real circular
+    kernel k (H, n), n >= 2L - 1, along the last dimension, given k and its rFFT `spectrum` (H, n // 2 + 1)
+    (the caller has it, often cached). Saves u and the spectrum for the backward pass rather than
+    autograd's complex rfft(u) (twice u's size), and recomputes rfft(u) there; k is used only for its
+    gradient (no gradient flows into `spectrum`)."""
 
     @staticmethod
-    def forward(ctx, u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, u: torch.Tensor, kernel: torch.Tensor, spectrum: torch.Tensor) -> torch.Tensor:
         ctx.n = kernel.shape[-1]
-        spectrum = torch.fft.rfft(kernel)
         ctx.save_for_backward(u, spectrum)
         return _convolve(u, spectrum, ctx.n)
 
@@ -90,11 +91,124 @@ class _FFTConvolution(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # dL/dk[p] = sum_t g[t] u[t - p]: a correlation, summed over the batch
             correlation = (grad_spectrum * torch.fft.rfft(u, n=n).conj()).sum(0)
             grad_kernel = torch.fft.irfft(correlation, n=n)
-        return grad_u, grad_kernel
+        return grad_u, grad_kernel, None
 
 
 def _convolve(u: torch.Tensor, spectrum: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.irfft(torch.fft.rfft(u, n=n) * spectrum, n=n)[..., : u.shape[-1]]
+
+
+def _split(length: int) -> tuple[int, int]:
+    """(M, Q): l = q M + r with r < M ~ sqrt(length), q < Q, Q M >= length."""
+    block = math.isqrt(length - 1) + 1
+    return block, -(-length // block)
+
+
+def _powers(x_re: torch.Tensor, x_im: torch.Tensor, exponents: torch.Tensor):
+    """exp(x e) for e in `exponents` as (re, im) tensors; x_re and x_im broadcast against `exponents`."""
+    magnitude, angle = torch.exp(x_re * exponents), x_im * exponents
+    return magnitude * angle.cos(), magnitude * angle.sin()
+
+
+def _powers_into(out: torch.Tensor, x_re: torch.Tensor, x_im: torch.Tensor, exponents: torch.Tensor, dim: int):
+    """exp(x e) for e in `exponents`, written as (re, im) into out.select(dim, 0 / 1). x_re and x_im must
+    already broadcast against `exponents` to the shape of one part."""
+    angle = x_im * exponents
+    torch.cos(angle, out=out.select(dim, 0))
+    torch.sin(angle, out=out.select(dim, 1))
+    out.mul_(torch.exp(x_re * exponents).unsqueeze(dim))
+    return out
+
+
+class _VandermondeKernel(torch.autograd.Function):
+    """K[d, h, l] = Re(sum_n w[d, h, n] z[h, n]^l), z = exp(x), l = 0..L-1, with a hand-written backward.
+
+    Forward: writing l = q M + r (M ~ sqrt L), the sum over modes is one real batched matmul of
+    [Re, -Im](w z^(qM)) (2Q x 2N) by [Re; Im](z^r) (2N x M) per channel, both factors written in place in the
+    layout the matmul reads. Backward, for G = dLoss/dK: with S = sum_l G_l z^l, grad Re w = Re S and
+    grad Im w = -Im S; since d z^l / dx = l z^l, with T = sum_l l G_l z^l, grad Re x = Re sum_d w T and
+    grad Im x = -Im sum_d w T. Both sums by the same split, sum_q z^(qM) sum_r G[qM + r] (qM + r) z^r: one
+    batched matmul, then products with z^(qM) summed over q. Only the (H, N) inputs are saved; the
+    (H, N, sqrt L) tables are rebuilt, where autograd through elementwise ops would keep a dozen of them
+    (or, checkpointed, run every op twice)."""
+
+    @staticmethod
+    def forward(ctx, x_re, x_im, w_re, w_im, length: int):
+        ctx.length = length
+        ctx.save_for_backward(x_re, x_im, w_re, w_im)
+        (hidden, modes), (block, blocks) = x_re.shape, _split(length)
+        lags = torch.arange(block, device=x_re.device, dtype=x_re.dtype)
+        starts = block * torch.arange(blocks, device=x_re.device, dtype=x_re.dtype)
+        right = _powers_into(x_re.new_empty(hidden, 2, modes, block), x_re.unsqueeze(-1), x_im.unsqueeze(-1), lags, 1)
+        high = _powers_into(x_re.new_empty(2, hidden, modes, blocks), x_re.unsqueeze(-1), x_im.unsqueeze(-1), starts, 0)
+        # left[h, d, q, (re, -im), n] = (Re, -Im) of w[d, h, n] z[h, n]^(qM), written through (d, h, n, q) views
+        left = x_re.new_empty(hidden, 2, blocks, 2, modes)
+        real, minus_imag = (left.select(3, part).permute(1, 0, 3, 2) for part in (0, 1))
+        w_re, w_im = w_re.unsqueeze(-1), w_im.unsqueeze(-1)
+        torch.mul(w_re, high[0], out=real).addcmul_(w_im, high[1], value=-1)
+        torch.mul(w_re, high[1], out=minus_imag).addcmul_(w_im, high[0]).neg_()
+        kernel = torch.bmm(left.view(hidden, 2 * blocks, 2 * modes), right.view(hidden, 2 * modes, block))
+        return kernel.view(hidden, 2, blocks * block)[..., :length].transpose(0, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        with _fft_precision(grad):  # float32 tables and matmul even if backward() runs under autocast
+            return _VandermondeKernel._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
+        x_re, x_im, w_re, w_im = ctx.saved_tensors
+        length, (hidden, modes) = ctx.length, x_re.shape
+        block, blocks = _split(length)
+        lags = torch.arange(block, device=grad.device, dtype=grad.dtype)
+        starts = block * torch.arange(blocks, device=grad.device, dtype=grad.dtype)
+        # Contiguous (.., N) blocks side by side: strided writes with 16-long rows are several times slower.
+        low_re, low_im = _powers(x_re.unsqueeze(1), x_im.unsqueeze(1), lags.unsqueeze(-1))  # z^r: (H, M, N)
+        lag = lags.unsqueeze(-1)
+        right = torch.cat([low_re, low_re * lag, low_im, low_im * lag], dim=-1)  # (H, M, 4N)
+        grid = grad.new_zeros(hidden, 2, blocks * block)  # G zero-padded to QM, read as (H, 2Q, M)
+        grid[..., :length] = grad.transpose(0, 1)
+        sums = torch.bmm(grid.view(hidden, 2 * blocks, block), right)
+        # (H, 2, Q, [re, im], [U, V], N): U = sum_r G z^r, V = sum_r r G z^r
+        sums = sums.view(hidden, 2, blocks, 2, 2, modes)
+        sums[:, :, :, :, 1].addcmul_(sums[:, :, :, :, 0], starts.view(blocks, 1, 1))  # V += qM U
+        high_re, high_im = _powers(x_re.unsqueeze(1), x_im.unsqueeze(1), starts.unsqueeze(-1))  # z^(qM): (H, Q, N)
+        high_re, high_im = (torch.cat([h, h], dim=-1).unsqueeze(1) for h in (high_re, high_im))  # (H, 1, Q, 2N)
+        real, imag = sums.flatten(4).unbind(3)  # (H, 2, Q, 2N)
+        total_re = (real * high_re).addcmul_(imag, high_im, value=-1).sum(2).view(hidden, 2, 2, modes)
+        total_im = (real * high_im).addcmul_(imag, high_re).sum(2).view(hidden, 2, 2, modes)  # (H, 2, [S, T], N)
+        s_re, s_im = total_re[:, :, 0].transpose(0, 1), total_im[:, :, 0].transpose(0, 1)  # (2, H, N)
+        t_re, t_im = total_re[:, :, 1].transpose(0, 1), total_im[:, :, 1].transpose(0, 1)
+        grad_x_re = (w_re * t_re - w_im * t_im).sum(0)
+        grad_x_im = -(w_re * t_im + w_im * t_re).sum(0)
+        return grad_x_re, grad_x_im, s_re, -s_im, None
+
+
+class _KernelRecomputedInBackward(torch.autograd.Function):
+    """Stands for `ssm.two_sided_kernel(length)` in this call's graph when its spectrum came from the cache:
+    the forward pass returns `stand_in` (the shape only; `_FFTConvolution` reads the cached spectrum), the
+    backward pass rebuilds the kernel with autograd and back-propagates into the parameters, so no cached
+    tensor ever carries (or reuses) a graph of an earlier call."""
+
+    @staticmethod
+    def forward(ctx, ssm, length: int, stand_in: torch.Tensor, *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.ssm, ctx.length = ssm, length
+        ctx.save_for_backward(*parameters)  # autograd then refuses a backward after an in-place update
+        return stand_in.view_as(stand_in)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        parameters = ctx.saved_tensors
+        with torch.enable_grad(), _fft_precision(grad):  # as the forward pass built it: autograd on, float32
+            kernel = ctx.ssm.two_sided_kernel(ctx.length)
+        wanted = [p for p, needed in zip(parameters, ctx.needs_input_grad[3:]) if needed]
+        grads = iter(torch.autograd.grad(kernel, wanted, grad, allow_unused=True))
+        return None, None, None, *(next(grads) if needed else None for needed in ctx.needs_input_grad[3:])
+
+
+# Under autograd the SSM keeps its kernel spectrum across calls only up to this size (4 MiB: L <= 2K at width 256).
+_TRAINING_CACHE_MAX_BYTES = 4 * 2**20
 
 
 class BidirectionalDiagonalSSM(nn.Module):
@@ -116,7 +230,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         # (direction, channel, mode, [re, im]) for forward and backward output matrices C.
         self.c = nn.Parameter(torch.empty(2, hidden_size, self.num_modes, 2))
         self.d = nn.Parameter(torch.empty(hidden_size))
-        self._spectrum_cache: tuple | None = None  # (key, spectrum) reused while no gradient is needed
+        self._spectrum_cache: tuple | None = None  # (key, parameter snapshot, spectrum)
 
     def reset_parameters(self) -> None:
         log_dt = torch.rand(self.hidden_size) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
@@ -129,9 +243,8 @@ class BidirectionalDiagonalSSM(nn.Module):
     def kernel(self, length: int) -> torch.Tensor:
         """(2, H, L) forward and backward kernels K_l = 2 Re(sum_n C_n dB_n dA_n^l), l = 0..L-1.
 
-        Writing l = q M + r with M ~ sqrt(L), dA^l = dA^(qM) dA^r, so the sum over modes is one real
-        batched matmul of [Re, -Im](C dB dA^(qM)) (2Q x 2N) by [Re; Im](dA^r) (2N x M) per channel, in
-        real arithmetic (exp, cos, sin) rather than complex exponentials and a complex einsum.
+        The (H, N) quantities (dA = exp(dt a), 2 C dB) go through autograd; the (H, N, sqrt L) part runs in
+        `_VandermondeKernel`, real arithmetic with a hand-written backward.
         """
         dtype = _compute_dtype(self.log_dt)
         dt = self.log_dt.to(dtype).exp().unsqueeze(-1)  # (H, 1)
@@ -144,22 +257,7 @@ class BidirectionalDiagonalSSM(nn.Module):
         db_re, db_im = (num_re * a_re + num_im * a_im) / norm, (num_im * a_re - num_re * a_im) / norm
         c_re, c_im = 2 * self.c[..., 0].to(dtype), 2 * self.c[..., 1].to(dtype)  # (2, H, N)
         cb_re, cb_im = c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
-        block = math.isqrt(length - 1) + 1
-        blocks = -(-length // block)
-
-        def powers(exponents: torch.Tensor):  # dA^e for e in exponents: (H, N, E) real and imaginary parts
-            magnitude = torch.exp(x_re.unsqueeze(-1) * exponents)
-            angle = x_im.unsqueeze(-1) * exponents
-            return magnitude * angle.cos(), magnitude * angle.sin()
-
-        low_re, low_im = powers(torch.arange(block, device=dt.device, dtype=dt.dtype))
-        high_re, high_im = powers(block * torch.arange(blocks, device=dt.device, dtype=dt.dtype))
-        p_re = cb_re.unsqueeze(-1) * high_re - cb_im.unsqueeze(-1) * high_im  # C dB dA^(qM): (2, H, N, Q)
-        p_im = cb_re.unsqueeze(-1) * high_im + cb_im.unsqueeze(-1) * high_re
-        left = torch.cat([p_re, -p_im], dim=2).permute(1, 0, 3, 2).reshape(self.hidden_size, 2 * blocks, -1)
-        right = torch.cat([low_re, low_im], dim=1)  # (H, 2N, M)
-        kernel = torch.bmm(left, right).view(self.hidden_size, 2, blocks * block)[..., :length]
-        return kernel.transpose(0, 1)
+        return _VandermondeKernel.apply(x_re, x_im, cb_re, cb_im, length)
 
     def two_sided_kernel(self, length: int) -> torch.Tensor:
         """(H, n) circular kernel for an FFT of size n: lag 0 (both directions and D), lags 1..L-1 forward
@@ -171,32 +269,78 @@ class BidirectionalDiagonalSSM(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def kernel_spectrum(self, length: int) -> torch.Tensor:
-        """rFFT (size n) of the two-sided kernel, (H, n // 2 + 1).
+        """rFFT (size n) of the two-sided kernel, (H, n // 2 + 1), from the cache while the parameters are
+        unchanged (see `_kernel_and_spectrum`); no gradient flows through it."""
+        return self._kernel_and_spectrum(length, with_graph=False)[1]
 
-        Without autograd (sampling, evaluation) the spectrum is cached per length until a parameter
-        changes, so the many denoising steps of `generate` compute it once.
+    def _ssm_parameters(self) -> tuple[torch.Tensor, ...]:
+        return self.log_dt, self.log_neg_a_real, self.a_imag, self.c, self.d
+
+    def _cache_key(self, length: int) -> tuple:
+        return (length, tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self._ssm_parameters()))
+
+    def _cached(self, length: int, with_graph: bool) -> torch.Tensor | None:
+        """The kernel spectrum cached for `length`, or None when any parameter may have changed since.
+
+        Every autograd-visible in-place update (optimiser steps, `load_state_dict`, `torch.no_grad()` edits)
+        bumps a parameter's version, which the key holds with the storage address. On CPU the values are also
+        compared with a snapshot (a few thousand numbers), so even writes through `.data` (which bump no
+        version) are seen. On accelerators that comparison would synchronise the device on every call, so
+        there only calls without autograd (sampling, evaluation) reuse the cache, on the key alone; training
+        there always rebuilds the kernel (sharded or offloaded training may rewrite parameter storage in
+        place without a version bump, and a stale kernel would silently corrupt the gradients).
         """
-        parameters = (self.log_dt, self.log_neg_a_real, self.a_imag, self.c, self.d)
-        key = (length, self.log_dt.device, tuple((id(p), p._version) for p in parameters))
-        # Not under torch.compile: the key's tensor versions would be data-dependent guards (recompiles).
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable and self._spectrum_cache is not None and self._spectrum_cache[0] == key:
-            return self._spectrum_cache[1]
-        spectrum = torch.fft.rfft(self.two_sided_kernel(length))
-        self._spectrum_cache = (key, spectrum) if cacheable else None
+        cache = self._spectrum_cache
+        if cache is None or torch.compiler.is_compiling() or cache[0] != self._cache_key(length):
+            return None
+        _, snapshot, spectrum = cache
+        if with_graph and spectrum.is_inference():  # made under inference_mode: cannot join a graph
+            return None
+        if self.log_dt.device.type != "cpu":
+            return None if with_graph else spectrum
+        if not all(torch.equal(p, s) for p, s in zip(self._ssm_parameters(), snapshot)):
+            return None
         return spectrum
+
+    def _kernel_and_spectrum(self, length: int, with_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-sided kernel (H, n) and its rFFT; the spectrum is reused across calls while the parameters
+        are unchanged (gradient accumulation, checkpointed recomputation, every step of `generate`).
+
+        With `with_graph` the kernel is a node of this call's autograd graph: built now, or on a cache hit
+        `_KernelRecomputedInBackward`, which rebuilds it only in the backward pass. The spectrum never carries
+        a graph (`_FFTConvolution` sends the gradient through the kernel). On a hit without a graph the
+        kernel is a stand-in of the right shape (zero strides, no memory). Under autograd a spectrum is kept
+        only up to `_TRAINING_CACHE_MAX_BYTES`: at long lengths a kept spectrum per block would add to the
+        memory that activation checkpointing saves, for a kernel that costs little next to the step.
+        """
+        spectrum = self._cached(length, with_graph)
+        if spectrum is None:
+            with torch.set_grad_enabled(with_graph):
+                kernel = self.two_sided_kernel(length)
+            spectrum = torch.fft.rfft(kernel.detach())
+            keep = not with_graph or spectrum.numel() * spectrum.element_size() <= _TRAINING_CACHE_MAX_BYTES
+            if keep and not torch.compiler.is_compiling():  # there the key's versions would be guards (recompiles)
+                snapshot = tuple(p.detach().clone() for p in self._ssm_parameters())
+                self._spectrum_cache = (self._cache_key(length), snapshot, spectrum)
+            else:
+                self._spectrum_cache = None
+            return kernel, spectrum
+        stand_in = spectrum.real.new_zeros(()).expand(self.hidden_size, fast_fft_size(2 * length - 1))
+        if with_graph:
+            return _KernelRecomputedInBackward.apply(self, length, stand_in, *self._ssm_parameters()), spectrum
+        return stand_in, spectrum
 
     def forward(self, u: torch.Tensor, *, block_context=None) -> torch.Tensor:
         """u: (B, L, H) -> (B, L, H). In block mode `block_context(self, u)` adds the earlier blocks' term."""
         length = u.shape[1]
+        with_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self._ssm_parameters())
         with _fft_precision(u):
             x = u.to(_compute_dtype(u)).transpose(1, 2)  # (B, H, L): FFTs and products run along contiguous memory
-            if torch.is_grad_enabled():
-                # The kernel's (H, N, sqrt L) tables are cheap to recompute and costly to keep for backward.
-                kernel = checkpoint(self.two_sided_kernel, length, use_reentrant=False)
-                y = _FFTConvolution.apply(x, kernel)
+            kernel, spectrum = self._kernel_and_spectrum(length, with_graph)
+            if torch.is_grad_enabled() and (with_graph or x.requires_grad):
+                y = _FFTConvolution.apply(x, kernel, spectrum)
             else:
-                y = _convolve(x, self.kernel_spectrum(length), fast_fft_size(2 * length - 1))
+                y = _convolve(x, spectrum, kernel.shape[-1])
         y = y.transpose(1, 2).to(u.dtype)
         return y if block_context is None else y + block_context(self, u)
 
