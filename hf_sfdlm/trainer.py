@@ -241,7 +241,12 @@ class DiffusionTrainer:
 
     def _setup_model(self, model: nn.Module):
         """Gradient checkpointing and compilation if asked; returns the EMA copy of the model (or None)."""
+        from transformers import PreTrainedModel
+
         args = self.args
+        if self._fsdp and not isinstance(model, PreTrainedModel):
+            raise ValueError(f"FSDP trains a transformers PreTrainedModel in full (it is saved from its gathered "
+                             f"weights), got {type(model).__name__}; train adapters (PEFT) with DDP instead.")
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         ema = self._make_ema(model) if args.ema_decay is not None else None
