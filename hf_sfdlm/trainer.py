@@ -754,9 +754,10 @@ def _shard_on_cpu(accelerator) -> None:
                          f"{accelerator.distributed_type}: launch with at least 2 processes "
                          "(`accelerate launch --config_file training/accelerate_configs/fsdp_cpu.yaml`).")
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables set by `accelerate launch`
-    if plugin.fsdp_version != 2:
-        raise ValueError(f"FSDP on CPU processes needs `fsdp_version: 2` (FSDP2) in the launch configuration, got "
-                         f"{plugin.fsdp_version}.")
+    version = getattr(plugin, "fsdp_version", 1)  # accelerate releases without FSDP2 have no such field
+    if version != 2:
+        raise ValueError(f"FSDP on CPU processes needs `fsdp_version: 2` (FSDP2) in the launch configuration and "
+                         f"an accelerate release that has it, got FSDP{version}.")
     state = accelerator.state
     state.fsdp_plugin = plugin
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
