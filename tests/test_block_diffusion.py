@@ -506,6 +506,7 @@ def ragged_prompts():
 
 
 @pytest.mark.parametrize("process,sampler", [("absorbing", "ancestral"), ("absorbing", "confidence"),
+                                             ("absorbing", "threshold"),
                                              ("uniform", "uniform"), ("uniform", "ancestral")])
 def test_cached_generation_equals_uncached_generation_draw_for_draw(process, sampler):
     model = block_model(process)
