@@ -687,3 +687,15 @@ def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone():
         alone = model.generate(ids[row:row + 1][:, mask[row].bool()], generator=[torch.Generator().manual_seed(row)],
                                **kwargs)
         assert torch.equal(batch[row, 7:], alone[0, -9:])
+
+
+def test_block_training_under_bf16_autocast_stays_close_to_float32():
+    """The state arithmetic runs in float32 (complex64) under autocast; the loss follows the float32 one."""
+    model = block_model("absorbing").float()
+    ids = torch.randint(0, 30, (4, 12))
+    t = torch.rand(4, 3)
+    with torch.no_grad():
+        exact = model(input_ids=ids, labels=ids, timesteps=t, generator=torch.Generator().manual_seed(0)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(input_ids=ids, labels=ids, timesteps=t, generator=torch.Generator().manual_seed(0)).loss
+    assert math.isfinite(low.item()) and low.item() == pytest.approx(exact.item(), rel=5e-2)
