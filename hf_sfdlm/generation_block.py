@@ -14,8 +14,9 @@ batch sit at different block indices: the block holding a row's prompt end keeps
 and generates the rest of it. `use_cache=False` is the reference path: every evaluation re-reads the whole
 prefix (prompt and committed blocks, left-padded) with the uncached block-causal forward; it draws exactly
 what the cached path draws. A row stops after the block in which it generated an EOS (later positions are
-padding); `stopping_criteria` are asked after every block with the full sequences; a streamer gets the
-prompt, then every block's newly final columns. Mask tokens inside the prompt (infilling) are refused in
+padding); `stopping_criteria` are asked after every block with the full sequences; a streamer gets, as in
+full-canvas generation, `put` with the prompt, `put_draft` with the generated text so far after every block
+(the columns every row has finished), then `put` with the final rest and `end()`. Mask tokens inside the prompt (infilling) are refused in
 block mode: a block model only ever conditions on clean earlier blocks (use a full-canvas model to infill).
 
 This file is "remote code": it imports only torch, transformers and its sibling files.
@@ -184,7 +185,6 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     passes = torch.zeros(rows, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(ids.cpu())
-    streamed = 0
     needed = lambda r: new - len(produced[r])  # noqa: E731
     first = True
     while any(needed(r) > 0 and not finished[r] for r in range(rows)):
@@ -214,14 +214,12 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
         if stopping_criteria is not None:
             finished |= stopping_criteria(_sequences(ids, produced, new, pad_id), None).to(device).bool()
         ready = min(new if finished[r] else len(produced[r]) for r in range(rows))
-        if streamer is not None and ready > streamed:
+        if streamer is not None and hasattr(streamer, "put_draft") and ready:
             final = _sequences(ids, produced, new, pad_id, eos_ids)  # what the output will hold (EOS applied)
-            streamer.put(final[:, ids.shape[1] + streamed:ids.shape[1] + ready].cpu())
-            streamed = ready
+            streamer.put_draft(final[:, ids.shape[1]:ids.shape[1] + ready].cpu())
     sequences = _sequences(ids, produced, new, pad_id, eos_ids)
     if streamer is not None:
-        if streamed < new:
-            streamer.put(sequences[:, ids.shape[1] + streamed:].cpu())
+        streamer.put(sequences[:, ids.shape[1]:].cpu())
         streamer.end()
     if not config.return_dict_in_generate:
         return sequences
