@@ -257,7 +257,8 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
-        head_only = (self.head_only_loss and not output_hidden_states
+        # Head-only selects the masked positions: a data-dependent shape, so a compiled graph keeps the canvas.
+        head_only = (self.head_only_loss and not output_hidden_states and not _is_compiling()
                      and uses_head_only(self.diffusion, self._denoise_takes_positions()))
 
         def denoise(ids, t, positions=None):
