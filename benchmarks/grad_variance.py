@@ -60,6 +60,12 @@ def measure(name: str, preset: dict, vocab, data, args) -> dict:
     return out
 
 
+def headline(results: dict) -> list[str]:
+    return [f"{name} {estimator}: tr Var(g) {row['gradient_variance_trace']:.3g} "
+            f"({row['variance_ratio_to_uniform_t']:.2f}x uniform_t's), loss {row['loss_mean']:.4f} ± {row['loss_std']:.4f}"
+            for name, rows in results.items() for estimator, row in rows.items()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=40)
@@ -79,6 +85,7 @@ def main(argv=None) -> int:
               "settings": {"seed": args.seed, "train_steps": args.train_steps, "draws": args.draws, "batch_size": preset["batch_size"],
                            "block_size": preset["block_size"], "vocabulary": len(vocab)},
               "results": results}
+    report["headline"] = headline(results)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)
