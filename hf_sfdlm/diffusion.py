@@ -766,9 +766,10 @@ class MaskedCountTable:
 
 def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
                       generator: torch.Generator | None = None, tables: dict | None = None):
-    """One masked-count draw per row: `(x_t, NoiseDraw)` for an absorbing x_0-parameterised process.
+    """One masked-count draw per row: `(x_t, NoiseDraw)`, for any process in continuous time (SEDD included)
+    and for discrete-time absorbing x_0-parameterised ones.
 
-    Continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
+    Absorbing, continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
     int_0^1 (1/a) E[sum_masked nll] da; each position is masked with probability a, so splitting by the
     masked count m (Binom(n, a)) and using int_0^1 C(n, m) a^(m-1) (1 - a)^(n-m) da = 1/m gives
     NELBO = sum_{m=1}^n (1/m) E_{a ~ Beta(m, n - m + 1)} E_{M uniform m-subset}[sum_{i in M} nll_i(t(a))]
