@@ -41,11 +41,11 @@ def measure(name: str, preset: dict, vocab, data, args) -> dict:
     stream = quality.crops(data["train"], preset["batch_size"], preset["block_size"], args.train_steps, seed=0)
     quality.train(model, "sfdlm", stream, args.train_steps, 3e-3, dict(preset, warmup=5), vocab.eos_id, seed=0)
     model.train()
-    x = next(quality.crops(data["valid"], preset["batch_size"], preset["block_size"], 1, seed=1))
+    x = next(quality.crops(data["valid"], preset["batch_size"], preset["block_size"], 1, seed=1 + args.seed))
     out = {}
     for estimator in ESTIMATORS:
         model.training_estimator = estimator
-        generator = torch.Generator().manual_seed(2)
+        generator = torch.Generator().manual_seed(2 + args.seed)
         grads, losses = zip(*(gradient(model, x, generator) for _ in range(args.draws)))
         g = torch.stack(grads)
         losses = torch.tensor(losses, dtype=torch.float64)
@@ -60,11 +60,18 @@ def measure(name: str, preset: dict, vocab, data, args) -> dict:
     return out
 
 
+def headline(results: dict) -> list[str]:
+    return [f"{name} {estimator}: tr Var(g) {row['gradient_variance_trace']:.3g} "
+            f"({row['variance_ratio_to_uniform_t']:.2f}x uniform_t's), loss {row['loss_mean']:.4f} ± {row['loss_std']:.4f}"
+            for name, rows in results.items() for estimator, row in rows.items()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--draws", type=int, default=24)
     parser.add_argument("--models", nargs="+", default=["sfdlm-absorbing", "sfdlm-uniform"])
+    parser.add_argument("--seed", type=int, default=0, help="picks the fixed batch and the noise draws")
     parser.add_argument("--data-dir", default=quality.DATA)
     parser.add_argument("--output", default=os.path.join(HERE, "results", "grad_variance_cpu.json"))
     args = parser.parse_args(argv)
@@ -75,9 +82,10 @@ def main(argv=None) -> int:
     report = {"benchmark": "grad_variance",
               "command": "python benchmarks/grad_variance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-              "settings": {"train_steps": args.train_steps, "draws": args.draws, "batch_size": preset["batch_size"],
+              "settings": {"seed": args.seed, "train_steps": args.train_steps, "draws": args.draws, "batch_size": preset["batch_size"],
                            "block_size": preset["block_size"], "vocabulary": len(vocab)},
               "results": results}
+    report["headline"] = headline(results)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)

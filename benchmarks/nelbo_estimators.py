@@ -42,6 +42,19 @@ def evaluate(model, blocks, words, samples, seed, estimator, batch):
             "seconds": time.perf_counter() - start}
 
 
+def headline(results: dict) -> list[str]:
+    lines = []
+    for name, result in results.items():
+        long = result["long_run"]
+        lines.append(f"{name} ({result['steps']} steps): long run {long['perplexity']:.2f} ± {long['perplexity_stderr']:.2f}")
+        for estimator, row in result["estimators"].items():
+            ratio = row.get("variance_ratio_uniform_t_over_this")
+            lines.append(f"{name} {estimator}: {row['mean']:.2f} ± {row['std']:.2f} over replicates (reported "
+                         f"± {row['reported_stderr_rms']:.2f}; {row['relative_std']:.2%} of the value"
+                         + (f"; uniform_t variance / this: {ratio:.1f}" if ratio else "") + ")")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(LEARNING_RATES))
@@ -93,6 +106,7 @@ def main(argv=None) -> int:
               "settings": {"blocks": len(blocks), "block_size": preset["block_size"], "samples": args.samples,
                            "replicates": args.replicates, "long_samples": args.long_samples},
               "results": results}
+    report["headline"] = headline(results)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)

@@ -64,6 +64,12 @@ def step(entry: dict, x: torch.Tensor, bos_id: int) -> float:
     return loss.item()
 
 
+def headline(summary: dict) -> list[str]:
+    return [f"{name}: {row['parameters']:,} parameters, {row['tokens_per_cpu_second_median']:,.0f} tokens/s (CPU time), "
+            f"{row['ratio_to_gpt2_median']:.2f}x GPT-2 (quartiles over rounds {row['ratio_to_gpt2_quartiles'][0]:.2f}-"
+            f"{row['ratio_to_gpt2_quartiles'][1]:.2f})" for name, row in summary.items()]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=8)
@@ -126,6 +132,7 @@ def main(argv=None) -> int:
                      "warmup": args.warmup},
         "summary": summary, "rounds": rounds,
     }
+    report["headline"] = headline(summary)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(report, handle, indent=1)

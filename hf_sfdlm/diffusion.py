@@ -781,9 +781,10 @@ class MaskedCountTable:
 
 def masked_count_draw(process, x0: torch.Tensor, scored: torch.Tensor, u: torch.Tensor,
                       generator: torch.Generator | None = None, tables: dict | None = None):
-    """One masked-count draw per row: `(x_t, NoiseDraw)` for an absorbing x_0-parameterised process.
+    """One masked-count draw per row: `(x_t, NoiseDraw)`, for any process in continuous time (SEDD included)
+    and for discrete-time absorbing x_0-parameterised ones.
 
-    Continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
+    Absorbing, continuous time. In a = 1 - alpha(t) the NELBO of a row with n scored positions is
     int_0^1 (1/a) E[sum_masked nll] da; each position is masked with probability a, so splitting by the
     masked count m (Binom(n, a)) and using int_0^1 C(n, m) a^(m-1) (1 - a)^(n-m) da = 1/m gives
     NELBO = sum_{m=1}^n (1/m) E_{a ~ Beta(m, n - m + 1)} E_{M uniform m-subset}[sum_{i in M} nll_i(t(a))]
@@ -907,15 +908,17 @@ def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
     quantiles `u`, see `draw_noise`), denoise, and return `(loss per scored token, logits, x_t, t)`.
 
     `denoise(x_t, t, positions=None)` returns the model's logits (rows at `positions` when given).
-    `estimator` (see `NELBO_ESTIMATORS`; the objective 'ce' always uses 'uniform_t') picks the draws; every
-    choice has the same expectation. `head_only` (absorbing x_0 models): the output head runs at masked
+    `estimator` (see `NELBO_ESTIMATORS`; the objective 'ce' always uses 'uniform_t', and 'importance' falls back
+    to it in discrete time) picks the draws; every choice has the same expectation. `head_only` (absorbing x_0 models): the output head runs at masked
     positions only; the returned logits are then (B, L, V) with those rows and, elsewhere, the carry-over
     p_hat = onehot(x_t) (logit 0 at x_t, -inf elsewhere), the model's prediction there."""
-    estimator = "uniform_t" if not process.is_likelihood_bound else resolve_estimator(process, estimator)
+    if not process.is_likelihood_bound or (estimator == "importance" and process.num_timesteps is not None):
+        estimator = "uniform_t"  # the plain CE; a discrete-time NELBO's steps (see `resolve_estimator`)
+    estimator = resolve_estimator(process, estimator)
     if u is None:
         u = stratified_quantiles(x0.shape[0], generator)
-    elif estimator == "masked_count":
-        estimator = "uniform_t"  # fixed noise levels: corrupt at exactly those t
+    else:
+        estimator = "uniform_t"  # fixed noise levels: corrupt at exactly those t, weight 1
     noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator)
     if head_only:
         sums, rows, positions = head_only_terms(process, denoise, x0, scored, noisy, draw)

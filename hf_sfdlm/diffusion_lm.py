@@ -204,10 +204,12 @@ class DiffusionLMMixin:
         self._check_clean_ids(x0, scored)
         return x0, scored
 
-    # The training loss's noise draws (see `diffusion.NELBO_ESTIMATORS`; chosen by measured gradient variance,
-    # see the README) and whether an absorbing x_0 model runs its output head at masked positions only (the
-    # same loss and gradients, less work). Class attributes, so an experiment can switch them per instance.
-    training_estimator = "uniform_t"
+    # The training loss's noise draws (see `diffusion.NELBO_ESTIMATORS`; discrete-time models use "uniform_t"):
+    # "importance" had the lowest measured gradient variance (benchmarks/grad_variance.py: 0.64-0.68x uniform-t's
+    # on sfdlm-absorbing, whose uniform-t gradients are heavy-tailed; 0.97x on sfdlm-uniform). And whether an
+    # absorbing x_0 model runs its output head at masked positions only (the same loss and gradients, less
+    # work). Class attributes, so an experiment can switch them per instance.
+    training_estimator = "importance"
     head_only_loss = True
 
     # `forward` honours `num_items_in_batch`, so `transformers.Trainer` passes it and leaves the loss
@@ -275,7 +277,8 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
-        head_only = (self.head_only_loss and not output_hidden_states
+        # Head-only selects the masked positions: a data-dependent shape, so a compiled graph keeps the canvas.
+        head_only = (self.head_only_loss and not output_hidden_states and not _is_compiling()
                      and uses_head_only(self.diffusion, self._denoise_takes_positions()))
 
         def denoise(ids, t, positions=None):

@@ -14,8 +14,9 @@ batch sit at different block indices: the block holding a row's prompt end keeps
 and generates the rest of it. `use_cache=False` is the reference path: every evaluation re-reads the whole
 prefix (prompt and committed blocks, left-padded) with the uncached block-causal forward; it draws exactly
 what the cached path draws. A row stops after the block in which it generated an EOS (later positions are
-padding); `stopping_criteria` are asked after every block with the full sequences; a streamer gets the
-prompt, then every block's newly final columns. Mask tokens inside the prompt (infilling) are refused in
+padding); `stopping_criteria` are asked after every block with the full sequences; a streamer gets, as in
+full-canvas generation, `put` with the prompt, `put_draft` with the generated text so far after every block
+(the columns every row has finished), then `put` with the final rest and `end()`. Mask tokens inside the prompt (infilling) are refused in
 block mode: a block model only ever conditions on clean earlier blocks (use a full-canvas model to infill).
 
 This file is "remote code": it imports only torch, transformers and its sibling files.
@@ -162,7 +163,7 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     if config.output_history:
         raise ValueError("`output_history` is not supported in block mode (each block has its own canvas).")
     sampler_name = model._resolve_sampler(config)
-    ids, mask, prompts = _prompts(model, input_ids, attention_mask, config)
+    ids, _, prompts = _prompts(model, input_ids, attention_mask, config)
     rows, device = ids.shape[0], ids.device
     new = _new_tokens(config, ids.shape[1])
     generators = model._row_generators(generator, rows)
@@ -170,31 +171,20 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
     mask_id = model._resolve_mask_id(config)
     sampler = SAMPLERS[sampler_name](config)
 
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    offsets = lengths % size  # prompt tokens inside the first generated block
+    offsets = [len(p) % size for p in prompts]  # prompt tokens inside each row's first generated block
+    prefixes = [p[:len(p) - o] for p, o in zip(prompts, offsets)]  # the whole prompt blocks
     if use_cache:
-        if hasattr(model, "new_block_cache"):  # a model with its own cache (the Transformer denoiser: keys, values)
-            cache = model.new_block_cache(rows)
-            commit = lambda group, ids: model.commit_blocks(cache, group, ids)  # noqa: E731
-            network = lambda group, canvas, t, where: model.cached_block_logits(  # noqa: E731
-                cache, group, canvas, t, where)
-        else:
-            cache = new_cache(model, rows, device)
-            commit = lambda group, ids: consume(model, cache, group, ids)  # noqa: E731
-            network = _CachedNetwork(model, cache)
-        full = lengths - offsets
-        for count in full.unique().tolist():
-            group = (full == count).nonzero().squeeze(-1)
-            commit(group, torch.stack([prompts[int(r)][:count] for r in group]))
+        cache, commit, network = _cache_for(model, rows, device)
+        for count in sorted({len(p) for p in prefixes}):
+            group = torch.tensor([r for r, p in enumerate(prefixes) if len(p) == count], device=device)
+            commit(group, torch.stack([prefixes[int(r)] for r in group]))
         if cache_observer is not None:
             cache_observer(cache)
-    prefixes = [p[:len(p) - int(o)] for p, o in zip(prompts, offsets)]
     produced = [[] for _ in range(rows)]  # generated tokens of each row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     passes = torch.zeros(rows, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(ids.cpu())
-    streamed = 0
     needed = lambda r: new - len(produced[r])  # noqa: E731
     first = True
     while any(needed(r) > 0 and not finished[r] for r in range(rows)):
@@ -207,12 +197,7 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
                      eos_ids=eos_ids, pad_id=pad_id, config=config, greedy=config.temperature < MIN_TEMPERATURE)
         denoiser = _BlockDenoiser(model, plan, config, logits_processor,
                                   network if use_cache else _UncachedNetwork(model, prefixes), active)
-        run = _Run.start(plan, denoiser, None, None)
-        run.start_block()
-        for t, s in sampler.time_grid(config.steps):
-            if not model._denoising_step(run, plan, sampler, 0, t, s):
-                break
-        block = run.canvas
+        block = _denoise(model, plan, sampler, denoiser)
         passes[active] += denoiser.passes
         if use_cache:  # commit: one clean pass advances every state
             commit(active, block)
@@ -229,18 +214,40 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
         if stopping_criteria is not None:
             finished |= stopping_criteria(_sequences(ids, produced, new, pad_id), None).to(device).bool()
         ready = min(new if finished[r] else len(produced[r]) for r in range(rows))
-        if streamer is not None and ready > streamed:
+        if streamer is not None and hasattr(streamer, "put_draft") and ready:
             final = _sequences(ids, produced, new, pad_id, eos_ids)  # what the output will hold (EOS applied)
-            streamer.put(final[:, ids.shape[1] + streamed:ids.shape[1] + ready].cpu())
-            streamed = ready
+            streamer.put_draft(final[:, ids.shape[1]:ids.shape[1] + ready].cpu())
     sequences = _sequences(ids, produced, new, pad_id, eos_ids)
     if streamer is not None:
-        if streamed < new:
-            streamer.put(sequences[:, ids.shape[1] + streamed:].cpu())
+        streamer.put(sequences[:, ids.shape[1]:].cpu())
         streamer.end()
     if not config.return_dict_in_generate:
         return sequences
     return SFDLMGenerationOutput(sequences=sequences, num_forward_passes=passes)
+
+
+def _cache_for(model, rows: int, device):
+    """(cache, commit(rows, ids), network) of cached generation: SSM states for SFDLM, or the model's own
+    cache when it has one (the Transformer denoiser's keys and values)."""
+    if hasattr(model, "new_block_cache"):
+        cache = model.new_block_cache(rows)
+
+        def network(group, canvas, t, where):
+            return model.cached_block_logits(cache, group, canvas, t, where)
+
+        return cache, lambda group, ids: model.commit_blocks(cache, group, ids), network
+    cache = new_cache(model, rows, device)
+    return cache, lambda group, ids: consume(model, cache, group, ids), _CachedNetwork(model, cache)
+
+
+def _denoise(model, plan: _Plan, sampler, denoiser) -> torch.Tensor:
+    """The block's reverse chain on the sampler's time grid (`generation_sfdlm`'s step): its final canvas."""
+    run = _Run.start(plan, denoiser, None, None)
+    run.start_block()
+    for t, s in sampler.time_grid(plan.config.steps):
+        if not model._denoising_step(run, plan, sampler, 0, t, s):
+            break
+    return run.canvas
 
 
 def _block_canvas(model, active: torch.Tensor, fixed: list, size: int, mask_id, generators):

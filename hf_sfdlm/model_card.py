@@ -396,7 +396,7 @@ def card_examples(model, tokenizer, held_out: Iterable[list[int]], *, seed: int 
         prompt = torch.tensor([tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]], device=device)
         example["prompt_output"] = run(prompt, max_new_tokens=new_tokens)
         mask_id = getattr(tokenizer, "mask_token_id", None)
-        if mask_id is not None:
+        if mask_id is not None and getattr(model.config, "block_size", None) is None:  # block models do not infill
             text = example["before"] + tokenizer.mask_token * example["masked_tokens"] + example["after"]
             masked = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], device=device)
             example["infill_output"] = run(masked, mask_token_id=mask_id)

@@ -325,7 +325,8 @@ class BidirectionalDiagonalSSM(nn.Module):
             else:
                 self._spectrum_cache = None
             return kernel, spectrum
-        stand_in = spectrum.real.new_zeros(()).expand(self.hidden_size, fast_fft_size(2 * length - 1))
+        stand_in = self.log_dt.new_zeros((), dtype=_compute_dtype(self.log_dt))
+        stand_in = stand_in.expand(self.hidden_size, fast_fft_size(2 * length - 1))
         if with_graph:
             return _KernelRecomputedInBackward.apply(self, length, stand_in, *self._ssm_parameters()), spectrum
         return stand_in, spectrum

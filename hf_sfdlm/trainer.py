@@ -241,7 +241,12 @@ class DiffusionTrainer:
 
     def _setup_model(self, model: nn.Module):
         """Gradient checkpointing and compilation if asked; returns the EMA copy of the model (or None)."""
+        from transformers import PreTrainedModel
+
         args = self.args
+        if self._fsdp and not isinstance(model, PreTrainedModel):
+            raise ValueError(f"FSDP trains a transformers PreTrainedModel in full (it is saved from its gathered "
+                             f"weights), got {type(model).__name__}; train adapters (PEFT) with DDP instead.")
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         ema = self._make_ema(model) if args.ema_decay is not None else None
@@ -755,9 +760,10 @@ def _shard_on_cpu(accelerator) -> None:
                          f"{accelerator.distributed_type}: launch with at least 2 processes "
                          "(`accelerate launch --config_file training/accelerate_configs/fsdp_cpu.yaml`).")
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables set by `accelerate launch`
-    if plugin.fsdp_version != 2:
-        raise ValueError(f"FSDP on CPU processes needs `fsdp_version: 2` (FSDP2) in the launch configuration, got "
-                         f"{plugin.fsdp_version}.")
+    version = getattr(plugin, "fsdp_version", 1)  # accelerate releases without FSDP2 have no such field
+    if version != 2:
+        raise ValueError(f"FSDP on CPU processes needs `fsdp_version: 2` (FSDP2) in the launch configuration and "
+                         f"an accelerate release that has it, got FSDP{version}.")
     state = accelerator.state
     state.fsdp_plugin = plugin
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -506,6 +506,7 @@ def ragged_prompts():
 
 
 @pytest.mark.parametrize("process,sampler", [("absorbing", "ancestral"), ("absorbing", "confidence"),
+                                             ("absorbing", "threshold"),
                                              ("uniform", "uniform"), ("uniform", "ancestral")])
 def test_cached_generation_equals_uncached_generation_draw_for_draw(process, sampler):
     model = block_model(process)
@@ -578,13 +579,16 @@ def test_eos_ends_a_row_after_its_block_and_later_positions_are_padding():
     assert out.num_forward_passes[1] <= 2 * 3  # at most two blocks of (2 steps + commit)
 
 
-def test_streamer_gets_the_prompt_then_each_block():
+def test_streamer_gets_the_prompt_each_block_as_a_draft_and_the_rest():
     class Collect:
         def __init__(self):
-            self.puts, self.ended = [], False
+            self.puts, self.drafts, self.ended = [], [], False
 
         def put(self, ids):
             self.puts.append(ids)
+
+        def put_draft(self, ids):
+            self.drafts.append(ids)
 
         def end(self):
             self.ended = True
@@ -594,9 +598,10 @@ def test_streamer_gets_the_prompt_then_each_block():
     streamer = Collect()
     out = model.generate(prompt, max_new_tokens=9, steps=2, streamer=streamer,
                          generator=torch.Generator().manual_seed(0))
-    assert streamer.ended and torch.equal(streamer.puts[0], prompt)
-    assert [p.shape[1] for p in streamer.puts[1:]] == [2, 4, 3]  # the prompt's block, then whole blocks
-    assert torch.equal(torch.cat(streamer.puts[1:], dim=1), out[:, 6:])
+    assert streamer.ended and len(streamer.puts) == 2 and torch.equal(streamer.puts[0], prompt)
+    assert torch.equal(streamer.puts[1], out[:, 6:])
+    assert [d.shape[1] for d in streamer.drafts] == [2, 6, 9]  # the prompt's block, then whole blocks
+    assert all(torch.equal(d, out[:, 6:6 + d.shape[1]]) for d in streamer.drafts)
 
 
 def test_block_generation_refuses_infilling_and_a_foreign_block_length():
@@ -686,3 +691,27 @@ def test_each_row_of_a_ragged_batch_generates_what_it_generates_alone():
         alone = model.generate(ids[row:row + 1][:, mask[row].bool()], generator=[torch.Generator().manual_seed(row)],
                                **kwargs)
         assert torch.equal(batch[row, 7:], alone[0, -9:])
+
+
+def test_block_training_under_bf16_autocast_stays_close_to_float32():
+    """The state arithmetic runs in float32 (complex64) under autocast; the loss follows the float32 one."""
+    model = block_model("absorbing").float()
+    ids = torch.randint(0, 30, (4, 12))
+    t = torch.rand(4, 3)
+    with torch.no_grad():
+        exact = model(input_ids=ids, labels=ids, timesteps=t, generator=torch.Generator().manual_seed(0)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(input_ids=ids, labels=ids, timesteps=t, generator=torch.Generator().manual_seed(0)).loss
+    assert math.isfinite(low.item()) and low.item() == pytest.approx(exact.item(), rel=5e-2)
+
+
+def test_model_card_examples_of_a_block_model_continue_a_prompt_and_skip_infilling():
+    """Saving a trained block model writes card examples; block models do not infill, so none is asked."""
+    from hf_sfdlm.model_card import card_examples
+    from hf_sfdlm.synthetic import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer()
+    model = block_model("absorbing", vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id).float()
+    line = tokenizer("the small dog sees a red ball near the old house .", add_special_tokens=False)["input_ids"]
+    example = card_examples(model, tokenizer, [line + [tokenizer.eos_token_id]], steps=2, new_tokens=6)
+    assert example["prompt_output"] and example["sample"] and "infill_output" not in example

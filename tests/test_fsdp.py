@@ -113,6 +113,19 @@ def test_fsdp_on_cpu_needs_fsdp2_and_several_processes(monkeypatch):
     assert accelerator.state.distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 2
 
 
+def test_fsdp_refuses_a_model_it_cannot_save_before_training(tmp_path, monkeypatch):
+    """A PEFT model (or any module that is not a PreTrainedModel) is refused at construction under FSDP."""
+    from hf_sfdlm.lora import apply_lora
+
+    monkeypatch.setattr(DiffusionTrainer, "_fsdp", property(lambda self: True))
+    config = make_config(tmp_path / "peft", ema_decay=None)
+    pipeline = prepare_pipeline(config)
+    with pytest.raises(ValueError, match="PeftModel; train adapters"):
+        DiffusionTrainer(apply_lora(pipeline.model), config.training, pipeline.train_dataset,
+                         tokenizer=pipeline.tokenizer)
+    assert not (tmp_path / "peft" / "checkpoints").exists()
+
+
 # ============================================================================================== 2 CPU processes
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_takes_the_one_process_steps(tmp_path, one_thread):

@@ -110,6 +110,7 @@ def test_loss_is_the_mean_over_response_tokens_only(tokenizer):
     """Recompute the loss from the per-position NELBO terms: the denominator is the number of response
     tokens (their EOS included), not of every real or padded position."""
     model = model_for(tokenizer, process="absorbing", mask_token_id=tokenizer.mask_token_id)
+    model.training_estimator = "uniform_t"  # t uniform, weight 1: the draw rebuilt below
     batch = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=16)(
         [sft_example(r, tokenizer) for r in records(tokenizer)])
     out = model(**batch, generator=torch.Generator().manual_seed(1))

@@ -203,8 +203,8 @@ def print_samples(config, num_samples: int, steps: int) -> None:
         print("  " + decode_visible(tokenizer, row[:row.index(eos)] if eos in row else row))
 
     example = read_card_record(out).get("examples") or {}
-    if not example.get("before") or tokenizer.mask_token is None:
-        return
+    if not example.get("before") or tokenizer.mask_token is None or getattr(model.config, "block_size", None):
+        return  # (block-diffusion models generate after a prompt and do not infill)
     text = example["before"] + tokenizer.mask_token * example["masked_tokens"] + example["after"]
     masked = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
