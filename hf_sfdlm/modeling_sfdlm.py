@@ -185,6 +185,22 @@ class _VandermondeKernel(torch.autograd.Function):
         return grad_x_re, grad_x_im, s_re, -s_im, None
 
 
+def _vandermonde_by_autograd(x_re, x_im, w_re, w_im, length: int) -> torch.Tensor:
+    """`_VandermondeKernel` in plain differentiable ops (what `torch.compile` traces): the same split
+    l = q M + r and batched matmul, with autograd's backward."""
+    (hidden, modes), (block, blocks) = x_re.shape, _split(length)
+    lags = torch.arange(block, device=x_re.device, dtype=x_re.dtype)
+    starts = block * torch.arange(blocks, device=x_re.device, dtype=x_re.dtype)
+    low_re, low_im = _powers(x_re.unsqueeze(-1), x_im.unsqueeze(-1), lags)  # z^r: (H, N, M)
+    high_re, high_im = _powers(x_re.unsqueeze(-1), x_im.unsqueeze(-1), starts)  # z^(qM): (H, N, Q)
+    p_re = w_re.unsqueeze(-1) * high_re - w_im.unsqueeze(-1) * high_im  # w z^(qM): (2, H, N, Q)
+    p_im = w_re.unsqueeze(-1) * high_im + w_im.unsqueeze(-1) * high_re
+    left = torch.cat([p_re, -p_im], dim=2).permute(1, 0, 3, 2).reshape(hidden, 2 * blocks, 2 * modes)
+    right = torch.cat([low_re, low_im], dim=1)  # (H, 2N, M)
+    kernel = torch.bmm(left, right).view(hidden, 2, blocks * block)[..., :length]
+    return kernel.transpose(0, 1)
+
+
 class _KernelRecomputedInBackward(torch.autograd.Function):
     """Stands for `ssm.two_sided_kernel(length)` in this call's graph when its spectrum came from the cache:
     the forward pass returns `stand_in` (the shape only; `_FFTConvolution` reads the cached spectrum), the
@@ -257,6 +273,8 @@ class BidirectionalDiagonalSSM(nn.Module):
         db_re, db_im = (num_re * a_re + num_im * a_im) / norm, (num_im * a_re - num_re * a_im) / norm
         c_re, c_im = 2 * self.c[..., 0].to(dtype), 2 * self.c[..., 1].to(dtype)  # (2, H, N)
         cb_re, cb_im = c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
+        if torch.compiler.is_compiling():  # in-place writes into strided views would break the graph
+            return _vandermonde_by_autograd(x_re, x_im, cb_re, cb_im, length)
         return _VandermondeKernel.apply(x_re, x_im, cb_re, cb_im, length)
 
     def two_sided_kernel(self, length: int) -> torch.Tensor:
@@ -306,25 +324,30 @@ class BidirectionalDiagonalSSM(nn.Module):
         """The two-sided kernel (H, n) and its rFFT; the spectrum is reused across calls while the parameters
         are unchanged (gradient accumulation, checkpointed recomputation, every step of `generate`).
 
-        With `with_graph` the kernel is a node of this call's autograd graph: built now, or on a cache hit
-        `_KernelRecomputedInBackward`, which rebuilds it only in the backward pass. The spectrum never carries
-        a graph (`_FFTConvolution` sends the gradient through the kernel). On a hit without a graph the
-        kernel is a stand-in of the right shape (zero strides, no memory). Under autograd a spectrum is kept
-        only up to `_TRAINING_CACHE_MAX_BYTES`: at long lengths a kept spectrum per block would add to the
-        memory that activation checkpointing saves, for a kernel that costs little next to the step.
+        With `with_graph` the kernel is a node of this call's autograd graph as `_KernelRecomputedInBackward`,
+        which rebuilds it only in the backward pass, on a cache hit and on a miss alike: the forward pass then
+        saves the same tensors whether or not the cache served it, which activation checkpointing requires
+        (its recomputation may hit the cache that the original forward pass filled). Under
+        `torch.compile` the kernel is built with autograd in the traced graph and nothing is cached. The
+        spectrum never carries a graph (`_FFTConvolution` sends the gradient through the kernel). Without a
+        graph the kernel is a stand-in of the right shape (zero strides, no memory). Under autograd a
+        spectrum is kept only up to `_TRAINING_CACHE_MAX_BYTES`: at long lengths a kept spectrum per block
+        would add to the memory that activation checkpointing saves, for a kernel that costs little next to
+        the step.
         """
+        if torch.compiler.is_compiling():  # the key's versions would be guards (recompiles)
+            kernel = self.two_sided_kernel(length)
+            return kernel, torch.fft.rfft(kernel.detach())
         spectrum = self._cached(length, with_graph)
         if spectrum is None:
-            with torch.set_grad_enabled(with_graph):
-                kernel = self.two_sided_kernel(length)
-            spectrum = torch.fft.rfft(kernel.detach())
+            with torch.no_grad():
+                spectrum = torch.fft.rfft(self.two_sided_kernel(length))
             keep = not with_graph or spectrum.numel() * spectrum.element_size() <= _TRAINING_CACHE_MAX_BYTES
-            if keep and not torch.compiler.is_compiling():  # there the key's versions would be guards (recompiles)
+            if keep:
                 snapshot = tuple(p.detach().clone() for p in self._ssm_parameters())
                 self._spectrum_cache = (self._cache_key(length), snapshot, spectrum)
             else:
                 self._spectrum_cache = None
-            return kernel, spectrum
         stand_in = self.log_dt.new_zeros((), dtype=_compute_dtype(self.log_dt))
         stand_in = stand_in.expand(self.hidden_size, fast_fft_size(2 * length - 1))
         if with_graph:

@@ -73,9 +73,10 @@ def test_training_with_the_cache_matches_fresh_models_after_every_optimiser_step
         for index, u in enumerate(batches):
             calls.clear()
             loss, grads = _loss_and_grads(ssm, u, calls)
-            # the first micro-batch after a step builds the kernel in its forward pass (the cache is stale);
-            # the second reuses it there and rebuilds it only for its backward pass
-            assert calls == (["forward", 9, "backward"] if index == 0 else ["forward", "backward", 9])
+            # the first micro-batch after a step builds the kernel in its forward pass (the cache is stale),
+            # without a graph, and again with one for its backward pass (so that a checkpointed
+            # recomputation, which may hit the cache, saves the same tensors); the second reuses it
+            assert calls == (["forward", 9, "backward", 9] if index == 0 else ["forward", "backward", 9])
             fresh._spectrum_cache = None
             expected_loss, expected_grads = _loss_and_grads(fresh, u)
             torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
@@ -214,3 +215,46 @@ def test_under_autograd_only_small_spectra_are_kept(monkeypatch):
     torch.testing.assert_close(again, loss)
     for a, b in zip(grads_again, grads):
         torch.testing.assert_close(a, b)
+
+
+def test_the_traced_kernel_equals_the_hand_written_one():
+    """Under torch.compile the kernel is built by plain differentiable ops (in-place writes into strided
+    views break dynamo's graph): same values and gradients as `_VandermondeKernel`."""
+    from hf_sfdlm.modeling_sfdlm import _VandermondeKernel, _vandermonde_by_autograd
+
+    generator = torch.Generator().manual_seed(3)
+    x_re = -torch.rand(4, 5, generator=generator, dtype=torch.float64) * 0.3
+    x_im = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    w_re, w_im = torch.randn(2, 2, 4, 5, generator=generator, dtype=torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x_re, x_im, w_re, w_im)]
+    for length in (1, 6, 50):
+        weights = torch.randn(2, 4, length, generator=generator, dtype=torch.float64)
+        got = _vandermonde_by_autograd(*inputs, length)
+        expected = _VandermondeKernel.apply(*inputs, length)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad((got * weights).sum(), inputs)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), inputs)
+        for a, b in zip(grads, expected_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_checkpointing_with_a_cache_filled_in_the_forward_pass():
+    """Activation checkpointing recomputes a block's forward pass in backward, where the SSM's cache (filled
+    by the original pass) hits: both passes must save the same tensors, and the gradients equal a plain
+    pass's."""
+    from torch.utils.checkpoint import checkpoint
+
+    ssm = random_ssm()
+    u = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 12, 3, dtype=torch.float64)
+    for warm in (False, True):  # cold: the original pass misses and fills the cache; warm: both hit
+        ssm._spectrum_cache = None
+        if warm:
+            with torch.no_grad():
+                ssm(u)
+        out = checkpoint(ssm, u, use_reentrant=False)
+        grads = torch.autograd.grad((out * weights).sum(), [u, *ssm.parameters()])
+        ssm._spectrum_cache = None
+        expected = torch.autograd.grad((ssm(u) * weights).sum(), [u, *ssm.parameters()])
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
