@@ -215,12 +215,32 @@ class _KernelRecomputedInBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        parameters = ctx.saved_tensors
-        with torch.enable_grad(), _fft_precision(grad):  # as the forward pass built it: autograd on, float32
-            kernel = ctx.ssm.two_sided_kernel(ctx.length)
-        wanted = [p for p, needed in zip(parameters, ctx.needs_input_grad[3:]) if needed]
-        grads = iter(torch.autograd.grad(kernel, wanted, grad, allow_unused=True))
-        return None, None, None, *(next(grads) if needed else None for needed in ctx.needs_input_grad[3:])
+        parameters, length, ssm = ctx.saved_tensors, ctx.length, ctx.ssm
+        with _fft_precision(grad):  # as the forward pass built it: float32
+            # Only the (H, N) factors are rebuilt with autograd; the (H, N, sqrt L) part goes straight to
+            # `_VandermondeKernel`'s hand-written backward, which needs no forward tables.
+            with torch.enable_grad():
+                factors = ssm.kernel_factors()
+            grad = grad.to(factors[0].dtype)
+            n = grad.shape[-1]
+            grad_kernel = grad.new_empty(2, ssm.hidden_size, length)  # the two-sided layout, undone
+            grad_kernel[0] = grad[:, :length]
+            grad_kernel[1, :, 0] = grad[:, 0]
+            grad_kernel[1, :, 1:] = grad[:, n - length + 1:].flip(-1)
+            saved = _SavedFactors(tuple(f.detach() for f in factors), length)
+            grad_factors = _VandermondeKernel._backward(saved, grad_kernel)[:4]
+        needs = ctx.needs_input_grad[3:]  # log_dt, log_neg_a_real, a_imag, c, d
+        wanted = [p for p, needed in zip(parameters[:4], needs[:4]) if needed]
+        grads = iter(torch.autograd.grad(factors, wanted, grad_factors, allow_unused=True) if wanted else ())
+        grad_d = grad[:, 0].to(parameters[4].dtype) if needs[4] else None  # d adds to the lag-0 entry
+        return None, None, None, *(next(grads) if needed else None for needed in needs[:4]), grad_d
+
+
+class _SavedFactors:
+    """What `_VandermondeKernel._backward` reads from its context: the (H, N) inputs and the length."""
+
+    def __init__(self, saved_tensors: tuple, length: int):
+        self.saved_tensors, self.length = saved_tensors, length
 
 
 # Under autograd the SSM keeps its kernel spectrum across calls only up to this size (4 MiB: L <= 2K at width 256).
@@ -256,12 +276,8 @@ class BidirectionalDiagonalSSM(nn.Module):
         init.normal_(self.c, std=0.5**0.5)
         init.normal_(self.d, std=1.0)
 
-    def kernel(self, length: int) -> torch.Tensor:
-        """(2, H, L) forward and backward kernels K_l = 2 Re(sum_n C_n dB_n dA_n^l), l = 0..L-1.
-
-        The (H, N) quantities (dA = exp(dt a), 2 C dB) go through autograd; the (H, N, sqrt L) part runs in
-        `_VandermondeKernel`, real arithmetic with a hand-written backward.
-        """
+    def kernel_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Re, Im) of dt * a (H, N) and of 2 C dB (2, H, N): K_l = Re(sum_n 2 C dB exp(dt a)^l)."""
         dtype = _compute_dtype(self.log_dt)
         dt = self.log_dt.to(dtype).exp().unsqueeze(-1)  # (H, 1)
         a_re, a_im = -self.log_neg_a_real.to(dtype).exp(), self.a_imag.to(dtype)  # (H, N)
@@ -273,6 +289,15 @@ class BidirectionalDiagonalSSM(nn.Module):
         db_re, db_im = (num_re * a_re + num_im * a_im) / norm, (num_im * a_re - num_re * a_im) / norm
         c_re, c_im = 2 * self.c[..., 0].to(dtype), 2 * self.c[..., 1].to(dtype)  # (2, H, N)
         cb_re, cb_im = c_re * db_re - c_im * db_im, c_re * db_im + c_im * db_re
+        return x_re, x_im, cb_re, cb_im
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """(2, H, L) forward and backward kernels K_l = 2 Re(sum_n C_n dB_n dA_n^l), l = 0..L-1.
+
+        The (H, N) quantities (dA = exp(dt a), 2 C dB) go through autograd; the (H, N, sqrt L) part runs in
+        `_VandermondeKernel`, real arithmetic with a hand-written backward.
+        """
+        x_re, x_im, cb_re, cb_im = self.kernel_factors()
         if torch.compiler.is_compiling():  # in-place writes into strided views would break the graph
             return _vandermonde_by_autograd(x_re, x_im, cb_re, cb_im, length)
         return _VandermondeKernel.apply(x_re, x_im, cb_re, cb_im, length)

@@ -61,7 +61,9 @@ def test_training_with_the_cache_matches_fresh_models_after_every_optimiser_step
     ssm = random_ssm()
     calls = []
     original_kernel = ssm.kernel
+    original_factors = ssm.kernel_factors
     ssm.kernel = lambda length: calls.append(length) or original_kernel(length)
+    ssm.kernel_factors = lambda: calls.append("factors") or original_factors()
     optimizer = torch.optim.Adam(ssm.parameters(), lr=0.05)
     batches = [torch.randn(2, 9, 3, dtype=torch.float64) for _ in range(2)]
     previous = None
@@ -69,14 +71,17 @@ def test_training_with_the_cache_matches_fresh_models_after_every_optimiser_step
         fresh = copy.deepcopy(ssm)
         fresh._spectrum_cache = None
         fresh.kernel = lambda length, fresh=fresh: BidirectionalDiagonalSSM.kernel(fresh, length)
+        fresh.kernel_factors = lambda fresh=fresh: BidirectionalDiagonalSSM.kernel_factors(fresh)
         gradients = [torch.zeros_like(p) for p in ssm.parameters()]
         for index, u in enumerate(batches):
             calls.clear()
             loss, grads = _loss_and_grads(ssm, u, calls)
             # the first micro-batch after a step builds the kernel in its forward pass (the cache is stale),
-            # without a graph, and again with one for its backward pass (so that a checkpointed
-            # recomputation, which may hit the cache, saves the same tensors); the second reuses it
-            assert calls == (["forward", 9, "backward", 9] if index == 0 else ["forward", "backward", 9])
+            # without a graph; each backward pass rebuilds only the (H, N) factors with one (so that a
+            # checkpointed recomputation, which may hit the cache, saves the same tensors); the second
+            # micro-batch reuses the cached spectrum
+            built = ["forward", 9, "factors"] if index == 0 else ["forward"]
+            assert calls == built + ["backward", "factors"]
             fresh._spectrum_cache = None
             expected_loss, expected_grads = _loss_and_grads(fresh, u)
             torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
@@ -100,12 +105,13 @@ def test_a_cache_hit_under_autograd_builds_the_kernel_only_in_the_backward_pass(
     u = torch.randn(1, 7, 3, dtype=torch.float64)
     ssm(u).sum().backward()  # fills the cache
     calls = []
-    original_kernel = ssm.kernel
+    original_kernel, original_factors = ssm.kernel, ssm.kernel_factors
     ssm.kernel = lambda length: calls.append(length) or original_kernel(length)
+    ssm.kernel_factors = lambda: calls.append("factors") or original_factors()
     out = ssm(u)
     assert calls == []
     out.sum().backward()
-    assert calls == [7]
+    assert calls == ["factors"]  # the (H, N) factors only: the (H, N, sqrt L) tables never
 
 
 def test_writes_through_data_are_seen_on_cpu():
