@@ -32,9 +32,14 @@ Training, vectorised (no loop over blocks). Pass 1 runs the model on the clean s
 (B * L/b, b) at its own t, and each SSM layer adds the cross terms pass 1 recorded for it (the prefix of a
 noisy block is clean, so its cross term is exactly pass 1's). Gradients flow through both passes (as BD3-LM's
 do through x_0's keys and values). The cost is two backbone passes, against one for the full-canvas model.
-The loss is the full-canvas NELBO of each block at its own noise level (stratified over all blocks of the
-batch), summed over blocks and divided by the scored tokens: each block's term is an unbiased estimate of
-its conditional NELBO given the clean earlier blocks, so the sum bounds -log p(x) of the block-wise chain.
+The loss is the full-canvas NELBO of each block at its own noise level, summed over blocks and divided by the
+scored tokens: each block's term is an unbiased estimate of its conditional NELBO given the clean earlier
+blocks, so the sum bounds -log p(x) of the block-wise chain. The noise is drawn by the full canvas's machinery
+(`diffusion.draw_for_estimator`) with every block a row of its own (`block_rows`): training uses the full
+canvas's law of t (`training_estimator`, stratified over all blocks of the batch) and, for absorbing x_0
+models, runs the head at masked positions only; `nelbo` takes the same estimator names (the masked count
+counts a block's own scored positions). With b >= L the one block is the row, and every draw is the full
+canvas's.
 
 This file is "remote code": it imports only torch, transformers and its sibling files.
 """

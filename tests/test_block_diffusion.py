@@ -434,9 +434,10 @@ def test_block_nelbo_estimator_is_unbiased_for_the_enumerated_value(process, est
 
 @pytest.mark.parametrize("process", ["absorbing", "uniform"])
 def test_block_nelbo_and_training_loss_are_unbiased_in_continuous_time(process):
-    """Continuous time: the finite-variance estimators' `nelbo`, and the training loss (the importance law, head-only for
-    absorbing) times the scored count, average to the sum of the blocks' continuous NELBOs (enumerated states,
-    quadrature in t; a model without noise conditioning, whose p_hat the quadrature resolves), on a ragged batch."""
+    """Continuous time: the finite-variance estimators' `nelbo`, and the training loss (the importance law,
+    head-only for absorbing) times the scored count, average to the sum of the blocks' continuous NELBOs
+    (enumerated states, quadrature in t; a model without noise conditioning, whose p_hat the quadrature
+    resolves), on a ragged batch."""
     from test_diffusion import accurate_continuous_nelbo
 
     model = enumeration_model(process, None, seed=2, time_conditioning=False)
