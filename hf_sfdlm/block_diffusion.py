@@ -32,9 +32,14 @@ Training, vectorised (no loop over blocks). Pass 1 runs the model on the clean s
 (B * L/b, b) at its own t, and each SSM layer adds the cross terms pass 1 recorded for it (the prefix of a
 noisy block is clean, so its cross term is exactly pass 1's). Gradients flow through both passes (as BD3-LM's
 do through x_0's keys and values). The cost is two backbone passes, against one for the full-canvas model.
-The loss is the full-canvas NELBO of each block at its own noise level (stratified over all blocks of the
-batch), summed over blocks and divided by the scored tokens: each block's term is an unbiased estimate of
-its conditional NELBO given the clean earlier blocks, so the sum bounds -log p(x) of the block-wise chain.
+The loss is the full-canvas NELBO of each block at its own noise level, summed over blocks and divided by the
+scored tokens: each block's term is an unbiased estimate of its conditional NELBO given the clean earlier
+blocks, so the sum bounds -log p(x) of the block-wise chain. The noise is drawn by the full canvas's machinery
+(`diffusion.draw_for_estimator`) with every block a row of its own (`block_rows`): training uses the full
+canvas's law of t (`training_estimator`, stratified over all blocks of the batch) and, for absorbing x_0
+models, runs the head at masked positions only; `nelbo` takes the same estimator names (the masked count
+counts a block's own scored positions). With b >= L the one block is the row, and every draw is the full
+canvas's.
 
 This file is "remote code": it imports only torch, transformers and its sibling files.
 """
@@ -46,7 +51,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .diffusion import NoiseDraw
+from .diffusion import (NoiseDraw, _carry_over_logits, draw_for_estimator, head_only_terms, invert_one_minus_alpha,
+                        resolve_estimator, resolve_training_estimator, stratified_quantiles, uses_head_only)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -343,6 +349,30 @@ def block_index(ids: torch.Tensor, attention_mask: torch.Tensor | None, block_si
     return ((real.cumsum(-1) - 1).clamp_min(0) // block_size)
 
 
+def block_rows(x0: torch.Tensor, scored: torch.Tensor, attention_mask: torch.Tensor | None, block_size: int):
+    """Every block as a row of the per-row NELBO estimators: `(x0 rows, scored rows, slots)`.
+
+    The rows are (B * nb, b): row i * nb + j holds block j of sequence i (its real positions in order; a shorter
+    last block and the blocks past a short row's end are filled with unscored 0s), so `draw_for_estimator`
+    draws one noise level per block, stratified over the rows, and the masked count counts the block's scored
+    positions. `slots` (B, L) is each position's index into the flattened rows, -1 at padding (which is in no
+    row: it is never corrupted). A single block (b >= L) is the row itself, padding included, so that it draws
+    exactly what the full canvas draws."""
+    batch, length = x0.shape
+    num = num_blocks(length, block_size)
+    if num == 1:
+        return x0, scored, torch.arange(batch * length, device=x0.device).view(batch, length)
+    real = torch.ones_like(x0, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    rank = real.long().cumsum(-1) - 1  # block j, column c <=> real rank j * b + c
+    slots = torch.arange(batch, device=x0.device).unsqueeze(-1) * (num * block_size) + rank
+    slots = torch.where(real, slots, torch.full_like(slots, -1))
+    x0_rows = x0.new_zeros(batch * num * block_size)
+    scored_rows = torch.zeros(batch * num * block_size, dtype=torch.bool, device=x0.device)
+    x0_rows[slots[real]] = x0[real]
+    scored_rows[slots[real]] = scored[real]
+    return x0_rows.view(batch * num, block_size), scored_rows.view(batch * num, block_size), slots
+
+
 def per_position_draw(draw: NoiseDraw, blocks: torch.Tensor, num: int) -> NoiseDraw:
     """A (B * num,) draw of one noise level per block, spread over the (B, L) positions' blocks, flattened."""
     batch = blocks.shape[0]
@@ -355,34 +385,54 @@ def per_position_draw(draw: NoiseDraw, blocks: torch.Tensor, num: int) -> NoiseD
                      reconstruction=spread(draw.reconstruction))
 
 
-def block_denoise(model, noisy: torch.Tensor, t: torch.Tensor | None, attention_mask, clean: torch.Tensor):
+def block_denoise(model, noisy: torch.Tensor, t: torch.Tensor | None, attention_mask, clean: torch.Tensor,
+                  positions: torch.Tensor | None = None):
     """Logits (B, L, V) of every block from its noisy tokens at its t (B, nb) and the clean earlier blocks
-    (a model with its own `denoise_blocks`, as the Transformer denoiser, does it its way)."""
+    (a model with its own `denoise_blocks`, as the Transformer denoiser, does it its way). `positions` (B, L)
+    bool: only the (N, V) rows at its `True` entries, row-major, the output head run there only."""
     if hasattr(model, "denoise_blocks"):
-        return model.denoise_blocks(noisy, t, attention_mask, clean)
+        return model.denoise_blocks(noisy, t, attention_mask, clean, positions)
     hidden = model.model(noisy, attention_mask=attention_mask, timesteps=t, clean_input_ids=clean).last_hidden_state
+    if positions is not None:
+        hidden = hidden[positions]
     return model.diffusion.restrict_logits(model.lm_head(hidden))
 
 
-def block_terms(model, x0, scored, attention_mask, generator, u: torch.Tensor | None):
+def block_terms(model, x0, scored, attention_mask, generator, u: torch.Tensor | None = None,
+                estimator: str = "uniform_t", head_only: bool = False, tables: dict | None = None):
     """One draw of the block NELBO: corrupt each block at its own noise level, denoise all blocks in two
-    passes, and return (per-position terms (B, L), logits, x_t, t (B, nb))."""
+    passes, and return (per-position terms (B, L), logits (B, L, V), x_t, t (B, nb)).
+
+    Each block is a row of the per-row estimator `estimator` (resolved, see `diffusion.NELBO_ESTIMATORS`), at
+    the quantiles `u` (B * nb,) or (B, nb) (default: stratified over all blocks of the batch). `head_only`
+    (absorbing x_0 models): the output head runs at the masked positions only, and the returned logits are the
+    carry-over onehot(x_t) elsewhere, as in `diffusion.training_loss`. `tables`: the discrete masked-count
+    tables, shared between draws."""
     process = model.diffusion
     batch, length = x0.shape
     size = model.config.block_size
     num = num_blocks(length, size)
-    draw = process.draw_noise(batch * num, generator=generator, device=x0.device,
-                              u=None if u is None else u.reshape(-1))
-    blocks = block_index(x0, attention_mask, size)
-    spread = per_position_draw(draw, blocks, num)
-    alpha = process.schedule.alpha(spread.t)
-    noisy = process.corrupt(x0.reshape(-1, 1), alpha, corruptible=scored.reshape(-1, 1),
-                            generator=generator).view(batch, length)
+    if u is None:
+        u = stratified_quantiles(batch * num, generator)
+    x0_rows, scored_rows, slots = block_rows(x0, scored, attention_mask, size)
+    noisy_rows, draw = draw_for_estimator(process, estimator, x0_rows, scored_rows, u.reshape(-1), generator, tables)
+    noisy = torch.where(slots >= 0, noisy_rows.reshape(-1)[slots.clamp_min(0)], x0)
+    # One row of length 1 per position, with its block's draw: `loss_terms` and `head_only_terms` per position.
+    spread = per_position_draw(draw, block_index(x0, attention_mask, size), num)
     t = draw.t.view(batch, num)
-    conditioned = getattr(model.config, "time_conditioning", True)
-    logits = block_denoise(model, noisy, t if conditioned else None, attention_mask, x0)
-    terms = process.loss_terms(logits.reshape(batch * length, 1, -1), x0.reshape(-1, 1), noisy.reshape(-1, 1),
-                               spread, scored=scored.reshape(-1, 1)).view(batch, length)
+    t_in = t if getattr(model.config, "time_conditioning", True) else None
+    column = (batch * length, 1)
+    if head_only:
+        def denoise(ids, _t, positions):
+            return block_denoise(model, noisy, t_in, attention_mask, x0, positions.view(batch, length))
+
+        sums, rows, positions = head_only_terms(process, denoise, x0.reshape(column), scored.reshape(column),
+                                                noisy.reshape(column), spread)
+        logits = _carry_over_logits(noisy, process.vocab_size, rows, positions.view(batch, length))
+        return sums.view(batch, length), logits, noisy, t
+    logits = block_denoise(model, noisy, t_in, attention_mask, x0)
+    terms = process.loss_terms(logits.reshape(batch * length, 1, -1), x0.reshape(column), noisy.reshape(column),
+                               spread, scored=scored.reshape(column)).view(batch, length)
     return terms, logits, noisy, t
 
 
@@ -390,8 +440,6 @@ def infer_block_timesteps(model, input_ids: torch.Tensor, attention_mask=None) -
     """(B, blocks) noise levels of an absorbing block model's input, read from each block's masked fraction
     (the maximum-likelihood estimate of 1 - alpha(t), inverted as `DiffusionLMMixin.infer_timesteps` does for
     a whole row); on the step grid for discrete-time models."""
-    from .diffusion_lm import _invert_one_minus_alpha
-
     model.check_inputs(input_ids, attention_mask)
     batch, length = input_ids.shape
     num = num_blocks(length, model.config.block_size)
@@ -401,7 +449,7 @@ def infer_block_timesteps(model, input_ids: torch.Tensor, attention_mask=None) -
     counts = torch.zeros(batch, num, dtype=torch.float64, device=input_ids.device)
     total = counts.clone().scatter_add_(1, blocks, maskable.double())
     counts.scatter_add_(1, blocks, masked.double())
-    t = _invert_one_minus_alpha(model.diffusion.schedule, counts / total.clamp_min(1))
+    t = invert_one_minus_alpha(model.diffusion.schedule, counts / total.clamp_min(1))
     steps = getattr(model.config, "num_timesteps", None)
     if steps is not None:
         t = (t * steps).round() / steps
@@ -416,7 +464,10 @@ def check_block_objective(model) -> None:
 def block_training_forward(model, input_ids, attention_mask, labels, timesteps, generator, inputs_embeds,
                            output_hidden_states, num_items_in_batch):
     """`forward(labels=...)` in block mode: the BD3-LM loss, the sum of every block's NELBO draw per scored
-    token (see the module docstring). `timesteps`: fixed noise levels, a number, (B,) or (B, blocks)."""
+    token (see the module docstring). Each block's noise is drawn as the full canvas draws a row's
+    (`model.training_estimator`, stratified over all blocks of the batch), and absorbing models run the head at
+    masked positions only where the full canvas does. `timesteps`: fixed noise levels, a number, (B,) or
+    (B, blocks), used as given."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
     if inputs_embeds is not None:
@@ -428,7 +479,11 @@ def block_training_forward(model, input_ids, attention_mask, labels, timesteps, 
     u = None
     if timesteps is not None:
         u = block_timesteps(timesteps, x0.shape[0], num, "cpu")
-    terms, logits, noisy, t = block_terms(model, x0, scored, attention_mask, generator, u)
+    # the full canvas's law of t and head-only rule, each block a row (b = L: the full-canvas loss, draw for draw)
+    estimator = resolve_training_estimator(model.diffusion, getattr(model, "training_estimator", "uniform_t"),
+                                           fixed=u is not None)
+    head_only = model._uses_head_only_loss(output_hidden_states)
+    terms, logits, noisy, t = block_terms(model, x0, scored, attention_mask, generator, u, estimator, head_only)
     loss = terms.sum() / scored.sum().clamp_min(1)
     if num_items_in_batch is not None:
         total = torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
@@ -446,26 +501,31 @@ def block_training_forward(model, input_ids, attention_mask, labels, timesteps, 
 
 @torch.no_grad()
 def block_nelbo(model, input_ids, attention_mask=None, labels=None, num_samples: int = 16, generator=None,
-                return_samples: bool = False) -> torch.Tensor:
+                return_samples: bool = False, estimator: str = "auto") -> torch.Tensor:
     """`nelbo` in block mode: (B,) mean (or (B, num_samples)) of the sum over blocks of each block's NELBO
-    draw; draw k of every block uses u = (k + U) / num_samples (stratified per block)."""
+    draw. Each block is a row of the per-row estimator `estimator` (the names of `DiffusionLMMixin.nelbo`,
+    "auto" resolved the same way; masked_count counts the block's own scored positions), and draw k of every
+    block uses u = (k + U) / num_samples (stratified per block), as `diffusion.monte_carlo_nelbo` does per row."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
     if not model.diffusion.is_likelihood_bound:
         raise ValueError(f"`nelbo` needs objective='elbo', got {model.config.objective!r}; a 'ce' model's loss is "
                          "not a likelihood bound.")
+    estimator = resolve_estimator(model.diffusion, estimator)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
     check_block_objective(model)
     x0, scored = model._clean_batch(input_ids, attention_mask, labels)
     batch = x0.shape[0]
     num = num_blocks(x0.shape[1], model.config.block_size)
-    offset = torch.rand(batch, num, generator=generator, dtype=torch.float64,
-                        device=generator.device if generator is not None else "cpu")
+    head_only = uses_head_only(model.diffusion, model._denoise_takes_positions())  # as the full-canvas `nelbo`
+    offset = torch.rand(batch * num, generator=generator, dtype=torch.float64,
+                        device=generator.device if generator is not None else "cpu").cpu()
+    tables: dict = {}
     samples = []
     for k in range(num_samples):
         u = ((k + offset) / num_samples).clamp(max=1 - 1e-12)
-        terms = block_terms(model, x0, scored, attention_mask, generator, u)[0]
+        terms = block_terms(model, x0, scored, attention_mask, generator, u, estimator, head_only, tables)[0]
         samples.append(terms.double().sum(-1))
     samples = torch.stack(samples, dim=-1)
     return samples if return_samples else samples.mean(-1)

@@ -901,6 +901,16 @@ def head_only_terms(process, denoise, x0: torch.Tensor, scored: torch.Tensor, no
     return sums, rows, positions
 
 
+def resolve_training_estimator(process, estimator: str, fixed: bool = False) -> str:
+    """The estimator a training loss draws with: `estimator` resolved (see `resolve_estimator`), except that the
+    objective 'ce' and discrete-time 'importance' use 'uniform_t', and so do `fixed` noise levels given by the
+    caller (corrupt at exactly those t, weight 1). Shared by the full-canvas and the block training losses."""
+    if not process.is_likelihood_bound or (estimator == "importance" and process.num_timesteps is not None):
+        estimator = "uniform_t"  # the plain CE; a discrete-time NELBO's steps (see `resolve_estimator`)
+    estimator = resolve_estimator(process, estimator)
+    return "uniform_t" if fixed else estimator
+
+
 def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
                   generator: torch.Generator | None = None, u: torch.Tensor | None = None,
                   estimator: str = "uniform_t", head_only: bool = False):
@@ -912,13 +922,9 @@ def training_loss(process, denoise, x0: torch.Tensor, scored: torch.Tensor,
     to it in discrete time) picks the draws; every choice has the same expectation. `head_only` (absorbing x_0 models): the output head runs at masked
     positions only; the returned logits are then (B, L, V) with those rows and, elsewhere, the carry-over
     p_hat = onehot(x_t) (logit 0 at x_t, -inf elsewhere), the model's prediction there."""
-    if not process.is_likelihood_bound or (estimator == "importance" and process.num_timesteps is not None):
-        estimator = "uniform_t"  # the plain CE; a discrete-time NELBO's steps (see `resolve_estimator`)
-    estimator = resolve_estimator(process, estimator)
+    estimator = resolve_training_estimator(process, estimator, fixed=u is not None)
     if u is None:
         u = stratified_quantiles(x0.shape[0], generator)
-    else:
-        estimator = "uniform_t"  # fixed noise levels: corrupt at exactly those t, weight 1
     noisy, draw = draw_for_estimator(process, estimator, x0, scored, u, generator)
     if head_only:
         sums, rows, positions = head_only_terms(process, denoise, x0, scored, noisy, draw)
@@ -975,4 +981,4 @@ def monte_carlo_nelbo(process, denoise, x0: torch.Tensor, scored: torch.Tensor, 
 __all__ = ["AbsorbingDiffusion", "DiscreteDiffusion", "GeometricSchedule", "CosineSchedule", "LinearSchedule",
            "LogLinearSchedule", "NoiseDraw", "NoiseSchedule", "PROCESSES", "SCHEDULES",
            "UniformDiffusion", "NELBO_ESTIMATORS", "invert_one_minus_alpha", "monte_carlo_nelbo", "resolve_estimator",
-           "training_loss"]
+           "resolve_training_estimator", "training_loss"]

@@ -277,9 +277,7 @@ class DiffusionLMMixin:
             self.check_inputs(input_ids, attention_mask, timesteps)
             u = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).expand(x0.shape[0])
         hidden_states = []
-        # Head-only selects the masked positions: a data-dependent shape, so a compiled graph keeps the canvas.
-        head_only = (self.head_only_loss and not output_hidden_states and not _is_compiling()
-                     and uses_head_only(self.diffusion, self._denoise_takes_positions()))
+        head_only = self._uses_head_only_loss(output_hidden_states)
 
         def denoise(ids, t, positions=None):
             if positions is not None:
@@ -300,6 +298,12 @@ class DiffusionLMMixin:
             loss = loss * scored.sum().clamp_min(1) / total
         return self.output_class(loss=loss, logits=logits, noisy_input_ids=noisy, timesteps=t,
                                  hidden_states=hidden_states[-1])
+
+    def _uses_head_only_loss(self, output_hidden_states: bool) -> bool:
+        """Whether the training loss runs the output head at masked positions only (full canvas and block mode)."""
+        # Head-only selects the masked positions: a data-dependent shape, so a compiled graph keeps the canvas.
+        return bool(self.head_only_loss and not output_hidden_states and not _is_compiling()
+                    and uses_head_only(self.diffusion, self._denoise_takes_positions()))
 
     def _denoise_takes_positions(self) -> bool:
         """Whether `denoise` accepts `positions` (a replaced or wrapped `denoise` may not)."""
@@ -383,12 +387,14 @@ class DiffusionLMMixin:
             (B,) mean NELBO per sequence, or (B, num_samples) single-draw estimates if `return_samples` (not
             independent: stratified; take error bars from independent calls).
             In block mode (`config.block_size`) the sum over blocks of each block's NELBO given the clean
-            earlier blocks, every block's draws stratified on their own (`block_diffusion.block_nelbo`).
+            earlier blocks, each block a row of the same `estimator` (its own scored count for masked_count),
+            its draws stratified on their own (`block_diffusion.block_nelbo`).
         """
         if getattr(self.config, "block_size", None) is not None:
             from .block_diffusion import block_nelbo
 
-            return block_nelbo(self, input_ids, attention_mask, labels, num_samples, generator, return_samples)
+            return block_nelbo(self, input_ids, attention_mask, labels, num_samples, generator, return_samples,
+                               estimator=estimator)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not self.diffusion.is_likelihood_bound:

@@ -5,6 +5,7 @@ block-wise reverse chain enumerated over every state of a tiny problem."""
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -213,22 +214,50 @@ def test_padding_never_changes_a_real_position():
     torch.testing.assert_close(logits_of(model, padded, t_padded, padded, mask)[:, 3:], alone, atol=1e-12, rtol=0)
 
 
+def gradients_of(model, **kwargs):
+    model.zero_grad()
+    loss = model(**kwargs).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("process", ["absorbing", "uniform"])
-def test_block_size_equal_to_the_length_is_the_full_canvas_model(process):
-    full = block_model(process, block_size=None)
-    block = block_model(process, block_size=12)
+@pytest.mark.parametrize("num_timesteps", [None, 4])
+def test_block_size_equal_to_the_length_is_the_full_canvas_model(process, num_timesteps):
+    """b = L: the same logits, and, draw for draw, the same training loss and gradients (the training law of t
+    and head-only for absorbing) and the same `nelbo` under every estimator name, with left padding and
+    unscored prompts; the names a model refuses, it refuses in both modes."""
+    from hf_sfdlm.diffusion import NELBO_ESTIMATORS
+
+    full = block_model(process, block_size=None, num_timesteps=num_timesteps)
+    block = block_model(process, block_size=12, num_timesteps=num_timesteps)
     block.load_state_dict(full.state_dict())
     ids = torch.randint(0, 30, (3, 12))
     t = torch.rand(3, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block(ids, timesteps=t).logits, full(ids, timesteps=t).logits, atol=1e-12, rtol=0)
-        kwargs = dict(input_ids=ids, labels=ids)
-        loss_block = block(**kwargs, generator=torch.Generator().manual_seed(4)).loss
-        loss_full = full(**kwargs, generator=torch.Generator().manual_seed(4)).loss
-        torch.testing.assert_close(loss_block, loss_full, atol=1e-12, rtol=0)
-        nelbo_block = block.nelbo(ids, num_samples=3, generator=torch.Generator().manual_seed(5))
-        nelbo_full = full.nelbo(ids, num_samples=3, generator=torch.Generator().manual_seed(5))
-        torch.testing.assert_close(nelbo_block, nelbo_full, atol=1e-10, rtol=0)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    labels = ids.clone()
+    labels[1, :3] = labels[2, :5] = -100  # a prompt that conditions but is not scored
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    loss_block, grads_block = gradients_of(block, **kwargs, generator=torch.Generator().manual_seed(4))
+    loss_full, grads_full = gradients_of(full, **kwargs, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(loss_block, loss_full, atol=1e-12, rtol=0)
+    for a, b in zip(grads_block, grads_full):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    for estimator in NELBO_ESTIMATORS + ("bogus",):
+        def nelbo(model):
+            return model.nelbo(ids, attention_mask=mask, labels=labels, num_samples=3, estimator=estimator,
+                               generator=torch.Generator().manual_seed(5), return_samples=True)
+
+        try:
+            expected = nelbo(full)
+        except ValueError as error:
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                nelbo(block)
+            continue
+        torch.testing.assert_close(nelbo(block), expected, atol=1e-10, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -264,6 +293,43 @@ def test_gradients_flow_through_both_passes():
     assert any(embedding_grad[token].abs().sum() > 0 for token in context_only) or not context_only
 
 
+def test_block_training_draws_each_blocks_t_by_the_full_canvas_law_stratified_over_all_blocks():
+    """Loglinear (1 - alpha(t) = t): under the importance law t = u^2, so sqrt(t) of the 3 x 3 blocks holds one
+    value in each ninth of [0, 1); fixed `timesteps` stay as given."""
+    model = block_model("absorbing")
+    ids = torch.randint(0, 30, (3, 12))
+    with torch.no_grad():
+        t = model(input_ids=ids, labels=ids, generator=torch.Generator().manual_seed(0)).timesteps
+        assert t.shape == (3, 3)
+        u = t.double().flatten().sqrt().sort().values
+        k = torch.arange(9, dtype=torch.float64)
+        assert bool(((u >= k / 9 - 1e-9) & (u < (k + 1) / 9 + 1e-9)).all()), u
+        fixed = torch.rand(3, 3, dtype=torch.float64)
+        torch.testing.assert_close(model(input_ids=ids, labels=ids, timesteps=fixed).timesteps.double(), fixed)
+
+
+def test_block_training_runs_the_head_at_masked_positions_only_with_the_same_loss_and_gradients():
+    model = block_model("absorbing")
+    ids = torch.randint(0, 30, (2, 10))  # a shorter last block
+    labels = ids.clone()
+    labels[0, :3] = -100
+    kwargs = dict(input_ids=ids, labels=labels)
+    calls = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    head_only_loss, head_only_grads = gradients_of(model, **kwargs, generator=torch.Generator().manual_seed(1))
+    out = model(**kwargs, generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    masked = out.noisy_input_ids == MASK
+    assert calls[0] == int(masked.sum()) < ids.numel()  # the head saw the masked positions only
+    carry = out.logits[~masked]  # elsewhere: the carry-over, logit 0 at x_t
+    assert bool((carry.gather(-1, out.noisy_input_ids[~masked].unsqueeze(-1)) == 0).all())
+    model.head_only_loss = False
+    full_loss, full_grads = gradients_of(model, **kwargs, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(head_only_loss, full_loss, atol=1e-12, rtol=0)
+    for a, b in zip(head_only_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
 def test_block_size_one_without_noise_conditioning_is_the_autoregressive_likelihood():
     """b = 1, absorbing, no noise conditioning: p_hat at position j reads x_<j (clean) and a mask, whatever t
     is. The loglinear integrand of a block is 1[masked] / t * (-log p_hat(x_j)) and the block is masked with
@@ -289,11 +355,12 @@ def test_block_size_one_without_noise_conditioning_is_the_autoregressive_likelih
 
 
 # Exact likelihood of the block-wise reverse chain: vocabulary 3 (+ mask), length 4, blocks of 2.
-def enumeration_model(process, num_timesteps, seed=0):
+def enumeration_model(process, num_timesteps, seed=0, **overrides):
     vocab = 4
     config = dict(vocab_size=vocab, process=process, mask_token_id=3 if process == "absorbing" else None,
                   stage_depths=[1], pool_factors=[], hidden_size=8, num_timesteps=num_timesteps,
                   noise_schedule="cosine", block_size=2)
+    config.update(overrides)
     torch.manual_seed(seed)
     model = SFDLMForDiffusionLM(tiny_config(**config)).double().eval()
     with torch.no_grad():
@@ -341,19 +408,58 @@ def test_block_nelbo_bounds_the_exact_nll_of_the_block_wise_reverse_chain(proces
         assert 0 < nll <= nelbo + 1e-9, (x0, nll, nelbo)
 
 
-@pytest.mark.parametrize("process", ["absorbing", "uniform"])
-def test_block_nelbo_estimator_is_unbiased_for_the_enumerated_value(process):
-    """`nelbo` (the vectorised two-pass estimator) averages to the enumerated sum of block NELBOs."""
+def check_unbiased(samples: torch.Tensor, exact: float) -> None:
+    """Rows of `samples` are independent replicates (each a stratified mean over its draws)."""
+    rows = samples.mean(-1)
+    standard_error = rows.std().item() / math.sqrt(len(rows))
+    assert abs(rows.mean().item() - exact) < 4 * standard_error, (rows.mean().item(), exact, standard_error)
+    assert standard_error < 0.03 * exact  # the check has teeth
+
+
+@pytest.mark.parametrize("process,estimator", [("absorbing", "masked_count"), ("absorbing", "uniform_t"),
+                                               ("uniform", "uniform_t")])
+def test_block_nelbo_estimator_is_unbiased_for_the_enumerated_value(process, estimator):
+    """`nelbo` (the vectorised two-pass estimator, each block a row of `estimator`) averages to the enumerated
+    sum of block NELBOs, discrete time (T = 3, every estimator that applies)."""
     from test_diffusion import exact_discrete_nelbo
 
     model = enumeration_model(process, 3, seed=1)
     x0 = torch.tensor([2, 0, 1, 1])
     exact = sum(exact_discrete_nelbo(block_denoiser(model, x0, j), model.diffusion, x0[2 * j:2 * j + 2], 3)
                 for j in range(2))
-    samples = model.nelbo(x0.view(1, -1).expand(3000, -1), num_samples=1,
-                          generator=torch.Generator().manual_seed(0), return_samples=True).flatten()
-    standard_error = samples.std().item() / math.sqrt(len(samples))
-    assert abs(samples.mean().item() - exact) < 4 * standard_error
+    samples = model.nelbo(x0.view(1, -1).expand(2000, -1), num_samples=2, estimator=estimator,
+                          generator=torch.Generator().manual_seed(0), return_samples=True)
+    check_unbiased(samples, exact)
+
+
+@pytest.mark.parametrize("process", ["absorbing", "uniform"])
+def test_block_nelbo_and_training_loss_are_unbiased_in_continuous_time(process):
+    """Continuous time: the finite-variance estimators' `nelbo`, and the training loss (the importance law,
+    head-only for absorbing) times the scored count, average to the sum of the blocks' continuous NELBOs
+    (enumerated states, quadrature in t; a model without noise conditioning, whose p_hat the quadrature
+    resolves), on a ragged batch."""
+    from test_diffusion import accurate_continuous_nelbo
+
+    model = enumeration_model(process, None, seed=2, time_conditioning=False)
+    x0 = torch.tensor([1, 2, 0, 2])
+    exact = sum(accurate_continuous_nelbo(block_denoiser(model, x0, j), model.diffusion, x0[2 * j:2 * j + 2])
+                for j in range(2))
+    # a ragged batch of 6 positions: x0 with its padding on the right, the left, or both (blocks start at each
+    # row's first real token, so every row's value is the same)
+    rows = torch.zeros(3000, 6, dtype=torch.long)
+    mask = torch.zeros_like(rows)
+    for start in range(3):
+        rows[start::3, start:start + 4] = x0
+        mask[start::3, start:start + 4] = 1
+    labels = torch.where(mask.bool(), rows, torch.full_like(rows, -100))
+    for seed, estimator in enumerate(("masked_count", "importance")):  # the finite-variance ones ("auto" is the first)
+        check_unbiased(model.nelbo(rows, attention_mask=mask, num_samples=2, estimator=estimator, return_samples=True,
+                                   generator=torch.Generator().manual_seed(seed)), exact)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # each loss averages 3000 rows stratified together: 12 independent replicates
+        losses = torch.stack([model(input_ids=rows, attention_mask=mask, labels=labels, generator=generator).loss
+                              for _ in range(12)])
+    check_unbiased(4 * losses.view(-1, 1), exact)
 
 
 @pytest.mark.parametrize("process", ["absorbing", "uniform"])
