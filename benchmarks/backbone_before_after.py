@@ -4,8 +4,8 @@ Loads `hf_sfdlm/modeling_sfdlm.py` as it was at `--before` (beside today's sibli
 builds both backbones with the same weights (width 256, 6 blocks, as benchmarks/forward_scaling.py),
 checks that they compute the same outputs, then times one forward+backward of each per round, the order
 alternating, in process CPU time on one thread, after a discarded warm-up; every parameter's version is
-bumped after each step (untimed), as an optimiser step would, so parameter-keyed caches miss as in training. Peak memory is the peak of
-tensor memory alive during one step (`common.PeakTensorMemory`).
+bumped after each step (untimed), as an optimiser step would, so parameter-keyed caches miss as in
+training. Peak memory is the peak of tensor memory alive during one step (`common.PeakTensorMemory`).
 
     python benchmarks/backbone_before_after.py --before 43c7b1c --lengths 1024 4096
 """

@@ -5,22 +5,24 @@ Contenders (benchmarks/contenders.py, parameter-matched, dropout 0, flash SDPA):
 Rows: float32 and bf16 autocast; "train" = forward+backward in train mode, "eval" = forward only in
 eval mode under `torch.inference_mode()`.
 
-Protocol. One worker process per (length, dtype) holds every contender. It measures the machine's
-float32 matmul peak (a 2048^3 matmul, best of 3) right there, runs one warm-up step per model and mode
+Protocol. One worker process per (length, dtype) holds every contender. It measures the machine's float32
+matmul peak (a 2048^3 matmul, best of 3) right there, runs one warm-up step per model and mode
 (discarded), then `--repeats` rounds, each timing one step of every model, the order rotating between
-rounds, then one memory step per model (below; it also records the bytes autograd saves for the
-backward pass, via `saved_tensors_hooks`: the activation memory per token); medians and
-[min, max] are reported. After each forward+backward every parameter's version is bumped, untimed, as an
-optimiser step's update would, so the SSM's kernel cache misses as in training. Times are the process's CPU time (`time.process_time`, one intra-op thread):
-the machine is shared by several users on 2 cores, where wall time measures the neighbours as much as
-the model (the median wall time is recorded too, as `wall_seconds`). Peak memory of a step is the peak of the tensor memory alive during it (activations,
-temporaries and gradients; `common.PeakTensorMemory`, a dispatch mode that follows every operator's
-output until it is freed), so each model's figure is its own whatever the allocator or the other
-models in the process hold. Beside it, `resident_growth_mib` counts what the process really holds: in a
-fresh spawned process per model and point, after one warm-up step, the peak resident set during one step
-minus the resident set before it (Linux's resettable high-water mark; allocator slack, FFT plans and library
-buffers that the tensor counter cannot see included; `--no-resident` skips it). FLOPs are counted on a meta-device copy (torch's FlopCounterMode for
-matmuls and attention, plus 2.5 n log2 n per real FFT of size n); achieved FLOP/s = FLOPs / median time.
+rounds, then one memory step per model (below; it also records the bytes autograd saves for the backward
+pass, via `saved_tensors_hooks`: the activation memory per token); medians and [min, max] are reported.
+After each forward+backward every parameter's version is bumped, untimed, as an optimiser step's update
+would, so the SSM's kernel cache misses as in training. Times are the process's CPU time
+(`time.process_time`, one intra-op thread): the machine is shared by several users on 2 cores, where wall
+time measures the neighbours as much as the model (the median wall time is recorded too, as
+`wall_seconds`). Peak memory of a step is the peak of the tensor memory alive during it (activations,
+temporaries and gradients; `common.PeakTensorMemory`, a dispatch mode that follows every operator's output
+until it is freed), so each model's figure is its own whatever the allocator or the other models in the
+process hold. Beside it, `resident_growth_mib` counts what the process really holds: in a fresh spawned
+process per model and point, after one warm-up step, the peak resident set during one step minus the
+resident set before it (Linux's resettable high-water mark; allocator slack, FFT plans and library buffers
+that the tensor counter cannot see included; `--no-resident` skips it). FLOPs are counted on a meta-device
+copy (torch's FlopCounterMode for matmuls and attention, plus 2.5 n log2 n per real FFT of size n);
+achieved FLOP/s = FLOPs / median time.
 
 Budget: a contender is skipped at a length when its forward+backward at the previous length, scaled by
 the length ratio squared (Transformers) or to the power 1.2 (SFDLM), would exceed --max-step-seconds.
