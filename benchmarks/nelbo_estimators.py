@@ -9,7 +9,7 @@ Reported per estimator: the word-level perplexity bound's mean and standard devi
 replicates, `score_blocks`), and the variance ratio to uniform-t at equal model calls; plus one long run
 (`--long-samples` calls per block, masked_count) that every estimator's mean must agree with.
 
-    python benchmarks/nelbo_estimators.py            # ~15 minutes on one busy core
+    python benchmarks/nelbo_estimators.py            # about an hour on one core of the shared 2-core machine
 """
 
 from __future__ import annotations
