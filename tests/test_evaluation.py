@@ -497,6 +497,15 @@ def test_sfdlm_eval_command(saved_word_model, tmp_path, capsys):
     record = json.loads(out.read_text())
     direct = evaluate_perplexity(model, tokenizer, text_file.read_text(), block_size=8, num_samples=4)
     assert record["total_nll"] == pytest.approx(direct.total_nll) and record["num_words"] == 12
+    # The estimator is chosen by name (the old one stays available) and recorded.
+    assert main(["eval", str(path), "--text-file", str(text_file), "--block-size", "8", "--nelbo-samples", "4",
+                 "--nelbo-estimator", "uniform_t", "--json", str(out), "--overwrite"]) == 0
+    record = json.loads(out.read_text())
+    direct = evaluate_perplexity(model, tokenizer, text_file.read_text(), block_size=8, num_samples=4,
+                                 estimator="uniform_t")
+    assert record["nelbo_estimator"] == "uniform_t" and record["total_nll"] == pytest.approx(direct.total_nll)
+    assert main(["eval", str(path), "--text-file", str(text_file), "--nelbo-estimator", "bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
     # An autoregressive model goes through the same command, exactly.
     gpt2_dir = tmp_path / "gpt2"
     gpt2 = GPT2LMHeadModel(gpt2_config(len(tokenizer), 16, 1, 16, num_heads=2, bos_token_id=tokenizer.eos_token_id))

@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     parser.add_argument("--nelbo-samples", type=int, default=16,
                         help="Monte Carlo noise levels t drawn per block for diffusion NELBOs; more samples, "
                              "smaller error bars (default: 16)")
+    parser.add_argument("--nelbo-estimator", default="auto",
+                        help="how the NELBO's noise draws are chosen, one of hf_sfdlm.diffusion.NELBO_ESTIMATORS "
+                             "(auto, masked_count, importance, uniform_t): 'auto' picks the finite-variance masked "
+                             "count where it applies; 'uniform_t' is the historical estimator (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise levels drawn (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     add_threads_argument(parser)
@@ -87,7 +91,8 @@ def run(args) -> int:
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
     model = load_model(model_path, device=args.device, trust_remote_code=args.trust_remote_code)
     result = evaluate_perplexity(model, tokenizer, text, block_size=args.block_size, batch_size=args.batch_size,
-                                 num_samples=args.nelbo_samples, seed=args.seed, progress=not args.no_progress)
+                                 num_samples=args.nelbo_samples, seed=args.seed, progress=not args.no_progress,
+                                 estimator=args.nelbo_estimator)
     print(f"model: {args.model} ({type(model).__name__}), tokenizer: {result.tokenizer}")
     print(f"estimator: {'NELBO upper bound, ' + str(result.num_samples) + ' t samples per block' if result.estimator == 'nelbo' else 'exact'}; "
           f"{result.num_sequences} blocks of {result.block_size} tokens; {result.num_tokens} tokens, "
