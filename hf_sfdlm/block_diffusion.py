@@ -506,14 +506,8 @@ def block_nelbo(model, input_ids, attention_mask=None, labels=None, num_samples:
     draw. Each block is a row of the per-row estimator `estimator` (the names of `DiffusionLMMixin.nelbo`,
     "auto" resolved the same way; masked_count counts the block's own scored positions), and draw k of every
     block uses u = (k + U) / num_samples (stratified per block), as `diffusion.monte_carlo_nelbo` does per row."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-    if not model.diffusion.is_likelihood_bound:
-        raise ValueError(f"`nelbo` needs objective='elbo', got {model.config.objective!r}; a 'ce' model's loss is "
-                         "not a likelihood bound.")
+    # `num_samples`, the objective, the estimator's name and `generator` are checked by `nelbo`, the caller.
     estimator = resolve_estimator(model.diffusion, estimator)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
     check_block_objective(model)
     x0, scored = model._clean_batch(input_ids, attention_mask, labels)
     batch = x0.shape[0]

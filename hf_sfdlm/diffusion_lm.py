@@ -390,11 +390,6 @@ class DiffusionLMMixin:
             earlier blocks, each block a row of the same `estimator` (its own scored count for masked_count),
             its draws stratified on their own (`block_diffusion.block_nelbo`).
         """
-        if getattr(self.config, "block_size", None) is not None:
-            from .block_diffusion import block_nelbo
-
-            return block_nelbo(self, input_ids, attention_mask, labels, num_samples, generator, return_samples,
-                               estimator=estimator)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not self.diffusion.is_likelihood_bound:
@@ -402,6 +397,11 @@ class DiffusionLMMixin:
                              "a 'ce' model's loss is not a likelihood bound.")
         estimator = resolve_estimator(self.diffusion, estimator)
         _check_generator(generator)
+        if getattr(self.config, "block_size", None) is not None:
+            from .block_diffusion import block_nelbo
+
+            return block_nelbo(self, input_ids, attention_mask, labels, num_samples, generator, return_samples,
+                               estimator=estimator)
         x0, scored = self._clean_batch(input_ids, attention_mask, labels)
 
         head_only = uses_head_only(self.diffusion, self._denoise_takes_positions())
