@@ -223,7 +223,21 @@ def generate_blocks(model, input_ids=None, attention_mask=None, generation_confi
         streamer.end()
     if not config.return_dict_in_generate:
         return sequences
-    return SFDLMGenerationOutput(sequences=sequences, num_forward_passes=passes)
+    generated = torch.tensor(_generated_counts(produced, new, eos_ids), device=passes.device)
+    return SFDLMGenerationOutput(sequences=sequences, num_forward_passes=passes,
+                                 tokens_per_forward=generated / passes.clamp_min(1))
+
+
+def _generated_counts(produced: list, new: int, eos_ids) -> list[int]:
+    """Tokens each row generated, not counting the padding after its first generated EOS (as the full-canvas
+    output's `tokens_per_forward`)."""
+    eos = set() if eos_ids is None else set(eos_ids.tolist())
+    counts = []
+    for tokens in produced:
+        tokens = tokens[:new]
+        first_eos = next((i for i, token in enumerate(tokens) if token in eos), None)
+        counts.append(len(tokens) if first_eos is None else first_eos + 1)
+    return counts
 
 
 def _cache_for(model, rows: int, device):

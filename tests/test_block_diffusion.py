@@ -683,6 +683,15 @@ def test_eos_ends_a_row_after_its_block_and_later_positions_are_padding():
     assert torch.equal(row[:first + 1], plain[1, 7:7 + first + 1])
     assert (row[first + 1:] == 30).all()
     assert out.num_forward_passes[1] <= 2 * 3  # at most two blocks of (2 steps + commit)
+    # tokens_per_forward (DiffusionGemma's metric, as the full canvas reports it): new tokens up to and
+    # including each row's first EOS, per forward pass
+    generated = []
+    for row in out.sequences[:, 7:]:
+        hits = (row == eos).nonzero()
+        generated.append(12 if len(hits) == 0 else int(hits[0]) + 1)
+    assert generated[1] == first + 1
+    torch.testing.assert_close(out.tokens_per_forward,
+                               torch.tensor(generated, dtype=torch.float32) / out.num_forward_passes.float())
 
 
 def test_streamer_gets_the_prompt_each_block_as_a_draft_and_the_rest():
