@@ -43,6 +43,14 @@ def write_json(name: str, payload: dict, directory: Path = RESULTS_DIR) -> Path:
     return path
 
 
+def save_report(path: str, report: dict) -> None:
+    """Write a benchmark's JSON report to `path` (its folder created), as the scripts with an `--output` do."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(f"wrote {path}")
+
+
 def median_seconds(function, repeats: int, warmup: int = 1) -> float:
     """Median wall time of `function()` over `repeats` runs after `warmup` runs (CUDA-synchronised)."""
     for _ in range(warmup):

@@ -19,7 +19,6 @@ the absorbing NELBO with the quality benchmark's recipe (`quality.train`: AdamW,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -33,6 +32,7 @@ from transformers import BertModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
+from common import save_report  # noqa: E402
 
 from hf_sfdlm.baselines import TransformerDenoiserForDiffusionLM  # noqa: E402
 
@@ -107,10 +107,7 @@ def main(argv=None) -> int:
               "vocabulary": VOCAB, "block_size": LENGTH, "batch_size": BATCH, "steps": args.steps, "lr": args.lr,
               "exact_nll_nats_per_token": math.log(VOCAB) / LENGTH, "context_free_nats_per_token": math.log(VOCAB),
               "results": rows}
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"wrote {args.output}")
+    save_report(args.output, report)
     return 0
 
 

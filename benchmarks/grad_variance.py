@@ -14,7 +14,6 @@ is a strictly better stochastic gradient at equal cost.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
+from common import save_report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ESTIMATORS = ("uniform_t", "masked_count", "importance")
@@ -86,10 +86,7 @@ def main(argv=None) -> int:
                            "block_size": preset["block_size"], "vocabulary": len(vocab)},
               "results": results}
     report["headline"] = headline(results)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"wrote {args.output}")
+    save_report(args.output, report)
     return 0
 
 

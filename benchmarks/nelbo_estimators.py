@@ -15,7 +15,6 @@ replicates, `score_blocks`), and the variance ratio to uniform-t at equal model 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
+from common import save_report  # noqa: E402
 
 from hf_sfdlm.evaluation import score_blocks  # noqa: E402
 
@@ -107,10 +107,7 @@ def main(argv=None) -> int:
                            "replicates": args.replicates, "long_samples": args.long_samples},
               "results": results}
     report["headline"] = headline(results)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"wrote {args.output}")
+    save_report(args.output, report)
     return 0
 
 

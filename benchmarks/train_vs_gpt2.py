@@ -17,7 +17,6 @@ neighbours), and the wall-clock ratios are reported too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
+from common import save_report  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -133,10 +133,7 @@ def main(argv=None) -> int:
         "summary": summary, "rounds": rounds,
     }
     report["headline"] = headline(summary)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(report, handle, indent=1)
-    print(f"wrote {args.output}")
+    save_report(args.output, report)
     return 0
 
 
