@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from .block_diffusion import BlockCache, BlockContext
-from .generation_sfdlm import DEFAULT_MAX_NEW_TOKENS, SAMPLERS, SFDLMGenerationOutput, Denoiser, _Plan, _Run
+from .generation_sfdlm import (DEFAULT_MAX_NEW_TOKENS, SAMPLERS, Denoiser, SFDLMGenerationOutput, _Plan, _Run,
+                               requested_new_tokens)
 from .sampling_sfdlm import MIN_TEMPERATURE
 
 
@@ -133,14 +134,7 @@ def _prompts(model, input_ids, attention_mask, config):
 
 
 def _new_tokens(config, length: int) -> int:
-    if config.max_new_tokens is not None:
-        new = config.max_new_tokens
-    elif config.max_length is not None:
-        new = config.max_length - length
-        if new < 0:
-            raise ValueError(f"The input is {length} tokens long, longer than `max_length`={config.max_length}.")
-    else:
-        new = DEFAULT_MAX_NEW_TOKENS
+    new = requested_new_tokens(config, length, default=DEFAULT_MAX_NEW_TOKENS)
     if new < 1:
         raise ValueError(f"Block generation needs `max_new_tokens` >= 1, got {new}.")
     return new

@@ -366,6 +366,18 @@ class SFDLMGenerationOutput(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------------- the mixin
+def requested_new_tokens(config, length: int, default: int) -> int:
+    """New positions a call asks for: `max_new_tokens`, else `max_length` minus the input's `length`, else
+    `default`. The caller applies its own limits (the canvas in full-canvas mode, none in block mode)."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is not None:
+        if config.max_length < length:
+            raise ValueError(f"The input is {length} tokens long, longer than `max_length`={config.max_length}.")
+        return config.max_length - length
+    return default
+
+
 class SFDLMGenerationMixin:
     """`generate` for SFDLM models (iterative denoising), in place of transformers' `GenerationMixin`.
 
@@ -606,14 +618,7 @@ class SFDLMGenerationMixin:
         return input_ids, attention_mask.to(self.device).bool()
 
     def _new_positions(self, config: SFDLMGenerationConfig, length: int, has_masks: bool) -> int:
-        if config.max_new_tokens is not None:
-            new = config.max_new_tokens
-        elif config.max_length is not None:
-            new = config.max_length - length
-            if new < 0:
-                raise ValueError(f"The input is {length} tokens long, longer than `max_length`={config.max_length}.")
-        else:
-            new = 0 if has_masks else DEFAULT_MAX_NEW_TOKENS
+        new = requested_new_tokens(config, length, default=0 if has_masks else DEFAULT_MAX_NEW_TOKENS)
         total = length + new
         if total > self.config.max_position_embeddings:
             raise ValueError(f"Input length {length} + {new} new tokens = {total} exceeds the model's "
