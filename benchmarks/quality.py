@@ -90,6 +90,13 @@ ABLATIONS = {  # of sfdlm-uniform, the paper's Table 3
     "sfdlm-uniform no-fourier-mlp": dict(MODELS["sfdlm-uniform"], use_fourier_mlp=False),
     "sfdlm-uniform no-ssm": dict(MODELS["sfdlm-uniform"], use_ssm=False),
 }
+# Block diffusion (BD3-LM's objective, `SFDLMConfig.block_size` / `TransformerDenoiserConfig.block_size`): the same
+# networks and parameters, trained block-causally; each takes its full-canvas model's learning rate.
+BLOCK_MODELS = {
+    f"{base} b{size}": dict(MODELS[base], block_size=size)
+    for base in ("sfdlm-absorbing", "mdlm-transformer", "sfdlm-uniform") for size in (4, 16)
+}
+ALL_MODELS = {**MODELS, **ABLATIONS, **BLOCK_MODELS}
 _CPU_MODEL = dict(hidden_size=128, fourier_intermediate_size=256, stage_depths=[1, 1], pool_factors=[2],
                   ssm_state_size=16, num_heads=4, batch_size=32, warmup=50, eval_samples=2, eval_batch_size=64,
                   device="cpu", dtype="float32")
@@ -105,6 +112,13 @@ PRESETS = {
                          gen_samples=8, gen_steps=[8, 32, 128], length_factors=[4, 16]),
         "ptb-char": dict(_CPU_MODEL, block_size=256, steps=200, sweep_steps=50, lrs=[3e-4, 1e-3, 3e-3],
                          gen_samples=0, gen_steps=[], length_factors=[]),
+    },
+    # The `cpu` models with 4x the training tokens (1,600 steps), scored with 8 t samples per test block (two
+    # replicates of 4) so every diffusion row's error bar is under 1 %; no sweep of its own (`--lr-from` the
+    # `cpu` seed-0 JSON) and no extras. Single-thread step times with both lanes busy: see the README's plan.
+    "cpu-long": {
+        "ptb-word": dict(_CPU_MODEL, block_size=64, steps=1600, sweep_steps=100, lrs=[3e-4, 1e-3, 3e-3],
+                         eval_samples=8, gen_samples=0, gen_steps=[], length_factors=[]),
     },
     # One GPU, bf16 autocast, >= 50M training tokens per model, under 30 minutes (never run in CI).
     "gpu": {
@@ -280,20 +294,26 @@ def figures(result: dict, unit: str) -> dict:
 # ---------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generation_quality(model, judge, preset: dict, bos_id: int, seed: int) -> list[dict]:
-    """Unconditional samples of `block_size` tokens against steps, judged by the trained AR model."""
+    """Unconditional samples of `block_size` tokens against steps, judged by the trained AR model.
+
+    `steps` counts denoising network evaluations per sample: a block model spends them evenly over its
+    L / b blocks (at least one step per block, so b = 4 at 8 steps takes 16), plus one commit pass per block."""
     if model.config.objective == "score_entropy":
         sampler = "tweedie"
     else:
         sampler = "ancestral" if model.config.process == "absorbing" else "uniform"
+    block = getattr(model.config, "block_size", None)
     rows = []
     for steps in preset["gen_steps"]:
+        per_call = steps if block is None else max(1, steps * block // preset["block_size"])
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
-        samples = model.generate(max_new_tokens=preset["block_size"], steps=steps, sampler=sampler,
+        samples = model.generate(max_new_tokens=preset["block_size"], steps=per_call, sampler=sampler,
                                  num_return_sequences=preset["gen_samples"], generator=generator).cpu()
         seconds = time.perf_counter() - start
         samples = samples.clamp(max=judge.config.vocab_size - 1)  # a leftover mask id would be out of the judge's range
-        rows.append({"sampler": sampler, "steps": steps, "seconds": seconds,
+        rows.append({"sampler": sampler, "steps": steps if block is None else per_call * preset["block_size"] // block,
+                     "steps_per_block": None if block is None else per_call, "seconds": seconds,
                      "gen_ppl": generative_perplexity(judge, samples, bos_token_id=bos_id),
                      "unigram_entropy": unigram_entropy(samples), "distinct_2": distinct_n(samples, 2)})
     return rows
@@ -412,13 +432,16 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="ptb-word")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS) + sorted(ABLATIONS),
-                        help="default: every model, and the ablations on ptb-word")
+    parser.add_argument("--models", nargs="+", choices=list(ALL_MODELS),
+                        help="default: every full-canvas model, and the ablations on ptb-word (block models: by name)")
     parser.add_argument("--lr", type=float, help="skip the sweep and train every model at this learning rate")
     parser.add_argument("--lr-from", help="take each model's swept learning rate from this quality JSON")
     parser.add_argument("--no-extras", dest="extras", action="store_false",
                         help="skip generation and length generalisation (measured on the first seed's models)")
     parser.add_argument("--steps", type=int, help="override the preset's training steps (smoke runs)")
+    parser.add_argument("--eval-samples", type=int, help="override the preset's t samples per test block (even, >= 2)")
+    parser.add_argument("--study", help="a name that keeps this invocation's rows in their own report section "
+                                        "(e.g. `blocks`: models re-run side by side with one code version)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     parser.add_argument("--data-dir", default=DATA)
     parser.add_argument("--output", help="JSON path (default benchmarks/results/quality_<preset>_<setting>_seeds<..>.json)")
@@ -426,14 +449,17 @@ def main(argv=None) -> int:
     preset = dict(PRESETS[args.preset][args.setting])
     if args.steps:
         preset.update(steps=args.steps, sweep_steps=max(1, args.steps // 4))
+    if args.eval_samples:
+        preset.update(eval_samples=args.eval_samples)
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--preset gpu needs CUDA; no GPU is visible.")
     if preset["device"] == "cpu":
         torch.set_num_threads(args.threads)
     names = args.models or list(MODELS) + (list(ABLATIONS) if args.setting == "ptb-word" else [])
-    specs = {**MODELS, **ABLATIONS}
+    specs = ALL_MODELS
     seeds = "-".join(map(str, args.seeds))
-    output = args.output or os.path.join(HERE, "results", f"quality_{args.preset}_{args.setting}_seeds{seeds}.json")
+    study = f"_{args.study}" if args.study else ""
+    output = args.output or os.path.join(HERE, "results", f"quality_{args.preset}_{args.setting}{study}_seeds{seeds}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
 
     started = time.perf_counter()
@@ -445,7 +471,7 @@ def main(argv=None) -> int:
                     "load_average_at_start": os.getloadavg(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "preset": args.preset, "setting": args.setting, "unit": unit, "metric": SETTINGS[args.setting]["metric"],
+        "preset": args.preset, "setting": args.setting, "study": args.study, "unit": unit, "metric": SETTINGS[args.setting]["metric"],
         "settings": preset, "seeds": args.seeds, "anchors": SETTINGS[args.setting]["anchors"],
         "data": {split: len(ids) for split, ids in data.items()} | {"vocabulary": len(vocab)},
         "baselines": [], "sweeps": {}, "runs": [], "generation": [],
@@ -485,22 +511,29 @@ def choose_learning_rates(args, names: list[str], report: dict, data: dict, pres
                           bos_id: int, output: str, started: float) -> dict[str, float]:
     """Every model's learning rate: `--lr`, or the sweeps of `--lr-from` (another invocation's JSON, so
     seeds can run in parallel processes without sweeping twice), or sweeps run here first, before any
-    training. An ablation keeps sfdlm-uniform's rate (the full model's recipe)."""
+    training. An ablation keeps sfdlm-uniform's rate (the full model's recipe), a block model its full-canvas
+    model's."""
     if args.lr is not None:
         return {name: args.lr for name in names}
     if args.lr_from:
         with open(args.lr_from) as handle:
             report["sweeps"] = json.load(handle).get("sweeps", {})
         report["lr_from"] = os.path.relpath(args.lr_from, os.path.dirname(output))
-    swept = [name for name in names if name not in ABLATIONS] + (["sfdlm-uniform"] if set(names) & set(ABLATIONS) else [])
-    for name in dict.fromkeys(swept):
+    owners = {name: sweep_owner(name) for name in names}
+    for name in dict.fromkeys(owners.values()):
         if name not in report["sweeps"]:
             if args.lr_from:
                 raise SystemExit(f"{args.lr_from} has no sweep for {name!r}.")
-            report["sweeps"][name] = sweep(name, {**MODELS, **ABLATIONS}[name], args.setting, data, preset, vocab_size,
-                                           bos_id)
+            report["sweeps"][name] = sweep(name, MODELS[name], args.setting, data, preset, vocab_size, bos_id)
             _save(report, output, started)
-    return {name: report["sweeps"]["sfdlm-uniform" if name in ABLATIONS else name]["best_lr"] for name in names}
+    return {name: report["sweeps"][owner]["best_lr"] for name, owner in owners.items()}
+
+
+def sweep_owner(name: str) -> str:
+    """The full-canvas model whose swept learning rate `name` trains at."""
+    if name in ABLATIONS:
+        return "sfdlm-uniform"
+    return name.split(" b")[0] if name in BLOCK_MODELS else name
 
 
 def _save(report: dict, path: str, started: float) -> None:
