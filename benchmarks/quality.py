@@ -435,7 +435,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(ALL_MODELS),
                         help="default: every full-canvas model, and the ablations on ptb-word (block models: by name)")
     parser.add_argument("--lr", type=float, help="skip the sweep and train every model at this learning rate")
-    parser.add_argument("--lr-from", help="take each model's swept learning rate from this quality JSON")
+    parser.add_argument("--lr-from", nargs="+", help="take each model's swept learning rate from these quality JSONs")
     parser.add_argument("--no-extras", dest="extras", action="store_false",
                         help="skip generation and length generalisation (measured on the first seed's models)")
     parser.add_argument("--steps", type=int, help="override the preset's training steps (smoke runs)")
@@ -516,14 +516,15 @@ def choose_learning_rates(args, names: list[str], report: dict, data: dict, pres
     if args.lr is not None:
         return {name: args.lr for name in names}
     if args.lr_from:
-        with open(args.lr_from) as handle:
-            report["sweeps"] = json.load(handle).get("sweeps", {})
-        report["lr_from"] = os.path.relpath(args.lr_from, os.path.dirname(output))
+        for path in args.lr_from:
+            with open(path) as handle:
+                report["sweeps"].update(json.load(handle).get("sweeps", {}))
+        report["lr_from"] = [os.path.relpath(path, os.path.dirname(output)) for path in args.lr_from]
     owners = {name: sweep_owner(name) for name in names}
     for name in dict.fromkeys(owners.values()):
         if name not in report["sweeps"]:
             if args.lr_from:
-                raise SystemExit(f"{args.lr_from} has no sweep for {name!r}.")
+                raise SystemExit(f"{' '.join(args.lr_from)}: no sweep for {name!r}.")
             report["sweeps"][name] = sweep(name, MODELS[name], args.setting, data, preset, vocab_size, bos_id)
             _save(report, output, started)
     return {name: report["sweeps"][owner]["best_lr"] for name, owner in owners.items()}

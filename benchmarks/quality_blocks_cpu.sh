@@ -17,11 +17,11 @@ PYTHON=${PYTHON:-python}
 RESULTS=benchmarks/results
 LOGS=${LOGS:-$RESULTS/logs}
 mkdir -p "$LOGS"
-LR_FROM=$RESULTS/quality_cpu_ptb-word_seeds0.json
+LR_FROM=($RESULTS/quality_cpu_ptb-word_seeds0.json $RESULTS/quality_cpu_ptb-word_mdlm.json)
 FIRST=(gpt2-ar sfdlm-absorbing "sfdlm-absorbing b4")
 SECOND=("sfdlm-absorbing b16" mdlm-transformer "mdlm-transformer b4")
-STUDY=(benchmarks/quality.py --threads 1 --setting ptb-word --study blocks --eval-samples 8 --lr-from "$LR_FROM")
-LONG=(benchmarks/quality.py --threads 1 --setting ptb-word --preset cpu-long --lr-from "$LR_FROM" --no-extras)
+STUDY=(benchmarks/quality.py --threads 1 --setting ptb-word --study blocks --eval-samples 8 --lr-from "${LR_FROM[@]}")
+LONG=(benchmarks/quality.py --threads 1 --setting ptb-word --preset cpu-long --lr-from "${LR_FROM[@]}" --no-extras)
 
 lane_a() {
   "$PYTHON" "${STUDY[@]}" --seeds 0 --models "${FIRST[@]}" "${SECOND[@]}"
