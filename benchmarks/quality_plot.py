@@ -1,6 +1,6 @@
 """One figure per quality setting, every seed's JSON merged: each model's test figure (mean and the
 individual seeds; diffusion rows are NELBO upper bounds) against the count-based baselines and the
-published anchors. Writes benchmarks/results/quality_<preset>_<setting>.png, which `report.py` links.
+published anchors. Writes benchmarks/results/quality_<preset>_<setting>[_<study>].png, which `report.py` links.
 
     python benchmarks/quality_plot.py                  # every (preset, setting) with results
 """
@@ -15,13 +15,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE_STYLE = {"unigram (add-one)": ("gray", ":"), "interpolated Kneser-Ney 5-gram": ("tab:green", "--")}
 
 
-def groups(results: Path) -> dict[tuple[str, str], list[dict]]:
-    """Quality JSONs by (preset, setting)."""
-    found: dict[tuple[str, str], list[dict]] = {}
+def group_key(data: dict) -> tuple[str, str, str]:
+    """The section a quality JSON belongs to: its preset, setting and study (`--study`, "" if none)."""
+    return data.get("preset"), data["setting"], data.get("study") or ""
+
+
+def summary_name(key: tuple[str, str, str]) -> str:
+    """The merged figure's file name: quality_<preset>_<setting>[_<study>].png."""
+    preset, setting, study = key
+    return f"quality_{preset}_{setting}" + (f"_{study}" if study else "") + ".png"
+
+
+def groups(results: Path) -> dict[tuple[str, str, str], list[dict]]:
+    """Quality JSONs by (preset, setting, study)."""
+    found: dict[tuple[str, str, str], list[dict]] = {}
     for path in sorted(results.glob("quality_*.json")):
         data = json.loads(path.read_text())
         if data.get("benchmark") == "quality" and "setting" in data:
-            found.setdefault((data["preset"], data["setting"]), []).append(data)
+            found.setdefault(group_key(data), []).append(data)
     return found
 
 
@@ -61,7 +72,8 @@ def plot(files: list[dict], path: Path) -> None:
     ax.set_xlabel(("test perplexity per word" if unit == "word" else "test bits per character")
                   + f" (bars: mean, dots: seeds {seeds}; lower is better)")
     settings = files[0].get("settings", {})
-    ax.set_title(f"{files[0]['setting']}, preset {files[0]['preset']}: {settings.get('steps')} steps x "
+    study = f", study {files[0]['study']}" if files[0].get("study") else ""
+    ax.set_title(f"{files[0]['setting']}, preset {files[0]['preset']}{study}: {settings.get('steps')} steps x "
                  f"{settings.get('batch_size')} x {settings.get('block_size')} tokens per model", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="x", alpha=0.3, which="both")
@@ -74,9 +86,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    for (preset, setting), files in groups(args.results).items():
+    for key, files in groups(args.results).items():
         if any(data.get("runs") for data in files):
-            path = args.results / f"quality_{preset}_{setting}.png"
+            path = args.results / summary_name(key)
             plot(files, path)
             print(f"wrote {path}")
     return 0

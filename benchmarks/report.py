@@ -21,6 +21,9 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_plot import group_key, summary_name  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUTPUT = HERE / "RESULTS.md"
@@ -156,6 +159,7 @@ def quality_section(files: list[dict]) -> list[str]:
     lines += [f"### {first['setting']}: {label}", "",
               table(["model", "estimate", "seeds", label, "MC err", "params", "tokens", "lr", "train s", "tokens/s",
                      "vs AR", "vs AR per seed"], rows), ""]
+    lines += _block_gap_lines(by_model, figure, label)
     sweeps = {name: sweep for data in files for name, sweep in data.get("sweeps", {}).items()}
     if sweeps:
         lrs = sorted({lr for sweep in sweeps.values() for lr in sweep["lrs"]}, key=float)
@@ -185,6 +189,34 @@ def quality_section(files: list[dict]) -> list[str]:
                         [[g["model"], g["sampler"], g["steps"], g["gen_ppl"], g["unigram_entropy"], g["distinct_2"],
                           g.get("seconds")] for g in generation]), ""]
     return lines
+
+
+def gap_closed(full: float, block: float, ar: float) -> float:
+    """The share of the full-canvas model's gap to the AR model that its block model closes (BD3-LM's
+    reading: 1 = as good as AR, 0 = no better than full canvas, < 0 = worse)."""
+    return (full - block) / (full - ar)
+
+
+def _block_gap_lines(by_model: dict[str, list[dict]], figure: str, label: str) -> list[str]:
+    """Block models ("<model> b<size>") against their full-canvas model and gpt2-ar, paired per seed."""
+    ar = {r["seed"]: r["test"][figure] for r in by_model.get("gpt2-ar", [])}
+    rows = []
+    for name, runs in by_model.items():
+        base = name.rsplit(" b", 1)[0]
+        if base == name or base not in by_model or not name.rsplit(" b", 1)[1].isdigit():
+            continue
+        full = {r["seed"]: r["test"][figure] for r in by_model[base]}
+        seeds = sorted(r["seed"] for r in runs if r["seed"] in full and r["seed"] in ar)
+        block = {r["seed"]: r["test"][figure] for r in runs}
+        if seeds:
+            rows.append([name, base, len(seeds), _mean_std([block[s] / full[s] for s in seeds]) + "x",
+                         _mean_std([100 * gap_closed(full[s], block[s], ar[s]) for s in seeds]) + " %"])
+    if not rows:
+        return []
+    return [f"Block diffusion against full canvas ({label}, paired per seed, mean ± std over seeds): the block "
+            "model over its full-canvas model, and the share of the full-canvas model's gap to gpt2-ar that it "
+            "closes, (full − block) / (full − AR):", "",
+            table(["block model", "full-canvas model", "seeds", "block / full", "gap to AR closed"], rows), ""]
 
 
 # ---------------------------------------------------------------------------------------------- generic
@@ -242,15 +274,16 @@ def render(results: Path = RESULTS) -> str:
         if not isinstance(data, dict):
             continue
         if data.get("benchmark") == "quality" and "setting" in data:  # seeds of one setting merge into one section
-            quality.setdefault((data.get("preset"), data["setting"]), []).append((path, data))
+            quality.setdefault(group_key(data), []).append((path, data))
             continue
         lines += heading(path, data) + generic_section(data) + _attachments(path)
-    for (preset, setting), group in sorted(quality.items(), key=lambda item: str(item[0])):
+    for key, group in sorted(quality.items(), key=lambda item: str(item[0])):
+        preset, setting, study = key
         names = ", ".join(f"`results/{path.name}`" for path, _ in group)
-        lines += [f"## quality: {setting}, preset {preset} ({names})", ""]
+        lines += [f"## quality: {setting}, preset {preset}" + (f", study {study}" if study else "") + f" ({names})", ""]
         lines += [f"Command: `{data.get('command')}`" for _, data in group] + ["", machine_line(group[0][1]), ""]
         lines += quality_section([data for _, data in group])
-        summary = results / f"quality_{preset}_{setting}.png"  # benchmarks/quality_plot.py, every seed merged
+        summary = results / summary_name(key)  # benchmarks/quality_plot.py, every seed merged
         if summary.exists():
             lines += [f"![quality {setting}](results/{summary.name})", ""]
         for path, _ in group:

@@ -174,3 +174,61 @@ def test_seeds_in_a_second_process_reuse_the_first_ones_sweeps(tmp_path):
     with pytest.raises(SystemExit, match="no sweep for 'gpt2-ar'"):
         quality.main(common + ["--seeds", "1", "--lr-from", str(first), "--models", "gpt2-ar",
                                "--output", str(tmp_path / "x.json")])
+
+
+def test_block_models_get_their_own_section_and_the_gap_they_close(tmp_path):
+    """A `--study` keeps its rows apart from the main section; a block model ("<model> b<size>") is paired per
+    seed with its full-canvas model and gpt2-ar: (full - block) / (full - AR), computed here by hand."""
+    report = _load_report()
+    assert report.gap_closed(full=300.0, block=260.0, ar=200.0) == pytest.approx(0.4)
+
+    def run(name, kind, seed, value):
+        return {"name": name, "kind": kind, "seed": seed, "lr": 0.003, "parameters": 100, "tokens_seen": 640,
+                "train_seconds": 2.0, "tokens_per_second": 320.0, "test": {"perplexity": value}}
+    base = {"benchmark": "quality", "preset": "cpu", "setting": "ptb-word", "unit": "word", "settings": {},
+            "data": {"vocabulary": 10, "train": 100, "test": 50}, "anchors": {}, "baselines": []}
+    figures = {0: (200.0, 300.0, 260.0), 1: (220.0, 320.0, 300.0)}  # AR, full canvas, b = 4 per seed
+    for seed, (ar, full, block) in figures.items():
+        runs = [run("gpt2-ar", "ar", seed, ar), run("sfdlm-absorbing", "sfdlm", seed, full),
+                run("sfdlm-absorbing b4", "sfdlm", seed, block)]
+        (tmp_path / f"quality_cpu_ptb-word_blocks_seeds{seed}.json").write_text(
+            json.dumps(dict(base, study="blocks", seeds=[seed], runs=runs)))
+    (tmp_path / "quality_cpu_ptb-word_seeds0.json").write_text(
+        json.dumps(dict(base, seeds=[0], runs=[run("gpt2-ar", "ar", 0, 1.0)])))
+    text = report.render(tmp_path)
+    assert text.count("## quality: ptb-word, preset cpu (") == 1 and text.count("## quality: ptb-word, preset cpu, study blocks (") == 1
+    closed = [100 * (300 - 260) / (300 - 200), 100 * (320 - 300) / (320 - 220)]  # 40 % and 20 %
+    spread = math.sqrt(sum((c - 30.0) ** 2 for c in closed))  # two seeds: n - 1 = 1
+    ratios = [260 / 300, 300 / 320]
+    line = next(line for line in text.splitlines() if line.startswith("| sfdlm-absorbing b4 | sfdlm-absorbing |"))
+    assert f"| {30:.4g} ± {spread:.4g} % |" in line
+    assert f"| {sum(ratios) / 2:.4g} ± {abs(ratios[0] - ratios[1]) / math.sqrt(2):.4g}x |" in line
+
+
+@pytest.mark.slow
+def test_block_models_train_at_their_full_canvas_models_rate(tmp_path):
+    """`--lr-from` several JSONs merges their sweeps; a block model trains at its full-canvas model's rate, its
+    generation spends the same number of denoising steps spread over its blocks, and `--study` names the file."""
+    data_dir = _write_setting(tmp_path, "ptb-word")
+    sweeps = [{"sfdlm-absorbing": {"best_lr": 2e-3, "lrs": {}}, "gpt2-ar": {"best_lr": 1e-3, "lrs": {}}},
+              {"mdlm-transformer": {"best_lr": 5e-4, "lrs": {}}}]
+    paths = []
+    for i, swept in enumerate(sweeps):
+        paths.append(tmp_path / f"sweep{i}.json")
+        paths[-1].write_text(json.dumps({"sweeps": swept}))
+    preset = dict(quality.PRESETS["cpu"]["ptb-word"], hidden_size=16, fourier_intermediate_size=32, ssm_state_size=4,
+                  num_heads=2, block_size=16, gen_samples=2, gen_steps=[8], length_factors=[], eval_batch_size=64)
+    quality.PRESETS["tiny-test"] = {"ptb-word": preset}
+    try:
+        assert quality.main(["--preset", "tiny-test", "--models", "gpt2-ar", "sfdlm-absorbing b4", "mdlm-transformer b4",
+                             "--steps", "2", "--threads", "1", "--data-dir", data_dir, "--study", "blocks",
+                             "--lr-from", *map(str, paths), "--eval-samples", "4", "--output", str(tmp_path / "q.json")]) == 0
+    finally:
+        del quality.PRESETS["tiny-test"]
+    record = json.loads((tmp_path / "q.json").read_text())
+    assert record["study"] == "blocks" and record["settings"]["eval_samples"] == 4
+    assert [(r["name"], r["lr"], r["config"].get("block_size")) for r in record["runs"]] == [
+        ("gpt2-ar", 1e-3, None), ("sfdlm-absorbing b4", 2e-3, 4), ("mdlm-transformer b4", 5e-4, 4)]
+    # 8 steps over 16 tokens in blocks of 4: 2 steps in each of the 4 blocks
+    assert {(g["model"], g["steps"], g["steps_per_block"]) for g in record["generation"]
+            if g["model"] != "gpt2-ar"} == {("sfdlm-absorbing b4", 8, 2), ("mdlm-transformer b4", 8, 2)}
