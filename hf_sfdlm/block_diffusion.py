@@ -82,15 +82,23 @@ def _powers(log_da: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_da.unsqueeze(-1) * exponents.to(log_da.real.dtype))
 
 
-def block_contributions(log_da, db, u: torch.Tensor) -> torch.Tensor:
-    """w = sum_r dA^(b-1-r) dB u_r of every block: u (R, nb, b, H) real -> (R, nb, H, N) complex."""
-    length = u.shape[2]
-    gain = db.unsqueeze(-1) * _powers(log_da, torch.arange(length - 1, -1, -1, device=u.device))  # (H, N, b)
+def gain_table(log_da, db, length: int) -> torch.Tensor:
+    """dA^(b-1-r) dB for r < b = `length`: (H, N, b) complex, what each input adds to the block's final state."""
+    return db.unsqueeze(-1) * _powers(log_da, torch.arange(length - 1, -1, -1, device=log_da.device))
+
+
+def block_contributions(log_da, db, u: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+    """w = sum_r dA^(b-1-r) dB u_r of every block: u (R, nb, b, H) real -> (R, nb, H, N) complex (`gain`: the
+    precomputed `gain_table`)."""
+    if gain is None:
+        gain = gain_table(log_da, db, u.shape[2])
     return torch.complex(torch.einsum("rjlh,hnl->rjhn", u, gain.real), torch.einsum("rjlh,hnl->rjhn", u, gain.imag))
 
 
-def scan_states(log_da, w: torch.Tensor, block_length: int, initial: torch.Tensor | None):
-    """Boundary states of z_{j+1} = dA^b z_j + w_j from z_0 = `initial` (R, H, N) or 0.
+def scan_states(log_da, w: torch.Tensor, block_length: int, initial: torch.Tensor | None,
+                carried: torch.Tensor | None = None):
+    """Boundary states of z_{j+1} = dA^b z_j + w_j from z_0 = `initial` (R, H, N) or 0 (`carried`: the
+    precomputed `carried_table`).
 
     Returns (starts (R, nb, H, N): the state entering each block, final (R, H, N): after the last block), by
     a Hillis-Steele doubling scan: log2(nb) vectorised steps, each multiplying by a decaying power of dA.
@@ -104,17 +112,66 @@ def scan_states(log_da, w: torch.Tensor, block_length: int, initial: torch.Tenso
     starts = torch.cat([torch.zeros_like(inclusive[:, :1]), inclusive[:, :-1]], dim=1)
     final = inclusive[:, -1]
     if initial is not None:
-        carried = _powers(log_da, block_length * torch.arange(num_blocks + 1, device=w.device))  # (H, N, nb + 1)
+        if carried is None:
+            carried = carried_table(log_da, block_length, num_blocks)
         carried = initial.unsqueeze(1) * carried.permute(2, 0, 1).unsqueeze(0)  # (R, nb + 1, H, N)
         starts, final = starts + carried[:, :-1], final + carried[:, -1]
     return starts, final
 
 
+def carried_table(log_da, block_length: int, num_blocks: int) -> torch.Tensor:
+    """dA^(b j) for j = 0..nb: (H, N, nb + 1) complex, how an initial state decays to each boundary."""
+    return _powers(log_da, block_length * torch.arange(num_blocks + 1, device=log_da.device))
+
+
+def cross_table(log_da, c2, length: int) -> torch.Tensor:
+    """2C dA^(r+1) for r < length: (H, N, length) complex, what a state contributes to each position."""
+    return c2.unsqueeze(-1) * _powers(log_da, torch.arange(1, length + 1, device=log_da.device))
+
+
+def cross_from_table(starts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Re(sum_modes table z): starts (R, nb, H, N) -> (R, nb, length, H) real."""
+    return (torch.einsum("rjhn,hnl->rjlh", starts.real, table.real)
+            - torch.einsum("rjhn,hnl->rjlh", starts.imag, table.imag))
+
+
 def cross_terms(log_da, c2, starts: torch.Tensor, length: int) -> torch.Tensor:
     """cross_r = Re(sum_modes 2C dA^(r+1) z) for r < length: starts (R, nb, H, N) -> (R, nb, length, H) real."""
-    out = c2.unsqueeze(-1) * _powers(log_da, torch.arange(1, length + 1, device=starts.device))  # (H, N, length)
-    return (torch.einsum("rjhn,hnl->rjlh", starts.real, out.real)
-            - torch.einsum("rjhn,hnl->rjlh", starts.imag, out.imag))
+    return cross_from_table(starts, cross_table(log_da, c2, length))
+
+
+class FrozenTables:
+    """Each forward SSM's (log dA, dB, 2C) and cross tables, computed once and reused: for generation, where
+    the parameters cannot change between calls (no gradients; one `generate` call owns it, in its
+    `BlockCache`). A cached block step then costs two small einsums per layer instead of complex powers
+    (which took a quarter of a toy-size block step). Its size is fixed by the architecture and b (a few
+    (H, N/2, b) tables per layer), whatever the length generated."""
+
+    def __init__(self):
+        self._factors: dict = {}
+        self._tables: dict = {}
+
+    def factors(self, ssm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if ssm not in self._factors:
+            self._factors[ssm] = ssm_factors(ssm)
+        return self._factors[ssm]
+
+    def _table(self, key: tuple, build) -> torch.Tensor:
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+    def cross_table(self, ssm, length: int) -> torch.Tensor:
+        log_da, _, c2 = self.factors(ssm)
+        return self._table(("cross", ssm, length), lambda: cross_table(log_da, c2, length))
+
+    def gain_table(self, ssm, length: int) -> torch.Tensor:
+        log_da, db, _ = self.factors(ssm)
+        return self._table(("gain", ssm, length), lambda: gain_table(log_da, db, length))
+
+    def carried_table(self, ssm, length: int, num_blocks: int) -> torch.Tensor:
+        log_da = self.factors(ssm)[0]
+        return self._table(("carried", ssm, length, num_blocks), lambda: carried_table(log_da, length, num_blocks))
 
 
 class BlockContext:
@@ -129,11 +186,14 @@ class BlockContext:
         last block in `final` (to advance a cache);
       - replay (`replay` = another context's `cross`): the recorded terms, whatever u is (pass 2 of training).
     Layers are keyed by module, so a gradient-checkpointing recomputation overwrites with equal values.
+    `tables` (a `FrozenTables`, generation only) reuses each layer's factors across calls; ignored while
+    gradients are enabled, where the parameters may change between calls.
     """
 
     def __init__(self, num_blocks: int, initial: dict | None = None, keep_cross: bool = False,
-                 keep_final: bool = False, replay: dict | None = None):
+                 keep_final: bool = False, replay: dict | None = None, tables: FrozenTables | None = None):
         self.num_blocks = num_blocks
+        self.tables = tables
         self.initial = initial
         self.keep_cross, self.keep_final = keep_cross, keep_final
         self.replay = replay
@@ -145,16 +205,28 @@ class BlockContext:
             return self.replay[ssm].to(u.dtype)
         rows, length, hidden = u.shape
         initial = None if self.initial is None else self.initial.get(ssm)
+        tables = self.tables if self.tables is not None and not torch.is_grad_enabled() else None
         with _no_autocast(u):
-            log_da, db, c2 = ssm_factors(ssm)
+            log_da, db, c2 = ssm_factors(ssm) if tables is None else tables.factors(ssm)
             blocks = u.to(log_da.real.dtype).view(rows // self.num_blocks, self.num_blocks, length, hidden)
             if self.num_blocks == 1 and not self.keep_final:  # nothing to scan: only the initial state counts
                 starts = None if initial is None else initial.unsqueeze(1)
                 final = None
-            else:
+            elif tables is None:
                 starts, final = scan_states(log_da, block_contributions(log_da, db, blocks), length, initial)
-            cross = (blocks.new_zeros(blocks.shape) if starts is None
-                     else cross_terms(log_da, c2, starts, length)).reshape(rows, length, hidden)
+            else:
+                contributions = block_contributions(log_da, db, blocks, tables.gain_table(ssm, length))
+                # only a commit's one-block table is kept: a prompt's would grow with its length
+                carried = (tables.carried_table(ssm, length, 1) if initial is not None and self.num_blocks == 1
+                           else None)
+                starts, final = scan_states(log_da, contributions, length, initial, carried)
+            if starts is None:
+                cross = blocks.new_zeros(blocks.shape)
+            elif tables is None:
+                cross = cross_terms(log_da, c2, starts, length)
+            else:
+                cross = cross_from_table(starts, tables.cross_table(ssm, length))
+            cross = cross.reshape(rows, length, hidden)
         if self.keep_cross:
             self.cross[ssm] = cross
         if self.keep_final:
@@ -171,6 +243,7 @@ class BlockCache:
 
     states: dict = field(default_factory=dict)
     tokens: torch.Tensor | None = None
+    tables: FrozenTables = field(default_factory=FrozenTables)
 
     def nbytes(self) -> int:
         """Bytes held by the states."""

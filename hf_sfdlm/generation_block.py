@@ -59,7 +59,7 @@ def consume(model, cache: BlockCache, rows: torch.Tensor, ids: torch.Tensor) -> 
     count = ids.shape[1] // size
     if count == 0 or len(rows) == 0:
         return
-    context = BlockContext(count, cache.rows(rows), keep_final=True)
+    context = BlockContext(count, cache.rows(rows), keep_final=True, tables=cache.tables)
     embeds = model.model.embed_tokens(ids).reshape(len(rows) * count, size, -1)
     model.model._backbone(embeds, _clean_condition(model, len(rows) * count, ids.device), block_context=context)
     cache.update(rows, context.final)
@@ -76,7 +76,7 @@ class _CachedNetwork:
         inner = self.model.model
         cond = None if inner.time_embed is None else inner._noise_condition(t, len(rows), canvas.device)
         hidden, _ = inner._backbone(inner.embed_tokens(canvas), cond,
-                                    block_context=BlockContext(1, self.cache.rows(rows)))
+                                    block_context=BlockContext(1, self.cache.rows(rows), tables=self.cache.tables))
         return self.model.diffusion.restrict_logits(self.model.lm_head(hidden[positions]))
 
 

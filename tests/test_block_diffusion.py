@@ -830,3 +830,35 @@ def test_model_card_examples_of_a_block_model_continue_a_prompt_and_skip_infilli
     line = tokenizer("the small dog sees a red ball near the old house .", add_special_tokens=False)["input_ids"]
     example = card_examples(model, tokenizer, [line + [tokenizer.eos_token_id]], steps=2, new_tokens=6)
     assert example["prompt_output"] and example["sample"] and "infill_output" not in example
+
+
+def test_generation_builds_each_layers_tables_once_whatever_the_length(monkeypatch):
+    """Cached generation computes the complex powers of dA once per call (FrozenTables in the cache), not at
+    every denoising step and commit: the count does not grow with the blocks generated. With gradients on
+    (training), the tables are ignored, so a parameter update is always seen."""
+    import hf_sfdlm.block_diffusion as block_diffusion
+
+    model = block_model("absorbing", block_size=4)
+    calls = []
+    real_powers = block_diffusion._powers
+    monkeypatch.setattr(block_diffusion, "_powers", lambda *args: calls.append(1) or real_powers(*args))
+    prompt = torch.randint(0, 30, (2, 5))
+    counts = {}
+    for new in (8, 40):  # 2-3 blocks against 10-11
+        calls.clear()
+        model.generate(prompt, max_new_tokens=new, steps=3, generator=torch.Generator().manual_seed(0))
+        counts[new] = len(calls)
+    assert counts[8] == counts[40] > 0
+
+    ssm = next(m for m in model.modules() if isinstance(m, BidirectionalDiagonalSSM))
+    state = torch.randn(2, *ssm.log_neg_a_real.shape, dtype=torch.complex128)
+    u = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64)
+    tables = block_diffusion.FrozenTables()
+    with torch.no_grad():
+        frozen = BlockContext(1, {ssm: state}, tables=tables)(ssm, u)
+    before = BlockContext(1, {ssm: state}, tables=tables)(ssm, u)  # grad enabled: computed afresh
+    torch.testing.assert_close(before, frozen, rtol=0, atol=0)
+    with torch.no_grad():
+        ssm.a_imag.add_(0.5)
+    after = BlockContext(1, {ssm: state}, tables=tables)(ssm, u)
+    assert (after - before).abs().max() > 1e-3
