@@ -285,10 +285,12 @@ def measure_machine(device: torch.device) -> dict:
                 threads=torch.get_num_threads(), probe=dict(PROBE))
 
 
-def pass_time(params: int, positions: float, machine: dict) -> tuple[float, float, float]:
+def pass_time(params: int, positions: float, machine: dict, flop_params: float | None = None) -> tuple[float, float, float]:
     """(seconds, bytes, flops) of one pass of `positions` positions (all rows together) through `params` float32
-    weights: the weights are read once (4 bytes each) and every position costs 2 flops per weight."""
-    bytes_read, flops = 4.0 * params, 2.0 * params * positions
+    weights: the weights are read once (4 bytes each) and every position costs 2 flops per weight (per weight
+    of `flop_params` where a position does not meet every weight, as in SFDLM's U-Net; default `params`)."""
+    flop_params = params if flop_params is None else flop_params
+    bytes_read, flops = 4.0 * params, 2.0 * flop_params * positions
     return max(bytes_read / (machine["bandwidth_gbs"] * 1e9), flops / (machine["peak_gflops"] * 1e9)), bytes_read, flops
 
 
@@ -306,8 +308,10 @@ def time_bound(kind: str, sizes: dict, length: int, batch: int, machine: dict, s
     max(bytes / bandwidth, flops / peak), summed over the passes (a lower bound up to the flop count, which
     takes 2 flops per weight per position).
 
-    `sizes`: body (matmul weights besides the tied embedding/head), head (vocab x hidden) and, for a model
-    with a KV cache, layers (attention layers) and hidden. Per generated token of a row:
+    `sizes`: body (matmul weights besides the tied embedding/head), head (vocab x hidden), optionally
+    body_flops_block / body_flops_full (the body's matmul flops per position / 2 of a block pass / a full-canvas
+    pass, where they differ from body) and, for a model with a KV cache, layers (attention layers) and hidden.
+    Per generated token of a row:
 
     - "ar" (GPT-2 + KV cache): one pass of one position per row through body and head, and attention to the
       row's cache (context 1..length): the weights are read once per token, one token-pass of compute.
@@ -341,14 +345,15 @@ def time_bound(kind: str, sizes: dict, length: int, batch: int, machine: dict, s
         reads, token_passes = 1.0, 1.0
     elif kind == "block":
         blocks = length // block_size
-        add("body", pass_time(sizes["body"], batch * block_size, machine), blocks * (steps + 1))
+        add("body", pass_time(sizes["body"], batch * block_size, machine, sizes.get("body_flops_block")),
+            blocks * (steps + 1))
         add("head", pass_time(sizes["head"], batch * block_size / steps, machine), blocks * steps)
         if sizes.get("layers"):
             for j in range(blocks):
                 add("attention", attention_time(sizes, (j + 1) * block_size, block_size, batch, machine), steps + 1)
         reads, token_passes = (steps + 1) / block_size, float(steps + 1)
     else:
-        add("body", pass_time(sizes["body"], batch * length, machine), steps)
+        add("body", pass_time(sizes["body"], batch * length, machine, sizes.get("body_flops_full")), steps)
         add("head", pass_time(sizes["head"], batch * length / steps, machine), steps)
         reads, token_passes = steps / length, float(steps)
     used = {name: p for name, p in parts.items() if p[0] > 0}
@@ -359,6 +364,18 @@ def time_bound(kind: str, sizes: dict, length: int, batch: int, machine: dict, s
                 flops=sum(p[2] for p in used.values()), seconds_by_part={name: p[0] for name, p in used.items()},
                 limits=limits, limit=limits[dominant], dominant_part=dominant,
                 body_weight_reads_per_token=reads, body_token_passes_per_token=token_passes)
+
+
+def matmul_weights_per_position(backbone, vocab: int, positions: int) -> float:
+    """Matmul flops of one forward of `backbone` over one row of `positions` tokens, / 2 / positions (counted by
+    torch's FlopCounterMode): the weights a position meets. Below the parameter count for SFDLM, whose pooled
+    stage runs on fewer positions and whose Fourier MLP runs on the positions / 2 + 1 frequencies."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(0, vocab - 1, (1, positions), device=next(backbone.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone(ids)
+    return counter.get_total_flops() / (2 * positions)
 
 
 def _sizes(model, vocab: int, hidden: int, layers: int = 0, lookup: int = 0) -> dict:
@@ -389,7 +406,9 @@ class BlockModels:
         self.transformer = TransformerDenoiserForDiffusionLM(denoiser_config).to(device).eval()
         self.vocab, self.spec = vocab, spec
         self.sizes = {
-            "sfdlm": _sizes(self.block, vocab, hidden),
+            "sfdlm": dict(_sizes(self.block, vocab, hidden),
+                          body_flops_block=matmul_weights_per_position(self.block.model, vocab, BLOCK_SIZE),
+                          body_flops_full=matmul_weights_per_position(self.full.model, vocab, max_length)),
             "gpt2": _sizes(self.gpt2, vocab, hidden, gpt2_config.n_layer, lookup=gpt2_config.n_positions * hidden),
             "transformer": _sizes(self.transformer, vocab, hidden, denoiser_config.num_hidden_layers),
         }
@@ -400,34 +419,41 @@ class BlockModels:
 
 
 class _StopTiming(Exception):
-    """Raised inside `generate` once the timed steps of a truncated full-canvas run are done."""
+    """Raised inside `generate` when a truncated full-canvas run has made the forward passes it times."""
 
 
-def _truncated(model, steps_timed: int | None):
-    """A context in which `model.generate` stops (by `_StopTiming`) after its first `steps_timed` denoising steps
-    (None: no limit). Every step of the uniform time grid of the log-linear schedule unmasks the same expected
-    number of positions, so the first k steps cost k / N of the run, head included."""
-    @contextlib.contextmanager
-    def context():
-        if steps_timed is None:
-            yield
-            return
-        original, done = model._denoising_step, [0]
+def expected_row_passes(length: int, steps: int, batch: int) -> float:
+    """Expected forward passes, summed over `batch` rows, of the absorbing ancestral sampler on a fully masked
+    canvas of `length` with `steps` steps of the uniform grid and the log-linear schedule (alpha = 1 - t):
+    each position unmasks at a uniformly drawn step, and a row makes a pass at a step only if something of it
+    unmasks there, so batch x N (1 - (1 - 1/N)^L)."""
+    return batch * steps * (1.0 - (1.0 - 1.0 / steps) ** length)
 
-        def step(*args, **kwargs):
-            if done[0] == steps_timed:
-                raise _StopTiming
-            done[0] += 1
-            return original(*args, **kwargs)
 
-        model._denoising_step = step
-        try:
-            yield
-        except _StopTiming:
-            pass
-        finally:
-            del model._denoising_step
-    return context()
+@contextlib.contextmanager
+def _truncated(model, passes_timed: int | None, counts: dict):
+    """A context in which `model.generate` stops (by `_StopTiming`, swallowed here) before its forward pass
+    number `passes_timed` + 1 (None: no limit); `counts` gets the passes and row-passes made."""
+    counts.update(passes=0, rows=0)
+    if passes_timed is None:
+        yield
+        return
+    original = model.denoise
+
+    def denoise(canvas, *args, **kwargs):
+        if counts["passes"] == passes_timed:
+            raise _StopTiming
+        counts["passes"] += 1
+        counts["rows"] += canvas.shape[0]
+        return original(canvas, *args, **kwargs)
+
+    model.denoise = denoise
+    try:
+        yield
+    except _StopTiming:
+        pass
+    finally:
+        del model.denoise
 
 
 def block_contenders(models: BlockModels, p: dict, length: int, device: torch.device,
@@ -446,14 +472,18 @@ def block_contenders(models: BlockModels, p: dict, length: int, device: torch.de
 
     def diffusion(model, steps, timed=None):
         def run():
-            with _truncated(model, timed):
+            counts = {}
+            with _truncated(model, timed, counts):
                 out = model.generate(None, max_new_tokens=length, num_return_sequences=batch, steps=steps,
                                      return_dict_in_generate=True, generator=torch.Generator().manual_seed(0))
                 assert out.sequences.shape == (batch, length)
                 generated = (out.tokens_per_forward * out.num_forward_passes).round().long()
                 return dict(passes=float(out.num_forward_passes.float().mean()),
                             tokens_per_forward=float(out.tokens_per_forward.float().mean()), generated=int(generated.min()))
-            return dict(passes=None, tokens_per_forward=None, generated=None, steps_timed=timed, factor=steps / timed)
+            expected = expected_row_passes(length, steps, batch)
+            return dict(passes=None, tokens_per_forward=None, generated=None, passes_timed=counts["passes"],
+                        row_passes_timed=counts["rows"], expected_passes_per_row=expected / batch,
+                        factor=expected / counts["rows"])
         return run
 
     runs = {"gpt2-kv": gpt2}
@@ -527,9 +557,12 @@ def block_records_for(p: dict, measured: dict, models: BlockModels, machine: dic
         if model.startswith("sfdlm-full"):
             record["tokens_per_forward_nominal"] = length / steps
         if record["extrapolated"]:
-            record.update(steps_timed=info["steps_timed"], seconds_measured=m["measured"],
-                          seconds_per_step=[t / info["steps_timed"] for t in m["measured"]],
-                          extrapolation=f"time of the first {info['steps_timed']} of {steps} steps x {info['factor']:g}")
+            record.update(passes_timed=info["passes_timed"], row_passes_timed=info["row_passes_timed"],
+                          expected_passes_per_row=info["expected_passes_per_row"], seconds_measured=m["measured"],
+                          seconds_per_pass=[t / info["passes_timed"] for t in m["measured"]],
+                          extrapolation=f"time of the first {info['passes_timed']} forward passes of the {steps}-step "
+                                        f"run x {info['factor']:.4g} (expected row-passes of the whole run / "
+                                        "row-passes timed)")
         if "block" in model:
             full = f"sfdlm-full@{full_canvas_steps(length, size, steps)}"
             record["tokens_per_forward_nominal"] = size / (steps + 1)
@@ -557,13 +590,20 @@ BLOCK_NOTES = [
     "CPU timings were taken with one thread beside two other single-thread benchmark jobs on a 2-core machine: "
     "only the ratios from the same interleaved rounds are meaningful, absolute times are depressed by the load.",
     "bound: roofline time of each contender from this process's bandwidth and fp32 matmul rate (measured before "
-    "each point, `machine`), max(bytes / bandwidth, flops / peak) per pass, 2 flops per weight per position (for "
-    "SFDLM this over-counts the Fourier MLP, which runs on b/2 + 1 frequencies of a block, so SFDLM's bound "
-    "time is if anything too long). predicted_speedup_vs_gpt2 = GPT-2's bound / the contender's bound.",
+    "each point, `machine`): max(bytes / bandwidth, flops / peak) per pass, summed; every pass reads all its "
+    "weights (4 bytes each); flops are 2 per weight per position for GPT-2 and the Transformer (plus attention "
+    "to the KV cache, bandwidth-bound), and for SFDLM the matmul flops per position counted by torch's "
+    "FlopCounterMode on one block / one full canvas (config.models: body_flops_block/full, about half the "
+    "body's parameters: the pooled stage and the Fourier MLP's frequencies); FFTs and elementwise work are "
+    "not counted. The head (vocab x hidden, tied) runs once per generated token in the absorbing samplers (at "
+    "the unmasking positions) and once per token-step in GPT-2. predicted_speedup_vs_gpt2 = GPT-2's bound / "
+    "the contender's bound; measured_over_bound_time = bound seconds / measured seconds.",
     "sfdlm-full@N: full-canvas SFDLM with N = L (S + 1) / b steps, the nominal tokens per forward pass of the "
-    "block setting with S steps per block. Where \"extrapolated\" is true, the first steps_timed steps of that "
-    "N-step run were timed (seconds_measured, seconds_per_step) and multiplied by N / steps_timed; every step of "
-    "the log-linear schedule's uniform grid unmasks the same expected number of positions.",
+    "block setting with S steps per block. Where \"extrapolated\" is true, running all N steps cost too much: "
+    "the run was stopped after its first passes_timed forward passes (seconds_measured, seconds_per_pass) and "
+    "its time multiplied by the expected row-passes of the whole run over the row-passes timed. The expectation, "
+    "batch x N (1 - (1 - 1/N)^L) (each position unmasks at a uniform step of the log-linear schedule's grid; a "
+    "row with nothing to unmask makes no pass), matches the passes counted in the non-extrapolated toy runs.",
     "Generative perplexity is not measured here (random weights make it meaningless): gen-PPL at each "
     "steps-per-block setting comes from the quality benchmark's trained models (`benchmarks/quality.py --study "
     "blocks`, whose generation table has b = 16 at 2 and 8 steps per block at the toy size).",

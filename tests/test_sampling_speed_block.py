@@ -100,8 +100,11 @@ def test_block_grid_smoke(tmp_path, monkeypatch):
         if r["model"] == "sfdlm-full":
             truncated = r["batch"] == 2  # 6 steps, the first 2 timed
             assert r["extrapolated"] is truncated
-            if truncated:
-                assert r["steps_timed"] == 2 and r["seconds_median"] == pytest.approx(3 * r["seconds_measured"][0])
+            if truncated:  # 2 passes of 2 rows timed, scaled to the expected 2 x 6 (1 - (5/6)^32) row-passes
+                assert r["passes_timed"] == 2 and r["row_passes_timed"] == 4
+                assert r["expected_passes_per_row"] == pytest.approx(6 * (1 - (5 / 6) ** 32))
+                assert r["seconds_median"] == pytest.approx(r["seconds_measured"][0] * 2 * r["expected_passes_per_row"] / 4)
+                assert r["forward_passes_per_row"] is None and "extrapolation" in r
             else:
                 assert r["generated_tokens_per_row"] == 32
     # The block model's own outputs at the timed length (not the warm-up's): every row has all 32 tokens, no
@@ -115,3 +118,22 @@ def test_block_grid_smoke(tmp_path, monkeypatch):
         assert (out.num_forward_passes <= 2 * (steps + 1)).all() and (out.num_forward_passes >= 2 * 2).all()
     # The truncated full-canvas run stopped after its 2 timed steps: it returned nothing (no output recorded).
     assert [kwargs["steps"] for size, kwargs, _ in calls if size is None and kwargs["max_new_tokens"] == 32] == [4]
+
+
+def test_expected_passes_match_the_sampler():
+    """The extrapolation's pass count, batch x N (1 - (1 - 1/N)^L), against the real absorbing ancestral sampler
+    (64 independent rows of a random-weight model, L = 64, N = 32: mean passes 27.8, per-row sd about 1.3)."""
+    import torch
+
+    from hf_sfdlm import SFDLMConfig, SFDLMForDiffusionLM
+
+    torch.manual_seed(0)
+    model = SFDLMForDiffusionLM(SFDLMConfig(vocab_size=16, hidden_size=8, stage_depths=[1], fourier_intermediate_size=8,
+                                            process="absorbing", mask_token_id=15, noise_schedule="loglinear",
+                                            num_timesteps=None, time_conditioning=False)).eval()
+    out = model.generate(None, max_new_tokens=64, num_return_sequences=64, steps=32, return_dict_in_generate=True,
+                         generator=torch.Generator().manual_seed(0))
+    expected = sampling_speed.expected_row_passes(64, 32, 1)
+    assert expected == pytest.approx(32 * (1 - (31 / 32) ** 64))
+    assert float(out.num_forward_passes.float().mean()) == pytest.approx(expected, abs=1.0)  # ~6 standard errors
+    assert sampling_speed.expected_row_passes(64, 32, 64) == pytest.approx(64 * expected)
