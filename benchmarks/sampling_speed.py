@@ -34,8 +34,9 @@ realistic size (hidden 512, about 40-60M parameters, V = 10,000 and 50,257):
     sfdlm-block16@S         block SFDLM (absorbing, b = 16), S denoising steps per block then one commit pass
     sfdlm-full@N            full-canvas SFDLM (absorbing) at the same nominal tokens per forward pass as the
                             block setting it is paired with: N = L (S + 1) / b steps over the whole canvas;
-                            where running N steps costs too much, the first k steps of that N-step run are
-                            timed and multiplied by N / k (the record says "extrapolated": true)
+                            where running N steps costs too much, the first k forward passes of that N-step run
+                            are timed and scaled to the run's expected passes (`expected_row_passes`; the
+                            record says "extrapolated": true and keeps the measured times)
     transformer-block16@S   the Transformer denoiser in block mode with its KV cache, parameter-matched
 
 Each record carries the roofline time bound of its contender on this machine (bandwidth and fp32 matmul
@@ -241,8 +242,15 @@ PROBE = dict(read_mib=256, matmul=1024, repeats=5)
 def block_point(size: str, vocab: int, batch: int, steps: list[int], rounds: int, full_timed_steps: int | None,
                 length: int = 1024, warmup_length: int = 2 * BLOCK_SIZE) -> dict:
     """A point of the block grid. `steps`: denoising steps per block; `rounds`: timed rounds (after one
-    warm-up round at `warmup_length` tokens); `full_timed_steps`: None runs every step of the full-canvas
-    contender, k times its first k steps and extrapolates."""
+    warm-up round at `warmup_length` tokens); `full_timed_steps`: None runs the full-canvas contender to the
+    end, k stops it after its first k forward passes (one per step that unmasks something) and extrapolates."""
+    if length < 1 or length % BLOCK_SIZE or warmup_length < 1 or warmup_length % BLOCK_SIZE:
+        raise ValueError(f"`length` ({length}) and `warmup_length` ({warmup_length}) must be positive multiples of the "
+                         f"block size {BLOCK_SIZE}.")
+    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+        raise ValueError(f"`steps` must be a non-empty list of positive integers, got {steps!r}.")
+    if rounds < 1 or (full_timed_steps is not None and full_timed_steps < 1):
+        raise ValueError(f"`rounds` ({rounds}) and `full_timed_steps` ({full_timed_steps}) must be >= 1 (or None).")
     return dict(size=size, vocab=vocab, length=length, batch=batch, dtype="float32", block_size=BLOCK_SIZE,
                 steps=steps, rounds=rounds, full_timed_steps=full_timed_steps, warmup_length=warmup_length)
 
@@ -389,7 +397,10 @@ class BlockModels:
     """The four models of one (size, vocabulary) point of the block grid, random weights, no EOS."""
 
     def __init__(self, size: str, vocab: int, max_length: int, device: torch.device):
-        spec = BLOCK_SIZES[size][vocab] if vocab in BLOCK_SIZES[size] else next(iter(BLOCK_SIZES[size].values()))
+        if vocab not in BLOCK_SIZES.get(size, {}):
+            raise ValueError(f"No {size!r} model of vocabulary {vocab} in BLOCK_SIZES (sizes and vocabularies: "
+                             f"{ {name: sorted(specs) for name, specs in BLOCK_SIZES.items()} }).")
+        spec = BLOCK_SIZES[size][vocab]
         hidden = spec["hidden_size"]
         common = dict(vocab_size=vocab, **spec, pool_factors=[2] * (len(spec["stage_depths"]) - 1),
                       process="absorbing", mask_token_id=vocab - 1, noise_schedule="loglinear", num_timesteps=None,

@@ -54,6 +54,14 @@ def test_bound_rejects_bad_arguments(kwargs, message):
         sampling_speed.time_bound(**{**arguments, **kwargs})
 
 
+@pytest.mark.parametrize("kwargs, message", [(dict(length=40), "length"), (dict(steps=[]), "steps"),
+                                             (dict(steps=[2, 0]), "steps"), (dict(rounds=0), "rounds")])
+def test_block_point_rejects_bad_shapes(kwargs, message):
+    arguments = dict(size="toy", vocab=2048, batch=1, steps=[2], rounds=1, full_timed_steps=None)
+    with pytest.raises(ValueError, match=message):
+        sampling_speed.block_point(**{**arguments, **kwargs})
+
+
 def test_block_grid_smoke(tmp_path, monkeypatch):
     """Every contender runs once at a tiny shape; the records carry the bound, tokens per forward pass and
     the ratios, and the block SFDLM model really generates the requested tokens in every row."""
