@@ -50,6 +50,45 @@ def module_at(revision: str):
     return module
 
 
+def same_weights(make_before, make_after):
+    """Both models with the old one's weights, perturbed past adaLN-Zero (else every block is the identity
+    and outputs agree trivially)."""
+    torch.manual_seed(0)
+    before = make_before()
+    with torch.no_grad():
+        for parameter in before.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    after = make_after()
+    after.load_state_dict(before.state_dict())
+    return {"before": before, "after": after}
+
+
+def alternating_rounds(models: dict, timed, repeats: int) -> dict[str, list[float]]:
+    """`timed(model)[0]` seconds of each model per round, the order alternating between rounds."""
+    times = {name: [] for name in models}
+    for round_ in range(repeats):
+        for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
+            times[name].append(timed(models[name])[0])
+    return times
+
+
+def timing_row(times: dict[str, list[float]], unit: str, scale: float) -> dict:
+    """Medians and [min, max] of before and after (in `unit`, seconds x `scale`) and the speed-up."""
+    row = {}
+    for name in ("before", "after"):
+        row[f"{name}_{unit}"] = statistics.median(times[name]) * scale
+        row[f"{name}_range_{unit}"] = [min(times[name]) * scale, max(times[name]) * scale]
+    row["speed_up"] = row[f"before_{unit}"] / row[f"after_{unit}"]
+    return row
+
+
+def save(args, argv, headline: list[str], rows: list[dict]) -> int:
+    command = "python " + " ".join(["benchmarks/backbone_before_after.py"] + (sys.argv[1:] if argv is None else argv))
+    path = write_json(args.name, {"command": command, "headline": headline, "settings": vars(args), "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="git revision of the old backbone")
@@ -68,12 +107,8 @@ def main(argv=None) -> int:
 
     config = SFDLMConfig(vocab_size=1024, hidden_size=256, stage_depths=[2, 2], fourier_intermediate_size=1024,
                          ssm_state_size=32, max_position_embeddings=max(args.lengths))
-    torch.manual_seed(0)
-    models = {"before": module_at(args.before).SFDLMModel(config).train(), "after": today.SFDLMModel(config).train()}
-    with torch.no_grad():  # open the adaLN-Zero gates, or every block is the identity and outputs agree trivially
-        for parameter in models["before"].parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    models["after"].load_state_dict(models["before"].state_dict())
+    models = same_weights(lambda: module_at(args.before).SFDLMModel(config).train(),
+                          lambda: today.SFDLMModel(config).train())
     rows = []
     for length in args.lengths:
         ids, t = torch.randint(0, 1024, (args.batch, length)), torch.rand(args.batch)
@@ -89,30 +124,19 @@ def main(argv=None) -> int:
 
         outputs = {name: step(model)[1] for name, model in models.items()}  # warm-up, discarded
         difference = ((outputs["before"] - outputs["after"]).abs().max() / outputs["before"].abs().max()).item()
-        times = {name: [] for name in models}
-        for round_ in range(args.repeats):
-            for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
-                times[name].append(step(models[name])[0])
+        times = alternating_rounds(models, step, args.repeats)
         memory = {}
         for name, model in models.items():
             with PeakTensorMemory() as tracker:
                 step(model)
             memory[name] = tracker.peak_mib
-        before, after = statistics.median(times["before"]), statistics.median(times["after"])
-        row = {"length": length, "before_ms": before * 1e3, "before_range_ms": [min(times["before"]) * 1e3,
-               max(times["before"]) * 1e3], "after_ms": after * 1e3,
-               "after_range_ms": [min(times["after"]) * 1e3, max(times["after"]) * 1e3], "speed_up": before / after,
-               "before_peak_mib": memory["before"], "after_peak_mib": memory["after"],
-               "max_relative_output_difference": difference}
+        row = {"length": length, **timing_row(times, "ms", 1e3), "before_peak_mib": memory["before"],
+               "after_peak_mib": memory["after"], "max_relative_output_difference": difference}
         rows.append(row)
         print(f"L={length}: before {row['before_ms']:.0f} ms, {memory['before']:.0f} MiB; after {row['after_ms']:.0f} ms, "
               f"{memory['after']:.0f} MiB; x{row['speed_up']:.2f}; outputs differ by {difference:.1e}", flush=True)
-    command = "python " + " ".join(["benchmarks/backbone_before_after.py"] + (sys.argv[1:] if argv is None else argv))
-    headline = [f"L={r['length']}: forward+backward x{r['speed_up']:.2f} faster, peak memory "
-                f"{r['before_peak_mib']:.0f} -> {r['after_peak_mib']:.0f} MiB" for r in rows]
-    path = write_json(args.name, {"command": command, "headline": headline, "settings": vars(args), "rows": rows})
-    print(f"wrote {path}")
-    return 0
+    return save(args, argv, [f"L={r['length']}: forward+backward x{r['speed_up']:.2f} faster, peak memory "
+                             f"{r['before_peak_mib']:.0f} -> {r['after_peak_mib']:.0f} MiB" for r in rows], rows)
 
 
 def sample_before_after(args, argv) -> int:
@@ -126,13 +150,8 @@ def sample_before_after(args, argv) -> int:
     for length in args.lengths:
         config = SFDLMConfig(vocab_size=2049, mask_token_id=2048, hidden_size=128, fourier_intermediate_size=256,
                              stage_depths=[1, 1], max_position_embeddings=length)
-        torch.manual_seed(0)
-        models = {"before": module_at(args.before).SFDLMForDiffusionLM(config).eval()}
-        with torch.no_grad():  # past adaLN-Zero, so the draws depend on the backbone
-            for parameter in models["before"].parameters():
-                parameter.add_(0.02 * torch.randn_like(parameter))
-        models["after"] = today.SFDLMForDiffusionLM(config).eval()
-        models["after"].load_state_dict(models["before"].state_dict())
+        models = same_weights(lambda: module_at(args.before).SFDLMForDiffusionLM(config).eval(),
+                              lambda: today.SFDLMForDiffusionLM(config).eval())
 
         def sample(model) -> tuple[float, torch.Tensor]:
             start = time.process_time()
@@ -148,23 +167,15 @@ def sample_before_after(args, argv) -> int:
             raise SystemExit(f"before and after logits differ by {difference:.1e}: not the same model")
         drawn = {name: sample(model)[1] for name, model in models.items()}  # warm-up, discarded
         agreement = (drawn["before"] == drawn["after"]).double().mean().item()
-        times = {name: [] for name in models}
-        for round_ in range(args.repeats):
-            for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
-                times[name].append(sample(models[name])[0])
-        before, after = statistics.median(times["before"]), statistics.median(times["after"])
-        rows.append({"length": length, "batch": args.batch, "steps": args.sample, "before_s": before,
-                     "before_range_s": [min(times["before"]), max(times["before"])], "after_s": after,
-                     "after_range_s": [min(times["after"]), max(times["after"])], "speed_up": before / after,
-                     "max_relative_logit_difference": difference, "share_of_equal_tokens_drawn": agreement})
-        print(f"L={length}, batch {args.batch}, {args.sample} steps: before {before:.2f} s, after {after:.2f} s, "
-              f"x{before / after:.2f}", flush=True)
-    command = "python " + " ".join(["benchmarks/backbone_before_after.py"] + (sys.argv[1:] if argv is None else argv))
-    headline = [f"L={r['length']}, batch {r['batch']}, {r['steps']} steps: sampling x{r['speed_up']:.2f} faster "
-                f"(process CPU time, median of {args.repeats} alternating rounds)" for r in rows]
-    path = write_json(args.name, {"command": command, "headline": headline, "settings": vars(args), "rows": rows})
-    print(f"wrote {path}")
-    return 0
+        row = {"length": length, "batch": args.batch, "steps": args.sample,
+               **timing_row(alternating_rounds(models, sample, args.repeats), "s", 1.0),
+               "max_relative_logit_difference": difference, "share_of_equal_tokens_drawn": agreement}
+        rows.append(row)
+        print(f"L={length}, batch {args.batch}, {args.sample} steps: before {row['before_s']:.2f} s, after "
+              f"{row['after_s']:.2f} s, x{row['speed_up']:.2f}", flush=True)
+    return save(args, argv, [f"L={r['length']}, batch {r['batch']}, {r['steps']} steps: sampling x{r['speed_up']:.2f} "
+                             f"faster (process CPU time, median of {args.repeats} alternating rounds)" for r in rows],
+                rows)
 
 
 if __name__ == "__main__":
