@@ -171,7 +171,9 @@ class FrozenTables:
 
     def carried_table(self, ssm, length: int, num_blocks: int) -> torch.Tensor:
         log_da = self.factors(ssm)[0]
-        return self._table(("carried", ssm, length, num_blocks), lambda: carried_table(log_da, length, num_blocks))
+        if num_blocks > 1:  # only a commit's one-block table is kept: a prompt's would grow with its length
+            return carried_table(log_da, length, num_blocks)
+        return self._table(("carried", ssm, length), lambda: carried_table(log_da, length, 1))
 
 
 class BlockContext:
@@ -187,7 +189,7 @@ class BlockContext:
       - replay (`replay` = another context's `cross`): the recorded terms, whatever u is (pass 2 of training).
     Layers are keyed by module, so a gradient-checkpointing recomputation overwrites with equal values.
     `tables` (a `FrozenTables`, generation only) reuses each layer's factors across calls; ignored while
-    gradients are enabled, where the parameters may change between calls.
+    gradients are enabled, where the parameters may change between calls (each call then builds its own).
     """
 
     def __init__(self, num_blocks: int, initial: dict | None = None, keep_cross: bool = False,
@@ -205,25 +207,21 @@ class BlockContext:
             return self.replay[ssm].to(u.dtype)
         rows, length, hidden = u.shape
         initial = None if self.initial is None else self.initial.get(ssm)
-        tables = self.tables if self.tables is not None and not torch.is_grad_enabled() else None
+        # a fresh FrozenTables computes everything for this call only (and under autograd)
+        frozen = self.tables is not None and not torch.is_grad_enabled()
+        tables = self.tables if frozen else FrozenTables()
         with _no_autocast(u):
-            log_da, db, c2 = ssm_factors(ssm) if tables is None else tables.factors(ssm)
+            log_da, db, c2 = tables.factors(ssm)
             blocks = u.to(log_da.real.dtype).view(rows // self.num_blocks, self.num_blocks, length, hidden)
             if self.num_blocks == 1 and not self.keep_final:  # nothing to scan: only the initial state counts
                 starts = None if initial is None else initial.unsqueeze(1)
                 final = None
-            elif tables is None:
-                starts, final = scan_states(log_da, block_contributions(log_da, db, blocks), length, initial)
             else:
                 contributions = block_contributions(log_da, db, blocks, tables.gain_table(ssm, length))
-                # only a commit's one-block table is kept: a prompt's would grow with its length
-                carried = (tables.carried_table(ssm, length, 1) if initial is not None and self.num_blocks == 1
-                           else None)
+                carried = None if initial is None else tables.carried_table(ssm, length, self.num_blocks)
                 starts, final = scan_states(log_da, contributions, length, initial, carried)
             if starts is None:
                 cross = blocks.new_zeros(blocks.shape)
-            elif tables is None:
-                cross = cross_terms(log_da, c2, starts, length)
             else:
                 cross = cross_from_table(starts, tables.cross_table(ssm, length))
             cross = cross.reshape(rows, length, hidden)
