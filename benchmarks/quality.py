@@ -35,6 +35,10 @@ them):
     python benchmarks/quality.py --setting ptb-word --seeds 0 1 2    # word level, 3 seeds
     python benchmarks/quality.py --setting ptb-char --seeds 0        # character level, 1 seed
     python benchmarks/quality.py --preset gpu ...                     # where a GPU is lent (bf16)
+
+`--models-dir DIR` keeps every trained model (`save_pretrained`, with its training record); a later
+invocation with the same settings loads it instead of training, so rows can be re-scored (say with more
+`--eval-samples`) and a killed lane resumes at the model it was training.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -378,20 +383,19 @@ def sweep(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_s
 
 
 def run_model(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int,
-              lr: float, seed: int, length_generalisation: bool = True) -> tuple[dict, torch.nn.Module]:
+              lr: float, seed: int, length_generalisation: bool = True,
+              models_dir: str | None = None) -> tuple[dict, torch.nn.Module]:
+    """Train `name` (or load it from `models_dir`, where a finished training left it) and score it."""
     factors = preset["length_factors"] if length_generalisation else []
     max_length = preset["block_size"] * max([1] + factors)
-    torch.manual_seed(seed)
-    model = build_model(name, spec, preset, vocab_size, max_length)
-    record = {"name": name, "setting": setting, "seed": seed, "kind": spec["kind"], "lr": lr,
-              "spec": {k: v for k, v in spec.items() if k != "kind"},
-              "parameters": trained_parameters(model, preset), "config": model.config.to_diff_dict()}
-    record["parameter_ratio"] = record["parameters"] / matching_target(preset, vocab_size)
-    if spec["kind"] != "sfdlm" and abs(record["parameter_ratio"] - 1) > 0.10:
-        raise ValueError(f"{name} has {record['parameters']:,} trained parameters, more than 10 % from the target.")
-    log(f"{setting} / {name} / seed {seed}: {record['parameters']:,} trained parameters, lr {lr:g}")
-    stream = crops(data["train"], preset["batch_size"], preset["block_size"], preset["steps"], seed)
-    record.update(train(model, spec["kind"], stream, preset["steps"], lr, preset, bos_id, seed))
+    saved = os.path.join(models_dir, f"{name.replace(' ', '-')}_seed{seed}") if models_dir else None
+    if saved and os.path.exists(os.path.join(saved, TRAINING_FILE)):
+        record, model = load_trained(saved, spec, preset, lr, max_length)
+        log(f"{setting} / {name} / seed {seed}: loaded from {saved} (trained {record['train_seconds']:.0f} s)")
+    else:
+        record, model = train_model(name, spec, setting, data, preset, vocab_size, bos_id, lr, seed, max_length)
+        if saved:
+            save_trained(model, record, preset, max_length, saved)
     start = time.perf_counter()
     record["test"] = nll(model, blocks_of(data["test"], preset["block_size"]), preset, bos_id, seed)
     record["test"].update(figures(record["test"], SETTINGS[setting]["unit"]))
@@ -404,6 +408,59 @@ def run_model(name: str, spec: dict, setting: str, data: dict, preset: dict, voc
                                         longer_blocks(preset, k), bos_id, seed), unit)}
             for k in factors if len(data["test"]) >= k * preset["block_size"]]
     return record, model
+
+
+def train_model(name: str, spec: dict, setting: str, data: dict, preset: dict, vocab_size: int, bos_id: int,
+                lr: float, seed: int, max_length: int) -> tuple[dict, torch.nn.Module]:
+    """Build `name` from seed `seed` and train it on the seed's crops; the record holds everything but scores."""
+    torch.manual_seed(seed)
+    model = build_model(name, spec, preset, vocab_size, max_length)
+    record = {"name": name, "setting": setting, "seed": seed, "kind": spec["kind"], "lr": lr,
+              "spec": {k: v for k, v in spec.items() if k != "kind"},
+              "parameters": trained_parameters(model, preset), "config": model.config.to_diff_dict()}
+    record["parameter_ratio"] = record["parameters"] / matching_target(preset, vocab_size)
+    if spec["kind"] != "sfdlm" and abs(record["parameter_ratio"] - 1) > 0.10:
+        raise ValueError(f"{name} has {record['parameters']:,} trained parameters, more than 10 % from the target.")
+    log(f"{setting} / {name} / seed {seed}: {record['parameters']:,} trained parameters, lr {lr:g}")
+    stream = crops(data["train"], preset["batch_size"], preset["block_size"], preset["steps"], seed)
+    record.update(train(model, spec["kind"], stream, preset["steps"], lr, preset, bos_id, seed))
+    return record, model
+
+
+# ---------------------------------------------------------------------------------------------- saved models
+TRAINING_FILE = "training.json"
+# The preset entries a trained model depends on: a saved model is reused only where all of them agree.
+TRAINING_KEYS = ("hidden_size", "fourier_intermediate_size", "stage_depths", "pool_factors", "ssm_state_size",
+                 "num_heads", "batch_size", "warmup", "block_size", "steps", "dtype")
+MODEL_CLASSES = {"sfdlm": SFDLMForDiffusionLM, "transformer": TransformerDenoiserForDiffusionLM, "ar": GPT2LMHeadModel}
+
+
+def save_trained(model, record: dict, preset: dict, max_length: int, path: str) -> None:
+    """`save_pretrained` weights and config plus the training record, written in a temporary folder that is
+    renamed into place: a run killed while saving leaves no half-written model to load."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, TRAINING_FILE), "w") as handle:
+        json.dump({"record": record, "max_length": max_length,
+                   "training": {key: preset[key] for key in TRAINING_KEYS}}, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def load_trained(path: str, spec: dict, preset: dict, lr: float, max_length: int) -> tuple[dict, torch.nn.Module]:
+    """A model saved by `save_trained`, after checking it was trained as this invocation would train it."""
+    with open(os.path.join(path, TRAINING_FILE)) as handle:
+        saved = json.load(handle)
+    wanted = {key: preset[key] for key in TRAINING_KEYS} | {"lr": lr, "spec": {k: v for k, v in spec.items() if k != "kind"}}
+    found = saved["training"] | {"lr": saved["record"]["lr"], "spec": saved["record"]["spec"]}
+    differ = {key: f"saved {found.get(key)!r}, wanted {value!r}" for key, value in wanted.items() if found.get(key) != value}
+    if differ:
+        raise ValueError(f"{path} was trained with other settings ({differ}); remove it or use another --models-dir.")
+    if saved["max_length"] < max_length:
+        raise ValueError(f"{path} was saved for blocks of up to {saved['max_length']} tokens; scoring needs "
+                         f"{max_length} (length generalisation): pass --no-extras or retrain.")
+    model = MODEL_CLASSES[spec["kind"]].from_pretrained(path).to(preset["device"]).eval()
+    return dict(saved["record"], loaded_from=os.path.basename(path)), model
 
 
 def longer_blocks(preset: dict, factor: int) -> dict:
@@ -445,6 +502,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
     parser.add_argument("--data-dir", default=DATA)
     parser.add_argument("--output", help="JSON path (default benchmarks/results/quality_<preset>_<setting>_seeds<..>.json)")
+    parser.add_argument("--models-dir", help="save every trained model here (`save_pretrained`), and load instead of "
+                                             "training where one trained with the same settings is saved: re-scores "
+                                             "(e.g. with more --eval-samples) and resumes without re-training")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset][args.setting])
     if args.steps:
@@ -461,6 +521,7 @@ def main(argv=None) -> int:
     study = f"_{args.study}" if args.study else ""
     output = args.output or os.path.join(HERE, "results", f"quality_{args.preset}_{args.setting}{study}_seeds{seeds}.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
+    models_dir = os.path.join(args.models_dir, f"{args.preset}_{args.setting}") if args.models_dir else None
 
     started = time.perf_counter()
     vocab, data = load_setting(args.setting, args.data_dir)
@@ -487,7 +548,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:  # length generalisation, like generation, on the first seed's models
             extras = args.extras and seed == args.seeds[0]
             record, model = run_model(name, specs[name], args.setting, data, preset, len(vocab), vocab.eos_id, lr, seed,
-                                      length_generalisation=extras)
+                                      length_generalisation=extras, models_dir=models_dir)
             report["runs"].append(record)
             if extras:
                 models_seed0[name] = model

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 
 import pytest
@@ -232,3 +233,34 @@ def test_block_models_train_at_their_full_canvas_models_rate(tmp_path):
     # 8 steps over 16 tokens in blocks of 4: 2 steps in each of the 4 blocks
     assert {(g["model"], g["steps"], g["steps_per_block"]) for g in record["generation"]
             if g["model"] != "gpt2-ar"} == {("sfdlm-absorbing b4", 8, 2), ("mdlm-transformer b4", 8, 2)}
+
+
+@pytest.mark.slow
+def test_saved_models_are_rescored_without_training_and_refused_when_trained_otherwise(tmp_path, monkeypatch):
+    """`--models-dir`: the first invocation trains and saves; the second, with more t samples, loads the same
+    weights (training is not called: the figures of the exact AR row are equal to the digit, the curve is the
+    saved one) and scores again; a saved model trained for another number of steps is refused by name, and a
+    half-written save (a `.tmp` folder left by a kill) is never loaded."""
+    data_dir = _write_setting(tmp_path, "ptb-word")
+    models = tmp_path / "models"
+    common = ["--setting", "ptb-word", "--models", "gpt2-ar", "sfdlm-absorbing", "--lr", "1e-3", "--threads", "1",
+              "--no-extras", "--data-dir", data_dir, "--models-dir", str(models)]
+    assert quality.main(common + ["--steps", "3", "--eval-samples", "2", "--output", str(tmp_path / "a.json")]) == 0
+    saved = sorted(p.name for p in (models / "cpu_ptb-word").iterdir())
+    assert saved == ["gpt2-ar_seed0", "sfdlm-absorbing_seed0"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a saved model was trained again")
+    monkeypatch.setattr(quality, "train", no_training)
+    assert quality.main(common + ["--steps", "3", "--eval-samples", "4", "--output", str(tmp_path / "b.json")]) == 0
+    first, second = (json.loads((tmp_path / f"{x}.json").read_text())["runs"] for x in "ab")
+    assert [r.get("loaded_from") for r in second] == ["gpt2-ar_seed0", "sfdlm-absorbing_seed0"]
+    assert second[0]["test"]["perplexity"] == first[0]["test"]["perplexity"]
+    assert [r["curve"] for r in second] == [r["curve"] for r in first]
+    assert second[1]["test"]["perplexity"] != first[1]["test"]["perplexity"]  # 4 samples instead of 2
+
+    with pytest.raises(ValueError, match=r"'steps': 'saved 3, wanted 5'"):
+        quality.main(common + ["--steps", "5", "--output", str(tmp_path / "c.json")])
+    shutil.move(models / "cpu_ptb-word" / "gpt2-ar_seed0", models / "cpu_ptb-word" / "gpt2-ar_seed0.tmp")
+    with pytest.raises(AssertionError, match="trained again"):  # the partial save is not taken for a model
+        quality.main(common + ["--steps", "3", "--output", str(tmp_path / "d.json")])
