@@ -36,9 +36,10 @@ them):
     python benchmarks/quality.py --setting ptb-char --seeds 0        # character level, 1 seed
     python benchmarks/quality.py --preset gpu ...                     # where a GPU is lent (bf16)
 
-`--models-dir DIR` (e.g. benchmarks/results/models, ignored by git) keeps every trained model (`save_pretrained`, with its training record); a later
-invocation with the same settings loads it instead of training, so rows can be re-scored (say with more
-`--eval-samples`) and a killed lane resumes at the model it was training.
+`--models-dir DIR` (e.g. benchmarks/results/models, ignored by git) keeps every trained model
+(`save_pretrained`, with its training record); a later invocation with the same settings loads it instead
+of training, so rows can be re-scored (say with more `--eval-samples`), and a killed lane run again does
+not re-train the models it had finished.
 """
 
 from __future__ import annotations
