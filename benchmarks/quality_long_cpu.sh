@@ -9,8 +9,9 @@
 #
 # Planned from the single-thread minutes measured with both lanes busy (cpu-long, training + scoring):
 # GPT-2 20, SFDLM-absorbing 11, b4 25, b16 16, MDLM 14, MDLM b4 24, SFDLM-uniform 46 (+5 for the samples).
-#   lane A: seed 0 uniform, MDLM b4, SFDLM b16; seed 1 SFDLM b16, b4          ~132 min
-#   lane B: seed 1 GPT-2, SFDLM-absorbing, MDLM, uniform, MDLM b4             ~120 min
+#   lane A: seed 0 uniform, MDLM b4, SFDLM b16; seed 1 SFDLM b16, b4          ~132 min (took 140)
+#   lane B: seed 1 GPT-2, SFDLM-absorbing, MDLM, uniform, MDLM b4             ~120 min (took 127)
+# (SFDLM-uniform took 55: 40 training, 14 scoring 24 samples.)
 #   bash benchmarks/quality_long_cpu.sh [A|B]   (both lanes without an argument; logs in benchmarks/results/logs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
