@@ -117,6 +117,21 @@ def _sweep_verdict(sweep: dict) -> str:
     return ("resolved" if sweep["resolved"] else "**unresolved**") + lead
 
 
+def _eval_samples(files: list[dict]) -> str:
+    """The t samples per test block of the diffusion rows: one count, or each count with its models (an
+    invocation may score a model family with more samples, `--eval-samples`)."""
+    models: dict[int, list[str]] = {}
+    for data in files:
+        for run in data.get("runs", []):
+            names = models.setdefault(data.get("settings", {}).get("eval_samples"), [])
+            if run["kind"] != "ar" and run["name"] not in names:
+                names.append(run["name"])
+    counts = {count: names for count, names in models.items() if names}
+    if len(counts) <= 1:
+        return f"{next(iter(counts), files[0].get('settings', {}).get('eval_samples'))} t samples per test block"
+    return "t samples per test block: " + "; ".join(f"{count} ({', '.join(names)})" for count, names in sorted(counts.items()))
+
+
 def quality_section(files: list[dict]) -> list[str]:
     """One section for every quality JSON of a (preset, setting): seeds merged, mean ± std over seeds."""
     first = files[0]
@@ -133,8 +148,8 @@ def quality_section(files: list[dict]) -> list[str]:
              f"{first['data']['train']:,} training / {first['data']['test']:,} test tokens. Every model: "
              f"{settings.get('steps')} steps of {settings.get('batch_size')} x {settings.get('block_size')} tokens, "
              f"width {settings.get('hidden_size')}, its best learning rate of {settings.get('lrs')} "
-             f"({settings.get('sweep_steps')}-step sweep on validation, seed 0), {settings.get('eval_samples')} "
-             "t samples per test block. Diffusion rows are NELBO **upper bounds** (MC = Monte Carlo standard "
+             f"({settings.get('sweep_steps')}-step sweep on validation, seed 0), {_eval_samples(files)}. "
+             "Diffusion rows are NELBO **upper bounds** (MC = Monte Carlo standard "
              "error of one seed's estimate, from independent replicates where recorded); AR and n-gram rows "
              "are exact. ± after the figure: standard deviation over seeds. \"vs AR\": ratio of the means; "
              "\"vs AR per seed\": each seed's figure over gpt2-ar's of the same seed, mean ± std over seeds.", ""]

@@ -139,6 +139,19 @@ def test_report_merges_seeds_with_mean_and_spread(tmp_path):
     assert "![quality ptb-word](results/quality_cpu_ptb-word.png)" in _load_report().render(tmp_path)
 
 
+
+def test_report_names_each_sample_count_when_invocations_differ():
+    report = _load_report()
+    def data(samples, *names):
+        return {"settings": {"eval_samples": samples},
+                "runs": [{"name": name, "kind": "ar" if name == "gpt2-ar" else "sfdlm"} for name in names]}
+    assert report._eval_samples([data(8, "gpt2-ar", "sfdlm-absorbing"), data(8, "mdlm-transformer")]) == \
+        "8 t samples per test block"
+    # the AR row's invocation (its count means nothing) is not a second count
+    assert report._eval_samples([data(8, "gpt2-ar"), data(24, "sfdlm-uniform")]) == "24 t samples per test block"
+    assert report._eval_samples([data(8, "sedd-absorbing"), data(24, "sfdlm-uniform", "sfdlm-uniform no-ssm")]) == \
+        "t samples per test block: 8 (sedd-absorbing); 24 (sfdlm-uniform, sfdlm-uniform no-ssm)"
+
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end_on_a_tiny_corpus(tmp_path):
     """Baselines, two models, length generalisation, generation, JSON, plot and report, in seconds."""
