@@ -13,12 +13,9 @@
 # ~120 on two lanes.
 #   bash benchmarks/quality_errorbars_cpu.sh        (logs in benchmarks/results/logs)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-RESULTS=benchmarks/results
-LOGS=${LOGS:-$RESULTS/logs}
+source "$(dirname "$0")/lanes.sh"
 CLAIMS=$LOGS/errorbars_claims
-QUALITY=(benchmarks/quality.py --threads 1 --setting ptb-word --preset cpu --study errorbars --no-extras
+QUALITY=(--threads 1 --setting ptb-word --preset cpu --study errorbars --no-extras
          --lr-from $RESULTS/quality_cpu_ptb-word_seeds0.json --models-dir $RESULTS/models)
 
 JOBS=()  # "SEED|MODEL|SAMPLES", longest first
@@ -28,25 +25,16 @@ done
 for seed in 0 1 2; do JOBS+=("$seed|sedd-absorbing|8"); done
 for seed in 0 1 2; do JOBS+=("$seed|gpt2-ar|8"); done
 
-finished() {  # finished JSON MODEL SEED: does JSON hold MODEL's scored run for SEED?
-  [[ -e $1 ]] && "$PYTHON" -c 'import json, sys; runs = json.load(open(sys.argv[1])).get("runs", [])
-sys.exit(not any(r["name"] == sys.argv[2] and r["seed"] == int(sys.argv[3]) and "test" in r for r in runs))' "$@"
-}
-
 lane() {  # take the next unclaimed job (mkdir is atomic) until the queue is empty
-  local index seed model samples output
+  local index seed model samples
   for index in "${!JOBS[@]}"; do
     mkdir "$CLAIMS/$index" 2>/dev/null || continue
     IFS='|' read -r seed model samples <<< "${JOBS[$index]}"
-    output="$RESULTS/quality_cpu_ptb-word_errorbars_seeds${seed}_${model// /-}.json"
-    if finished "$output" "$model" "$seed"; then echo "skip $model seed $seed (finished in $output)"; continue; fi
-    echo "$(date -u +%H:%M:%S) start $model seed $seed"
-    "$PYTHON" "${QUALITY[@]}" --seeds "$seed" --models "$model" --eval-samples "$samples" --output "$output"
-    echo "$(date -u +%H:%M:%S) done $model seed $seed"
+    run_once "$RESULTS/quality_cpu_ptb-word_errorbars_seeds${seed}_${model// /-}.json" "$seed" "$model" \
+      "${QUALITY[@]}" --eval-samples "$samples"
   done
 }
 
-mkdir -p "$LOGS"
 rm -rf "$CLAIMS" && mkdir -p "$CLAIMS"
 lane >> "$LOGS/quality_errorbars_lane_a.log" 2>&1 & A=$!
 lane >> "$LOGS/quality_errorbars_lane_b.log" 2>&1 & B=$!

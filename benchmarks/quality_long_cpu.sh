@@ -14,24 +14,12 @@
 # (SFDLM-uniform took 55: 40 training, 14 scoring 24 samples.)
 #   bash benchmarks/quality_long_cpu.sh [A|B]   (both lanes without an argument; logs in benchmarks/results/logs)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-RESULTS=benchmarks/results
-LOGS=${LOGS:-$RESULTS/logs}
-mkdir -p "$LOGS"
-LONG=(benchmarks/quality.py --threads 1 --setting ptb-word --preset cpu-long --no-extras
+source "$(dirname "$0")/lanes.sh"
+LONG=(--threads 1 --setting ptb-word --preset cpu-long --no-extras
       --lr-from $RESULTS/quality_cpu_ptb-word_seeds0.json $RESULTS/quality_cpu_ptb-word_mdlm.json)
 
-finished() {  # finished JSON MODEL SEED: does JSON hold MODEL's scored run for SEED?
-  [[ -e $1 ]] && "$PYTHON" -c 'import json, sys; runs = json.load(open(sys.argv[1])).get("runs", [])
-sys.exit(not any(r["name"] == sys.argv[2] and r["seed"] == int(sys.argv[3]) and "test" in r for r in runs))' "$@"
-}
-
 run() {  # run SEED MODEL [ARGS...]: one model, one seed, its own JSON (skipped when already finished)
-  local seed=$1 model=$2 output="$RESULTS/quality_cpu-long_ptb-word_seeds$1_${2// /-}.json"
-  shift 2
-  if finished "$output" "$model" "$seed"; then echo "skip $model seed $seed (finished in $output)"; return; fi
-  "$PYTHON" "${LONG[@]}" --seeds "$seed" --models "$model" --output "$output" "$@"
+  run_once "$RESULTS/quality_cpu-long_ptb-word_seeds$1_${2// /-}.json" "$1" "$2" "${LONG[@]}" "${@:3}"
 }
 
 lane_a() {
